@@ -1,0 +1,83 @@
+"""`ernie-tiny-ds` entry point: one sub-command per job. It only parses and calls.
+
+Multi-rank jobs run under a launcher, e.g.
+    deepspeed --num_gpus 2 --module ernie_tiny_ds.cli distill --config R --stage general
+Bad input exits with code 2 and one line naming the key, file or line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+
+def _recipe(args):
+    from .config import load_recipe
+    return load_recipe(args.config, args.overrides)
+
+
+def cmd_distill(args) -> int:
+    from .train import run_stage
+    run_stage(_recipe(args), args.stage)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+    out = export_checkpoint(args.checkpoint, args.output)
+    print(f"exported student to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import STAGES
+
+    parser = argparse.ArgumentParser(prog="ernie-tiny-ds", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_recipe(p):
+        p.add_argument("--config", required=True, help="YAML recipe")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+        return p
+
+    p = with_recipe(sub.add_parser("distill", help="run one distillation stage"))
+    p.add_argument("--stage", default="general", choices=STAGES)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="ZeRO checkpoint -> Hugging Face folder")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or the folder holding `latest`")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _shutdown() -> None:
+    """Leave the process group in order: a barrier first, so no rank exits while another still talks."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        code = args.func(args)
+    except UserError as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)  # other ranks may be blocked in a collective: do not wait for them
+    _shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

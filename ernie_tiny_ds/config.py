@@ -1,0 +1,393 @@
+"""Typed recipe: dataclasses loaded from YAML, `key.sub=value` overrides, validation with clear errors.
+
+A recipe is one YAML file. Every section below is a dataclass; unknown keys, wrong types and
+bad values raise ConfigError naming the key (and the closest valid key for a typo).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+STAGES = ("general", "general_enhanced", "task_adaptive", "task_specific")
+
+
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = None            # pretrained Hugging Face folder (stage 1)
+    finetuned_path: Optional[str] = None  # teacher finetuned on the task (stages 2-4)
+    config: Optional[dict] = None         # inline model config, randomly initialised (tests)
+    zero3: bool = False                   # shard the frozen teacher with a ZeRO-3 inference engine
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the training precision
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = None  # start from this Hugging Face folder instead of a fresh student
+    num_hidden_layers: int = 4
+    hidden_size: int = 312
+    num_attention_heads: int = 12
+    intermediate_size: int = 1200
+
+
+@dataclass
+class DataConfig:
+    corpus: Optional[str] = None      # file, folder or glob of the general corpus; default: bundled
+    source: Literal["streaming", "shards"] = "streaming"  # shards: `ernie-tiny-ds preprocess` output
+    format: Literal["auto", "text", "jsonl", "parquet", "datasets"] = "auto"
+    text_field: str = "text"          # JSON-lines field / Parquet column / datasets column
+    document_separator: Literal["line", "blank_line"] = "line"
+    tokenizer: Optional[str] = None   # default: the teacher's folder, else the bundled tokenizer
+    max_seq_len: int = 128
+    shuffle_buffer: int = 1024
+    num_workers: int = 0
+    on_binary_file: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class TaskConfig:
+    name: Optional[str] = None        # a bundled task (sentiment, pair, similarity) or a free name
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    text_columns: list[str] = field(default_factory=list)  # one (single sentence) or two (pair)
+    label_column: str = "label"
+    labels: list[str] = field(default_factory=list)        # class names in id order; [] = from data
+    type: Literal["classification", "regression"] = "classification"
+    max_seq_len: int = 128
+
+
+@dataclass
+class LossConfig:
+    hidden_weight: float = 1.0
+    embedding_weight: float = 1.0
+    attention_weight: float = 1.0
+    attention_kind: Literal["kl", "mse"] = "kl"
+    relation_heads: Optional[int] = None    # MiniLMv2 re-split when head counts differ
+    soft_label_weight: float = 1.0          # task_specific stage only
+    hard_label_weight: float = 1.0          # task_specific stage only
+    temperature: float = 1.0
+    layer_map: Union[str, list[int]] = "uniform"  # uniform | last-k | [teacher layer per student layer]
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    query_chunk: Optional[int] = None       # torch path: attention rows per chunk (memory O(L*chunk))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 32        # per rank
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    dist_timeout_s: int = 1800        # collective timeout: a dead rank ends the job after this
+    max_nonfinite_steps: int = 5      # consecutive NaN/inf steps before the run stops
+    progress_bar: bool = True
+    stop_at_step: Optional[int] = None  # end this run (checkpointed) at this step: time-sliced jobs
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 3.0
+    lr: float = 5e-5
+    micro_batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 42
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "zero1"             # a name in ds_configs/ (zero1, zero2, zero3, zero3_offload) or a JSON path
+    overrides: dict = field(default_factory=dict)  # merged into the JSON (nested keys)
+
+
+@dataclass
+class StageOverride:
+    train: dict = field(default_factory=dict)
+    optim: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/ernie-tiny"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    stages: dict[str, StageOverride] = field(default_factory=dict)
+
+    def for_stage(self, stage: str) -> "Recipe":
+        """This recipe with the stage's overrides applied (validated like the rest)."""
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+        merged = to_dict(self)
+        override = self.stages.get(stage)
+        if override is not None:
+            for section in ("train", "optim", "losses", "data"):
+                merged[section].update(getattr(override, section))
+        merged["stages"] = {}
+        out = from_dict(merged, source=f"stages.{stage}")
+        out.stages = self.stages
+        return out
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return copy.deepcopy(obj)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if args and dataclasses.is_dataclass(args[1]):
+            return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(key + '.' if key else '') + close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown key '{(key + '.' if key else '') + name}'{hint}")
+
+
+def _build(cls: type, values: dict, key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise _unknown_key(key, str(name), names)
+        kwargs[name] = _coerce(value, hints[name], f"{key}.{name}" if key else name)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict, source: str = "recipe") -> Recipe:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(values).__name__}")
+    recipe = _build(Recipe, values, "")
+    validate(recipe)
+    return recipe
+
+
+# --------------------------------------------------------------------------- overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from defaults when path is None) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping of sections")
+        values = _resolve_relative_paths(values, p.parent)
+    values = apply_overrides(values, overrides or [])
+    return from_dict(values, source=str(path or "overrides"))
+
+
+# Paths written in a recipe are relative to the recipe file, so a recipe folder can move as a whole.
+_PATH_KEYS = (("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("data", "corpus"),
+              ("data", "tokenizer"), ("task", "train_file"), ("task", "dev_file"))
+
+
+def _resolve_relative_paths(values: dict, base: Path) -> dict:
+    for section, key in _PATH_KEYS:
+        node = values.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            raw = os.path.expanduser(node[key])
+            if not os.path.isabs(raw) and (base / raw).exists():
+                node[key] = str((base / raw).resolve())
+    return values
+
+
+# --------------------------------------------------------------------------- validation
+def _positive(value: float | int, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(r: Recipe) -> None:
+    """Range and consistency checks that types alone do not catch. Files are checked where used."""
+    if r.teacher.path is None and r.teacher.config is None and r.teacher.finetuned_path is None:
+        raise ConfigError("teacher: give teacher.path (a Hugging Face folder) or teacher.config (inline)")
+    if r.teacher.path is not None and r.teacher.config is not None:
+        raise ConfigError("teacher: give teacher.path or teacher.config, not both")
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        _positive(getattr(r.student, name), f"student.{name}")
+    if r.student.hidden_size % r.student.num_attention_heads:
+        raise ConfigError(f"student.hidden_size ({r.student.hidden_size}) must be divisible by "
+                          f"student.num_attention_heads ({r.student.num_attention_heads})")
+    if not 8 <= r.data.max_seq_len <= 8192:
+        raise ConfigError(f"data.max_seq_len must be in 8..8192, got {r.data.max_seq_len}")
+    _positive(r.data.shuffle_buffer, "data.shuffle_buffer")
+    _positive(r.data.num_workers, "data.num_workers", allow_zero=True)
+    for name in ("hidden_weight", "embedding_weight", "attention_weight", "soft_label_weight", "hard_label_weight"):
+        _positive(getattr(r.losses, name), f"losses.{name}", allow_zero=True)
+    _positive(r.losses.temperature, "losses.temperature")
+    if r.losses.relation_heads is not None:
+        _positive(r.losses.relation_heads, "losses.relation_heads")
+    if r.losses.query_chunk is not None:
+        _positive(r.losses.query_chunk, "losses.query_chunk")
+    if isinstance(r.losses.layer_map, str) and r.losses.layer_map not in ("uniform", "last-k"):
+        raise ConfigError(f"losses.layer_map: {r.losses.layer_map!r} is not 'uniform', 'last-k' or a list of layers")
+    _positive(r.optim.lr, "optim.lr")
+    _positive(r.optim.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(r.optim.eps, "optim.eps")
+    if len(r.optim.betas) != 2 or not all(0 <= b < 1 for b in r.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {r.optim.betas}")
+    if not 0 <= r.optim.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {r.optim.warmup_ratio}")
+    _positive(r.optim.grad_clip, "optim.grad_clip", allow_zero=True)
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints",
+                 "dist_timeout_s", "max_nonfinite_steps"):
+        _positive(getattr(r.train, name), f"train.{name}")
+    if r.train.stop_at_step is not None:
+        _positive(r.train.stop_at_step, "train.stop_at_step")
+    _positive(r.finetune.epochs, "finetune.epochs")
+    _positive(r.finetune.lr, "finetune.lr")
+    _positive(r.finetune.micro_batch_size, "finetune.micro_batch_size")
+    for stage in r.stages:
+        if stage not in STAGES:
+            close = difflib.get_close_matches(stage, STAGES, n=1)
+            hint = f"; did you mean 'stages.{close[0]}'?" if close else f"; stages are {', '.join(STAGES)}"
+            raise ConfigError(f"unknown key 'stages.{stage}'{hint}")
+    # stage overrides must themselves form a valid recipe
+    for stage in r.stages:
+        r.for_stage(stage)

@@ -1,0 +1,158 @@
+"""DeepSpeed set-up: process group, the DeepSpeed JSON config, the student engine and the teacher.
+
+The student (with its projections) is a DeepSpeed training engine under ZeRO 0-3. The frozen
+teacher is either replicated on every rank in the inference dtype (default: BERT-base fits on one
+GPU, so sharding it only adds communication) or a ZeRO-3 inference engine (large teachers).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from .config import Recipe
+from .errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- process group
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Join (or, run without a launcher, create) the process group; returns (rank, world_size)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # a plain `ernie-tiny-ds …` run: one process, no launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_ds_config(name_or_path: str) -> dict:
+    """A bundled config by name (zero1, zero2, zero3, zero3_offload, …) or a JSON file."""
+    path = Path(name_or_path)
+    if not path.suffix and (DS_CONFIG_DIR / f"{name_or_path}.json").is_file():
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"deepspeed.config: {name_or_path!r} is neither a file nor a bundled config ({', '.join(bundled)})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _fill_auto(node, values: dict, prefix: str = ""):
+    """Replace "auto" leaves by the recipe's values (keys are dotted paths)."""
+    if isinstance(node, dict):
+        return {k: _fill_auto(v, values, f"{prefix}{k}.") for k, v in node.items()}
+    if node == "auto":
+        key = prefix[:-1]
+        if key not in values:
+            raise ConfigError(f"deepspeed config: no recipe value for \"auto\" at {key}")
+        return values[key]
+    return node
+
+
+def build_ds_config(recipe: Recipe, world_size: int) -> dict:
+    t, o = recipe.train, recipe.optim
+    raw = _deep_merge(read_ds_config(recipe.deepspeed.config), recipe.deepspeed.overrides)
+    auto = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer.params.lr": o.lr,
+        "optimizer.params.betas": list(o.betas),
+        "optimizer.params.eps": o.eps,
+        "optimizer.params.weight_decay": o.weight_decay,
+        "bf16.enabled": t.precision == "bf16",
+        "fp16.enabled": t.precision == "fp16",
+    }
+    config = _fill_auto(raw, auto)
+    config["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    if config.get("zero_optimization", {}).get("offload_optimizer"):
+        # offloaded optimizer states are updated on the CPU; torch's AdamW avoids a JIT-compiled op
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+# --------------------------------------------------------------------------- engines
+def warmup_linear_decay(total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    return factor
+
+
+def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
+    """DeepSpeed engine over the student and its projections, with warm-up + linear decay."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_linear_decay(recipe.train.max_steps, recipe.optim.warmup_ratio))
+
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
+                                           config=ds_config, lr_scheduler=scheduler)
+    return engine
+
+
+def teacher_dtype(recipe: Recipe) -> torch.dtype:
+    return DTYPES[recipe.train.precision if recipe.teacher.dtype == "auto" else recipe.teacher.dtype]
+
+
+def prepare_teacher(teacher: torch.nn.Module, recipe: Recipe, micro_batch_size: int) -> torch.nn.Module:
+    """Replicated teacher on this rank's device, or a ZeRO-3 sharded inference engine."""
+    dtype = teacher_dtype(recipe)
+    if not recipe.teacher.zero3:
+        return teacher.to(device=device(), dtype=dtype)
+    import deepspeed
+
+    config = read_ds_config("teacher_zero3_inference")
+    config = _fill_auto(config, {"train_micro_batch_size_per_gpu": micro_batch_size,
+                                 "bf16.enabled": dtype == torch.bfloat16, "fp16.enabled": dtype == torch.float16})
+    engine, _, _, _ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine

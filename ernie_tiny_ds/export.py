@@ -1,0 +1,97 @@
+"""ZeRO checkpoint -> Hugging Face model folder (config, safetensors, tokenizer).
+
+The checkpoint holds the whole DistillationObjective (student + projections); the export keeps
+the student only. ZeRO shards are consolidated to fp32 on the CPU, so any stage exports the same way.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+from .checkpoint import LATEST, verify
+from .errors import UserError
+
+STUDENT_PREFIX = "student."
+STUDENT_DIR = "student_hf"  # inside each checkpoint: config + tokenizer of the student
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """Accept a checkpoint folder itself or the folder holding `latest`."""
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    return path
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(folder.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    # ZeRO stage 0: the full module is in the model-states file
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def student_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(STUDENT_PREFIX):]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+    folder = _checkpoint_folder(Path(checkpoint))
+    if not folder.is_dir():
+        raise UserError(f"--checkpoint: {folder} is not a checkpoint folder")
+    problem = verify(folder)
+    if problem is not None:
+        raise UserError(f"--checkpoint: {folder} is not a complete checkpoint: {problem}")
+    hf_dir = folder / STUDENT_DIR
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"--checkpoint: {folder} has no {STUDENT_DIR}/config.json (not written by ernie-tiny-ds?)")
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    architecture = (config.architectures or [None])[0]
+    model_cls = getattr(transformers, architecture, None) if architecture else transformers.AutoModel
+    if model_cls is None:
+        raise UserError(f"{hf_dir}/config.json names an unknown architecture {architecture!r}")
+    model = model_cls(config)
+    model.load_state_dict(student_state_dict(consolidated_state_dict(folder)), strict=True)
+    return save_model_folder(model, hf_dir, Path(output))
+
+
+def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer=None) -> Path:
+    """Write model (safetensors) + tokenizer to `output` atomically: a temp folder renamed at the end."""
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is None and tokenizer_dir is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(tmp, output)
+    return output
+
+
+def model_outputs(model, batch: dict) -> torch.Tensor:
+    """What a user of the exported model reads: logits for a task head, else the last hidden state."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"])
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def load_exported(folder: str | os.PathLike):
+    config = transformers.AutoConfig.from_pretrained(folder)
+    architecture = (config.architectures or [""])[0]
+    auto = transformers.AutoModelForSequenceClassification if architecture.endswith("ForSequenceClassification") \
+        else transformers.AutoModel
+    return auto.from_pretrained(folder).eval()
+
+
+def export_max_abs_diff(folder: str | os.PathLike, batch: dict, expected: torch.Tensor) -> float:
+    """Load the export fresh and compare its outputs with the training engine's on the same batch."""
+    model = load_exported(folder)
+    with torch.no_grad():
+        got = model_outputs(model, {k: v.cpu() for k, v in batch.items()})
+    return float((got.float() - expected.float().cpu()).abs().max())

@@ -1,0 +1,180 @@
+"""Build teacher and student, and capture their hidden states and attention Q/K with forward hooks.
+
+Both models run their normal SDPA attention: attention transfer is computed later from the
+captured Q and K, so no model ever materialises attention maps (never `output_attentions`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from .config import StudentConfig, TeacherConfig
+from .errors import ConfigError, UserError
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "ernie", "xlm-roberta")
+
+
+def _check_model_type(config: PretrainedConfig, where: str) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{where}: model type '{config.model_type}' is not supported; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (BERT-style encoders)")
+
+
+def _check_hf_folder(path: str, key: str) -> None:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}: folder not found: {path}")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} has no config.json (expected a Hugging Face model folder)")
+
+
+def load_config(path: str, key: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    _check_hf_folder(path, key)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    _check_model_type(config, key)
+    return config
+
+
+def inline_config(values: dict, key: str = "teacher.config") -> PretrainedConfig:
+    values = dict(values)
+    model_type = values.pop("model_type", "bert")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    _check_model_type(config, key)
+    return config
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The encoder body (BertModel & co.) of a model with or without a task head."""
+    body = getattr(model, "base_model", model)
+    if not (hasattr(body, "embeddings") and hasattr(body, "encoder") and hasattr(body.encoder, "layer")):
+        raise UserError(f"{type(model).__name__} has no embeddings/encoder.layer: not a BERT-style encoder")
+    return body
+
+
+# --------------------------------------------------------------------------- teacher
+def load_teacher(cfg: TeacherConfig, finetuned: bool, seed: int) -> PreTrainedModel:
+    """The frozen teacher: pretrained encoder (stage 1) or the task-finetuned classifier (stages 2-4)."""
+    common = dict(attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code)
+    if finetuned:
+        if cfg.finetuned_path is None:
+            raise ConfigError("teacher.finetuned_path: this stage needs a teacher finetuned on the task "
+                              "(run `ernie-tiny-ds finetune-teacher` or set teacher.finetuned_path)")
+        load_config(cfg.finetuned_path, "teacher.finetuned_path", cfg.trust_remote_code)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(cfg.finetuned_path, **common)
+    elif cfg.path is not None:
+        load_config(cfg.path, "teacher.path", cfg.trust_remote_code)
+        model = transformers.AutoModel.from_pretrained(cfg.path, **common)
+    else:
+        config = inline_config(cfg.config or {})
+        torch.manual_seed(seed)  # every rank builds the same random teacher
+        model = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------- student
+def student_config_from(cfg: StudentConfig, teacher_config: PretrainedConfig) -> PretrainedConfig:
+    """The student's config: the teacher's (same vocabulary, type, positions) with student sizes."""
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = cfg.num_hidden_layers
+    config.hidden_size = cfg.hidden_size
+    config.num_attention_heads = cfg.num_attention_heads
+    config.intermediate_size = cfg.intermediate_size
+    config.architectures = None
+    for key in ("id2label", "label2id"):
+        if hasattr(config, key):
+            setattr(config, key, {0: "LABEL_0", 1: "LABEL_1"} if key == "id2label" else {"LABEL_0": 0, "LABEL_1": 1})
+    return config
+
+
+def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: int,
+                  num_labels: int | None = None) -> PreTrainedModel:
+    """Fresh (seeded, identical on every rank) or loaded student; with a task head when num_labels is set."""
+    common = dict(attn_implementation="sdpa")
+    if cfg.path is not None:
+        config = load_config(cfg.path, "student.path")
+        if config.vocab_size != teacher_config.vocab_size:
+            raise ConfigError(f"student.path: student vocabulary ({config.vocab_size}) differs from the "
+                              f"teacher's ({teacher_config.vocab_size}); both must share one tokenizer")
+        if num_labels is None:
+            return transformers.AutoModel.from_pretrained(cfg.path, **common)
+        config.num_labels = num_labels
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            cfg.path, config=config, **common)
+    config = student_config_from(cfg, teacher_config)
+    torch.manual_seed(seed)
+    if num_labels is None:
+        return transformers.AutoModel.from_config(config, **common)
+    config.num_labels = num_labels
+    return transformers.AutoModelForSequenceClassification.from_config(config, **common)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Full parameter count, also for ZeRO-3 partitioned parameters (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- capture hooks
+@dataclass
+class Features:
+    """What one forward pass exposed: hidden[0] is the embedding output, hidden[i] layer i's output;
+    q[i], k[i] are layer i's attention query/key as [B, H, L, d]."""
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    q: dict[int, torch.Tensor] = field(default_factory=dict)
+    k: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureCapture:
+    """Forward hooks on an encoder's embeddings, layers and query/key projections.
+
+    ``layers`` are 1-based layer numbers to capture (None = all); the embedding output is always kept.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int] | None = None):
+        body = base_model(model)
+        self.num_layers = len(body.encoder.layer)
+        self.layers = sorted(set(layers)) if layers is not None else list(range(1, self.num_layers + 1))
+        self._features = Features()
+        self._handles = [body.embeddings.register_forward_hook(self._keep_hidden(0))]
+        for i in self.layers:
+            if not 1 <= i <= self.num_layers:
+                raise ConfigError(f"layer {i} is outside the model's layers 1..{self.num_layers}")
+            layer = body.encoder.layer[i - 1]
+            attention = getattr(getattr(layer, "attention", None), "self", None)
+            if attention is None or not hasattr(attention, "query") or not hasattr(attention, "key"):
+                raise UserError(f"{type(model).__name__} layer {i} has no attention.self.query/key projections")
+            heads = getattr(attention, "num_attention_heads", None) or attention.config.num_attention_heads
+            self._handles.append(layer.register_forward_hook(self._keep_hidden(i)))
+            self._handles.append(attention.query.register_forward_hook(self._keep_heads("q", i, heads)))
+            self._handles.append(attention.key.register_forward_hook(self._keep_heads("k", i, heads)))
+
+    # The hooks look up self._features when they fire, so pop() can hand the store over by swapping it.
+    def _keep_hidden(self, index: int):
+        def hook(_module, _inputs, output):
+            self._features.hidden[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _keep_heads(self, which: str, index: int, heads: int):
+        def hook(_module, _inputs, output):
+            b, l, width = output.shape
+            getattr(self._features, which)[index] = output.view(b, l, heads, width // heads).transpose(1, 2)
+        return hook
+
+    def pop(self) -> Features:
+        """The features of the last forward; nothing is kept for the next step."""
+        features, self._features = self._features, Features()
+        return features
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,232 @@
+"""The distillation loop of one stage: build the parts, resume, train, checkpoint, export."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import Recipe
+from .engine import build_ds_config, build_student_engine, device, init_distributed, prepare_teacher, zero_stage
+from .errors import ConfigError, UserError
+from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
+from .losses import layer_map
+from .metrics import MetricsLogger
+from .models import FeatureCapture, Features, build_student, count_parameters, load_teacher
+from .objective import DistillationObjective, TeacherOutput
+from .stages import STAGE_SPECS
+from .tokenizer import check_vocab_matches, load_tokenizer
+
+DONE_FILE = "stage_done.json"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    final_loss: float
+    student_dir: Path
+    complete: bool = True
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def tokenizer_path(r: Recipe) -> str:
+    """The recipe's tokenizer, else the teacher's own, else (inline test teachers) the bundled one."""
+    if r.data.tokenizer or r.teacher.path or r.teacher.finetuned_path:
+        return r.data.tokenizer or r.teacher.path or r.teacher.finetuned_path
+    from .assets import DEFAULT_TOKENIZER
+    return str(DEFAULT_TOKENIZER)
+
+
+def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
+    if spec.data == "general":
+        from .data.corpus import build_general_loader
+        return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed)
+    from .data.tasks import build_task_loader
+    return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
+                             with_labels=spec.labels)
+
+
+def teacher_forward(teacher, capture: FeatureCapture, batch: dict) -> TeacherOutput:
+    with torch.no_grad():
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"])
+    return TeacherOutput(capture.pop(), getattr(out, "logits", None))
+
+
+def global_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Loss terms averaged over ranks: the log shows one global loss."""
+    names = sorted(values)
+    stacked = torch.stack([values[n].float().reshape(()) for n in names]).cpu()
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return {n: float(v) for n, v in zip(names, stacked)}
+
+
+def all_ranks_finite(total: torch.Tensor, world: int) -> bool:
+    flag = torch.tensor([1.0 if torch.isfinite(total).item() else 0.0])
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def engine_student_outputs(engine, student, batch: dict, stage: int) -> torch.Tensor:
+    """The trained student's outputs on `batch`, dropout off (collective under ZeRO-3: params gathered)."""
+    import contextlib
+
+    import deepspeed
+
+    gather = deepspeed.zero.GatheredParameters(list(student.parameters())) if stage == 3 else contextlib.nullcontext()
+    engine.module.eval()
+    with gather, torch.no_grad():
+        out = model_outputs(student, batch)
+    engine.module.train()
+    return out.float()
+
+
+def check_heads(student_cfg, teacher_cfg, relation_heads) -> None:
+    if relation_heads is None and student_cfg.num_attention_heads != teacher_cfg.num_attention_heads:
+        raise ConfigError(f"student.num_attention_heads ({student_cfg.num_attention_heads}) differs from the teacher's "
+                          f"({teacher_cfg.num_attention_heads}): set losses.relation_heads to transfer attention")
+    if relation_heads is not None:
+        for who, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
+            if cfg.hidden_size % relation_heads:
+                raise ConfigError(f"losses.relation_heads ({relation_heads}) must divide the {who} hidden size "
+                                  f"({cfg.hidden_size})")
+
+
+def run_stage(recipe: Recipe, stage: str) -> StageResult:
+    r = recipe.for_stage(stage)
+    spec = STAGE_SPECS[stage]
+    rank, world = init_distributed(r.train.dist_timeout_s)
+    out_dir = Path(r.output_dir) / stage
+    ckpt_root = out_dir / "checkpoints"
+    dev = device()
+
+    # --- the parts: tokenizer, teacher, student + projections, engines, data
+    tokenizer = load_tokenizer(tokenizer_path(r))
+    teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
+    check_vocab_matches(tokenizer, teacher.config.vocab_size, tokenizer_path(r))
+    num_labels = teacher.config.num_labels if spec.labels else None
+    student = build_student(r.student, teacher.config, seed=r.train.seed, num_labels=num_labels)
+    check_heads(student.config, teacher.config, r.losses.relation_heads)
+    try:
+        mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
+    except ValueError as exc:
+        raise ConfigError(f"losses.layer_map: {exc}") from None
+    objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, use_labels=spec.labels)
+    ds_config = build_ds_config(r, world)
+    engine = build_student_engine(objective, r, ds_config)
+    teacher_capture = FeatureCapture(teacher, layers=mapping)
+    teacher = prepare_teacher(teacher, r, r.train.micro_batch_size)
+    loader = make_loader(r, spec, tokenizer, rank, world)
+
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in student.parameters())
+    print(f"[rank {rank}] {spec.title}: ZeRO-{zero_stage(ds_config)}, this rank holds {local} of "
+          f"{count_parameters(student)} student parameters; teacher layers {mapping}", flush=True)
+
+    # --- resume from the newest intact checkpoint
+    step = 0
+    tag = checkpoint.find_resumable(ckpt_root, log=lambda m: print(f"[rank {rank}] {m}", flush=True))
+    if tag is not None:
+        state = checkpoint.load(engine, ckpt_root, tag, rank)
+        step = int(state["step"])
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"resumed {stage} from {ckpt_root / tag} at step {step}", flush=True)
+    else:
+        torch.manual_seed(r.train.seed + rank)  # dropout differs by rank, reproducibly
+
+    def save_files(folder: Path) -> None:
+        hf = folder / STUDENT_DIR
+        student.config.architectures = [type(student).__name__]
+        student.config.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "loader": loader.state_dict(), "rng": checkpoint.rng_state()}
+        return checkpoint.save(engine, ckpt_root, at_step, state, extra_files=save_files, keep=r.train.keep_checkpoints)
+
+    # --- the loop: teacher forward, student forward + losses, backward, step
+    logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every)
+    batches = iter(loader)
+    nonfinite = skipped = 0
+    last = {"loss": float("nan")}
+    while step < r.train.max_steps:
+        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        teacher_out = teacher_forward(teacher, teacher_capture, batch)
+        total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out,
+                              batch.get("labels"))
+        if not all_ranks_finite(total, world):
+            nonfinite, skipped = nonfinite + 1, skipped + 1
+            bad = [n for n, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            logger.message(f"warning: non-finite loss ({', '.join(bad)}) at step {step + 1}: micro-batch skipped")
+            if nonfinite >= r.train.max_nonfinite_steps:
+                raise NonFiniteLoss(f"{nonfinite} consecutive non-finite losses (term: {', '.join(bad)}) at step "
+                                    f"{step + 1} of {stage}; lower optim.lr or check the data")
+            continue
+        nonfinite = 0
+        boundary = engine.is_gradient_accumulation_boundary()
+        lr = engine.get_lr()[0]  # the rate this step uses
+        engine.backward(total)
+        engine.step()
+        if not boundary:
+            continue
+        step += 1
+        last = global_mean({"loss": total.detach(), **terms}, world)
+        last["lr"] = lr
+        if skipped:
+            last["skipped_nonfinite"] = skipped
+        tokens = int(batch["attention_mask"].sum()) * world * r.train.grad_accum
+        logger.step(step, last, tokens)
+        stopping = step == r.train.stop_at_step
+        if step % r.train.save_every == 0 or step == r.train.max_steps or stopping:
+            save(step)
+        if stopping:
+            break
+    logger.close()
+    if step < r.train.max_steps:
+        if rank == 0:
+            print(f"{spec.title}: stopped at step {step} of {r.train.max_steps} (train.stop_at_step); "
+                  f"run the same command again to continue", flush=True)
+        return StageResult(stage, step, last.get("loss", float("nan")), out_dir / "student", complete=False)
+
+    # --- export the student (rank 0 consolidates the final checkpoint) and mark the stage done
+    final_tag = checkpoint.tag_for(step)
+    if not (ckpt_root / final_tag).is_dir():
+        save(step)
+    student_dir = out_dir / "student"
+    probe_batch = {k: v[:2] for k, v in batch.items()} if step > 0 and "batch" in locals() else None
+    probe = engine_student_outputs(engine, student, probe_batch, zero_stage(ds_config)) if probe_batch else None
+    objective.capture.pop()
+    if rank == 0:
+        export_checkpoint(ckpt_root / final_tag, student_dir)
+        done = {"stage": stage, "steps": step, "final_loss": last.get("loss"), "student": str(student_dir)}
+        if probe is not None:
+            # the export must reproduce the engine's student; keep the probe so anyone can re-check it
+            torch.save({"batch": {k: v.cpu() for k, v in probe_batch.items()}, "outputs": probe.cpu()},
+                       out_dir / "export_probe.pt")
+            done["export_max_abs_diff"] = export_max_abs_diff(student_dir, probe_batch, probe)
+            tolerance = 1e-4 if r.train.precision == "fp32" else 5e-2
+            if done["export_max_abs_diff"] > tolerance:
+                raise RuntimeError(f"the export in {student_dir} differs from the trained student by "
+                                   f"{done['export_max_abs_diff']:.3g} (> {tolerance})")
+        checkpoint.atomic_write_text(out_dir / DONE_FILE, json.dumps(done))
+        print(f"{spec.title} done: {step} steps, final loss {last.get('loss', float('nan')):.6g}; "
+              f"student exported to {student_dir}", flush=True)
+    if world > 1:
+        dist.barrier()
+    final_loss = last.get("loss", float("nan"))
+    if math.isnan(final_loss) and (out_dir / DONE_FILE).is_file():
+        final_loss = json.loads((out_dir / DONE_FILE).read_text()).get("final_loss") or float("nan")
+    engine.destroy() if hasattr(engine, "destroy") else None
+    return StageResult(stage, step, final_loss, student_dir)

@@ -1,0 +1,19 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    """The project's bundled WordPiece tokenizer (real English ids)."""
+    from ernie_tiny_ds.assets import DEFAULT_TOKENIZER
+    return str(DEFAULT_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer_dir) -> int:
+    from transformers import AutoTokenizer
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -1,0 +1,98 @@
+"""Helpers for tests that run real ranks under the real deepspeed launcher (gloo on CPU)."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+WORDS = ("the river town market bridge school garden north south winter summer people built old new "
+         "small large green stone road water city village mountain forest history music story family "
+         "children teacher station machine light paper book language island ship harbor field farm "
+         "king queen war peace year century morning evening travel open close find known called").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_corpus(folder: Path, documents: int = 64, files: int = 2, seed: int = 0) -> Path:
+    """Plain text, one document per line, of common English words (real ids for any English vocab)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [open(folder / f"part-{i}.txt", "w") for i in range(files)]
+    for d in range(documents):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                     for _ in range(rng.randint(2, 6))]
+        handles[d % files].write(" ".join(sentences) + "\n")
+    for h in handles:
+        h.close()
+    return folder
+
+
+def tiny_teacher(vocab_size: int, layers: int = 4, hidden: int = 64, heads: int = 4) -> dict:
+    return {"model_type": "bert", "vocab_size": vocab_size, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "intermediate_size": hidden * 2, "max_position_embeddings": 128,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def tiny_recipe(tmp: Path, tokenizer: str, vocab_size: int, **sections) -> Path:
+    """A recipe for a seconds-long distillation: inline 4-layer teacher, 2-layer student."""
+    recipe = {
+        "output_dir": str(tmp / "out"),
+        "teacher": {"config": tiny_teacher(vocab_size)},
+        "student": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64},
+        "data": {"corpus": str(write_corpus(tmp / "corpus")), "tokenizer": tokenizer, "max_seq_len": 32},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "log_every": 1, "save_every": 3, "progress_bar": False,
+                  "dist_timeout_s": 120},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONUNBUFFERED="1")
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
+        e.pop(key, None)
+    return e
+
+
+def deepspeed_cmd(args: list[str], ranks: int = 2) -> list[str]:
+    runner = str(Path(sys.executable).parent / "deepspeed")
+    return [runner, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "ernie_tiny_ds.cli",
+            *args]
+
+
+def run_ranks(args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module ernie_tiny_ds.cli ARGS`; output captured, failure shows it."""
+    proc = subprocess.run(deepspeed_cmd(args, ranks), env=env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """One process, no launcher."""
+    return subprocess.run([sys.executable, "-m", "ernie_tiny_ds.cli", *args], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

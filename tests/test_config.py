@@ -1,0 +1,87 @@
+"""Recipes: YAML + overrides into typed sections; every mistake names its key."""
+import pytest
+import yaml
+
+from ernie_tiny_ds.config import ConfigError, load_recipe
+
+
+def write(tmp_path, values, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+BASE = {"output_dir": "out", "teacher": {"config": {"model_type": "bert", "vocab_size": 50, "hidden_size": 16,
+                                                    "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                    "intermediate_size": 32}}}
+
+
+def test_defaults_are_the_tinybert4_student(tmp_path):
+    r = load_recipe(write(tmp_path, BASE))
+    s = r.student
+    assert (s.num_hidden_layers, s.hidden_size, s.num_attention_heads, s.intermediate_size) == (4, 312, 12, 1200)
+    assert r.losses.layer_map == "uniform" and r.deepspeed.config == "zero1"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    r = load_recipe(write(tmp_path, BASE), ["train.max_steps=7", "optim.lr=1e-3", "losses.layer_map=[1,2,3,4]",
+                                            "deepspeed.overrides.zero_optimization.stage=2", "output_dir=/x y"])
+    assert r.train.max_steps == 7 and r.optim.lr == pytest.approx(1e-3)
+    assert r.losses.layer_map == [1, 2, 3, 4]
+    assert r.deepspeed.overrides == {"zero_optimization": {"stage": 2}}
+    assert r.output_dir == "/x y"
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.max_step'; did you mean 'train.max_steps'"):
+        load_recipe(write(tmp_path, BASE), ["train.max_step=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'loss'; did you mean 'losses'"):
+        load_recipe(write(tmp_path, {**BASE, "loss": {}}))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=ten", r"train.max_steps: expected an integer, got str 'ten'"),
+    ("train.max_steps=1.5", r"train.max_steps: expected an integer"),
+    ("train.max_steps=-1", r"train.max_steps must be > 0"),
+    ("train.precision=fp8", r"train.precision: 'fp8' is not one of"),
+    ("losses.temperature=0", r"losses.temperature must be > 0"),
+    ("losses.layer_map=every-other", r"losses.layer_map: 'every-other' is not"),
+    ("optim.betas=[0.9]", r"optim.betas must be two numbers"),
+    ("teacher.zero3=maybe", r"teacher.zero3: expected true or false"),
+    ("student.hidden_size=100", r"student.hidden_size \(100\) must be divisible"),
+    ("stages.genral.train={}", r"unknown key 'stages.genral'; did you mean 'stages.general'"),
+    ("stages.general.train.max_step=3", r"unknown key 'train.max_step'"),
+])
+def test_bad_values_name_their_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write(tmp_path, BASE), [override])
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_recipe(bad)
+
+
+def test_teacher_is_required_and_exclusive(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.path"):
+        load_recipe(write(tmp_path, {"output_dir": "o"}))
+    with pytest.raises(ConfigError, match="not both"):
+        load_recipe(write(tmp_path, BASE), ["teacher.path=/tmp"])
+
+
+def test_stage_overrides_apply_to_that_stage_only(tmp_path):
+    r = load_recipe(write(tmp_path, {**BASE, "stages": {"task_specific": {"train": {"max_steps": 3},
+                                                                           "losses": {"temperature": 2.0}}}}))
+    ts = r.for_stage("task_specific")
+    assert ts.train.max_steps == 3 and ts.losses.temperature == 2.0
+    assert r.for_stage("general").train.max_steps == r.train.max_steps
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    r = load_recipe(write(tmp_path, {**BASE, "data": {"corpus": "corpus"}}))
+    assert r.data.corpus == str((tmp_path / "corpus").resolve())
