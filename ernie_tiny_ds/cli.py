@@ -7,6 +7,7 @@ Bad input exits with code 2 and one line naming the key, file or line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -51,7 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or the folder holding `latest`")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_export)
+
+    # Commands whose module declares its own arguments: add_arguments(parser) and run(args) -> int.
+    for name, module, help_text in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module, __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}{module}":
+                raise
+            continue  # not part of this build
+        p = sub.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
+
+
+COMMAND_MODULES = (
+    ("preprocess", ".data.preprocess", "tokenize a corpus into memory-mapped token shards"),
+    ("finetune-teacher", ".finetune", "finetune the teacher on the task"),
+    ("pipeline", ".pipeline", "run the four stages in order (and teacher finetuning)"),
+    ("evaluate", ".evaluate", "task metrics of an exported model"),
+    ("launch", ".launch", "run a sub-command under the deepspeed runner (hostfile, multi-node)"),
+    ("submit", ".submit", "submit a sub-command as a cluster job (Slurm)"),
+)
 
 
 def _shutdown() -> None:

@@ -50,9 +50,11 @@ class DataConfig:
     document_separator: Literal["line", "blank_line"] = "line"
     tokenizer: Optional[str] = None   # default: the teacher's folder, else the bundled tokenizer
     max_seq_len: int = 128
-    shuffle_buffer: int = 1024
-    num_workers: int = 0
+    shuffle_buffer: int = 1024        # streaming: sequences per seeded shuffle window
+    num_workers: int = 0              # streaming: DataLoader worker processes per rank (0: in the training
+                                      # process); shards ignore it (the memory-mapped reader outruns worker IPC)
     on_binary_file: Literal["error", "skip"] = "error"
+    dataset_split: str = "train"      # format=datasets: the split to stream
 
 
 @dataclass
@@ -62,7 +64,7 @@ class TaskConfig:
     dev_file: Optional[str] = None
     text_columns: list[str] = field(default_factory=list)  # one (single sentence) or two (pair)
     label_column: str = "label"
-    labels: list[str] = field(default_factory=list)        # class names in id order; [] = from data
+    labels: list[str] = field(default_factory=list)        # class names in id order; [] = the train file's, sorted
     type: Literal["classification", "regression"] = "classification"
     max_seq_len: int = 128
 
@@ -110,12 +112,13 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: float = 3.0
-    lr: float = 5e-5
-    micro_batch_size: int = 32
+    """`finetune-teacher`: the pretrained teacher + a fresh task head, trained on the task's train split."""
+    epochs: float = 3.0               # passes over the train split; fractions allowed (steps rounded up)
+    lr: float = 5e-5                  # peak rate: linear warm-up, then linear decay to 0
+    micro_batch_size: int = 32        # per rank
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    seed: int = 42
+    seed: int = 42                    # head initialisation, data order, dropout
 
 
 @dataclass
@@ -307,6 +310,9 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     values: dict = {}
     if path is not None:
         p = Path(path)
+        bundled = Path(__file__).resolve().parent / "recipes" / f"{path}.yaml"
+        if not p.is_file() and p.suffix == "" and bundled.is_file():
+            p = bundled  # a bundled recipe by name: `--config demo`
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {p}")
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import safe_load
 from .config import Recipe
 from .errors import ConfigError
 
@@ -136,6 +137,7 @@ def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dic
 
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
                                            config=ds_config, lr_scheduler=scheduler)
+    safe_load.install_on_engine(engine)
     return engine
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from . import safe_load
 from .checkpoint import LATEST, verify
 from .errors import UserError
 
@@ -27,12 +28,13 @@ def _checkpoint_folder(path: Path) -> Path:
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils import zero_to_fp32
 
     if any(folder.glob("*optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        with safe_load.weights_only_torch_in(zero_to_fp32):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     # ZeRO stage 0: the full module is in the model-states file
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = safe_load.load(folder / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}
 
 

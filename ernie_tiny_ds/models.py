@@ -96,6 +96,14 @@ def student_config_from(cfg: StudentConfig, teacher_config: PretrainedConfig) ->
     return config
 
 
+def keep_task_labels(config: PretrainedConfig, teacher_config: PretrainedConfig) -> None:
+    """A task student answers in the finetuned teacher's class names and order."""
+    if getattr(teacher_config, "num_labels", None) == config.num_labels:
+        config.id2label = dict(teacher_config.id2label)
+        config.label2id = dict(teacher_config.label2id)
+        config.problem_type = getattr(teacher_config, "problem_type", None)
+
+
 def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: int,
                   num_labels: int | None = None) -> PreTrainedModel:
     """Fresh (seeded, identical on every rank) or loaded student; with a task head when num_labels is set."""
@@ -108,6 +116,7 @@ def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: in
         if num_labels is None:
             return transformers.AutoModel.from_pretrained(cfg.path, **common)
         config.num_labels = num_labels
+        keep_task_labels(config, teacher_config)
         return transformers.AutoModelForSequenceClassification.from_pretrained(
             cfg.path, config=config, **common)
     config = student_config_from(cfg, teacher_config)
@@ -115,12 +124,20 @@ def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: in
     if num_labels is None:
         return transformers.AutoModel.from_config(config, **common)
     config.num_labels = num_labels
+    keep_task_labels(config, teacher_config)
     return transformers.AutoModelForSequenceClassification.from_config(config, **common)
 
 
 def count_parameters(model: nn.Module) -> int:
     """Full parameter count, also for ZeRO-3 partitioned parameters (ds_numel)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def weights_fingerprint(model: nn.Module) -> float:
+    """Sum of |w| over the encoder body (task heads left out): equal weights give an equal number,
+    so a stage can prove which student it started from. Call it before ZeRO-3 partitions the model."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in base_model(model).parameters()))
 
 
 # --------------------------------------------------------------------------- capture hooks

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from .errors import ConfigError, UserError
 from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
 from .losses import layer_map
 from .metrics import MetricsLogger
-from .models import FeatureCapture, Features, build_student, count_parameters, load_teacher
+from .models import FeatureCapture, Features, build_student, count_parameters, load_teacher, weights_fingerprint
 from .objective import DistillationObjective, TeacherOutput
 from .stages import STAGE_SPECS
+from .stop import StopRequest
 from .tokenizer import check_vocab_matches, load_tokenizer
 
 DONE_FILE = "stage_done.json"
@@ -103,21 +105,34 @@ def check_heads(student_cfg, teacher_cfg, relation_heads) -> None:
                                   f"({cfg.hidden_size})")
 
 
-def run_stage(recipe: Recipe, stage: str) -> StageResult:
-    r = recipe.for_stage(stage)
-    spec = STAGE_SPECS[stage]
-    rank, world = init_distributed(r.train.dist_timeout_s)
-    out_dir = Path(r.output_dir) / stage
-    ckpt_root = out_dir / "checkpoints"
-    dev = device()
+@dataclass
+class StageParts:
+    """Everything one stage trains with, built once per run."""
+    tokenizer: object
+    teacher: torch.nn.Module           # replicated module or ZeRO-3 inference engine
+    teacher_capture: FeatureCapture
+    student: torch.nn.Module
+    objective: DistillationObjective
+    engine: object                     # DeepSpeed engine over the objective
+    ds_config: dict
+    loader: object
+    mapping: list[int]
+    provenance: dict                   # what the stage started from (written to stage_done.json)
 
-    # --- the parts: tokenizer, teacher, student + projections, engines, data
+
+def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     tokenizer = load_tokenizer(tokenizer_path(r))
     teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
     check_vocab_matches(tokenizer, teacher.config.vocab_size, tokenizer_path(r))
     num_labels = teacher.config.num_labels if spec.labels else None
     student = build_student(r.student, teacher.config, seed=r.train.seed, num_labels=num_labels)
     check_heads(student.config, teacher.config, r.losses.relation_heads)
+    provenance = {
+        "teacher": (r.teacher.finetuned_path if spec.finetuned_teacher else r.teacher.path) or "inline config",
+        "teacher_finetuned": spec.finetuned_teacher,
+        "student_init": r.student.path or "fresh",
+        "student_init_fingerprint": weights_fingerprint(student),
+    }
     try:
         mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
     except ValueError as exc:
@@ -128,10 +143,25 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     teacher_capture = FeatureCapture(teacher, layers=mapping)
     teacher = prepare_teacher(teacher, r, r.train.micro_batch_size)
     loader = make_loader(r, spec, tokenizer, rank, world)
-
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in student.parameters())
-    print(f"[rank {rank}] {spec.title}: ZeRO-{zero_stage(ds_config)}, this rank holds {local} of "
-          f"{count_parameters(student)} student parameters; teacher layers {mapping}", flush=True)
+    t_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
+    print(f"[rank {rank}] pid {os.getpid()} {spec.title}: ZeRO-{zero_stage(ds_config)}, this rank holds {local} of "
+          f"{count_parameters(student)} student parameters and {t_local} of {count_parameters(teacher)} teacher "
+          f"parameters; teacher layers {mapping}", flush=True)
+    provenance["loss_terms"] = sorted(objective.weights())
+    return StageParts(tokenizer, teacher, teacher_capture, student, objective, engine, ds_config, loader, mapping,
+                      provenance)
+
+
+def run_stage(recipe: Recipe, stage: str) -> StageResult:
+    r = recipe.for_stage(stage)
+    spec = STAGE_SPECS[stage]
+    rank, world = init_distributed(r.train.dist_timeout_s)
+    out_dir = Path(r.output_dir) / stage
+    ckpt_root = out_dir / "checkpoints"
+    dev = device()
+    parts = build_parts(r, spec, rank, world)
+    engine, loader = parts.engine, parts.loader
 
     # --- resume from the newest intact checkpoint
     step = 0
@@ -146,24 +176,20 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     else:
         torch.manual_seed(r.train.seed + rank)  # dropout differs by rank, reproducibly
 
-    def save_files(folder: Path) -> None:
-        hf = folder / STUDENT_DIR
-        student.config.architectures = [type(student).__name__]
-        student.config.save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
-
     def save(at_step: int) -> Path:
         state = {"step": at_step, "loader": loader.state_dict(), "rng": checkpoint.rng_state()}
-        return checkpoint.save(engine, ckpt_root, at_step, state, extra_files=save_files, keep=r.train.keep_checkpoints)
+        return checkpoint.save(engine, ckpt_root, at_step, state, extra_files=lambda f: save_student_files(parts, f),
+                               keep=r.train.keep_checkpoints)
 
     # --- the loop: teacher forward, student forward + losses, backward, step
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every)
     batches = iter(loader)
+    stop_request = StopRequest(r.output_dir)
     nonfinite = skipped = 0
-    last = {"loss": float("nan")}
+    last, batch, requested = {"loss": float("nan")}, None, False
     while step < r.train.max_steps:
         batch = {k: v.to(dev) for k, v in next(batches).items()}
-        teacher_out = teacher_forward(teacher, teacher_capture, batch)
+        teacher_out = teacher_forward(parts.teacher, parts.teacher_capture, batch)
         total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out,
                               batch.get("labels"))
         if not all_ranks_finite(total, world):
@@ -182,35 +208,54 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
         if not boundary:
             continue
         step += 1
-        last = global_mean({"loss": total.detach(), **terms}, world)
-        last["lr"] = lr
+        last = {**global_mean({"loss": total.detach(), **terms}, world), "lr": lr}
         if skipped:
             last["skipped_nonfinite"] = skipped
-        tokens = int(batch["attention_mask"].sum()) * world * r.train.grad_accum
-        logger.step(step, last, tokens)
-        stopping = step == r.train.stop_at_step
+        logger.step(step, last, tokens=int(batch["attention_mask"].sum()) * world * r.train.grad_accum)
+        requested = stop_request.requested(world)
+        stopping = requested or step == r.train.stop_at_step
         if step % r.train.save_every == 0 or step == r.train.max_steps or stopping:
             save(step)
         if stopping:
             break
     logger.close()
+
     if step < r.train.max_steps:
         if rank == 0:
-            print(f"{spec.title}: stopped at step {step} of {r.train.max_steps} (train.stop_at_step); "
+            why = "stop requested (STOP file or SIGUSR1)" if requested else "train.stop_at_step"
+            stop_request.clear()
+            print(f"{spec.title}: stopped at step {step} of {r.train.max_steps} ({why}); checkpoint saved; "
                   f"run the same command again to continue", flush=True)
-        return StageResult(stage, step, last.get("loss", float("nan")), out_dir / "student", complete=False)
-
-    # --- export the student (rank 0 consolidates the final checkpoint) and mark the stage done
-    final_tag = checkpoint.tag_for(step)
-    if not (ckpt_root / final_tag).is_dir():
+        return StageResult(stage, step, last["loss"], out_dir / "student", complete=False)
+    if not (ckpt_root / checkpoint.tag_for(step)).is_dir():
         save(step)
+    final_loss = finish_stage(r, spec, parts, out_dir, step, last["loss"], batch, rank, world)
+    return StageResult(stage, step, final_loss, out_dir / "student")
+
+
+def save_student_files(parts: StageParts, folder: Path) -> None:
+    """Config + tokenizer beside the weights, so one checkpoint folder is enough to export."""
+    hf = folder / STUDENT_DIR
+    parts.student.config.architectures = [type(parts.student).__name__]
+    parts.student.config.save_pretrained(hf)
+    parts.tokenizer.save_pretrained(hf)
+
+
+def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, final_loss: float,
+                 batch: dict | None, rank: int, world: int) -> float:
+    """Export the final checkpoint (rank 0), check the export against the live engine, mark the stage done."""
     student_dir = out_dir / "student"
-    probe_batch = {k: v[:2] for k, v in batch.items()} if step > 0 and "batch" in locals() else None
-    probe = engine_student_outputs(engine, student, probe_batch, zero_stage(ds_config)) if probe_batch else None
-    objective.capture.pop()
+    probe_batch = {k: v[:2] for k, v in batch.items()} if batch is not None else None
+    probe = engine_student_outputs(parts.engine, parts.student, probe_batch, zero_stage(parts.ds_config)) \
+        if probe_batch is not None else None
+    parts.objective.capture.pop()
+    done_file = out_dir / DONE_FILE
+    if math.isnan(final_loss) and done_file.is_file():  # a re-run of a finished stage trains no step
+        final_loss = json.loads(done_file.read_text()).get("final_loss") or float("nan")
     if rank == 0:
-        export_checkpoint(ckpt_root / final_tag, student_dir)
-        done = {"stage": stage, "steps": step, "final_loss": last.get("loss"), "student": str(student_dir)}
+        export_checkpoint(out_dir / "checkpoints" / checkpoint.tag_for(step), student_dir)
+        done = {"stage": spec.name, "steps": step, "final_loss": final_loss, "student": str(student_dir),
+                **parts.provenance}
         if probe is not None:
             # the export must reproduce the engine's student; keep the probe so anyone can re-check it
             torch.save({"batch": {k: v.cpu() for k, v in probe_batch.items()}, "outputs": probe.cpu()},
@@ -220,13 +265,10 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
             if done["export_max_abs_diff"] > tolerance:
                 raise RuntimeError(f"the export in {student_dir} differs from the trained student by "
                                    f"{done['export_max_abs_diff']:.3g} (> {tolerance})")
-        checkpoint.atomic_write_text(out_dir / DONE_FILE, json.dumps(done))
-        print(f"{spec.title} done: {step} steps, final loss {last.get('loss', float('nan')):.6g}; "
-              f"student exported to {student_dir}", flush=True)
+        checkpoint.atomic_write_text(done_file, json.dumps(done))
+        print(f"{spec.title} done: {step} steps, final loss {final_loss:.6g}; student exported to {student_dir}",
+              flush=True)
     if world > 1:
         dist.barrier()
-    final_loss = last.get("loss", float("nan"))
-    if math.isnan(final_loss) and (out_dir / DONE_FILE).is_file():
-        final_loss = json.loads((out_dir / DONE_FILE).read_text()).get("final_loss") or float("nan")
-    engine.destroy() if hasattr(engine, "destroy") else None
-    return StageResult(stage, step, final_loss, student_dir)
+    parts.engine.destroy()
+    return final_loss

@@ -85,3 +85,14 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
     (tmp_path / "corpus").mkdir()
     r = load_recipe(write(tmp_path, {**BASE, "data": {"corpus": "corpus"}}))
     assert r.data.corpus == str((tmp_path / "corpus").resolve())
+
+
+@pytest.mark.parametrize("name", ["demo", "ernie_tiny_en"])
+def test_bundled_recipes_load_by_name_and_are_valid(name, tmp_path):
+    with pytest.raises(ConfigError, match="teacher.path"):
+        load_recipe(name)  # the teacher is the user's to give
+    r = load_recipe(name, [f"teacher.path={tmp_path}"])
+    assert (r.student.num_hidden_layers, r.student.hidden_size, r.student.num_attention_heads,
+            r.student.intermediate_size) == (4, 312, 12, 1200)
+    for stage in ("general", "general_enhanced", "task_adaptive", "task_specific"):
+        assert r.for_stage(stage).train.max_steps > 0

@@ -66,3 +66,19 @@ def test_export_loads_with_automodel_and_reproduces_the_engine(tmp_path, tokeniz
     again = AutoModel.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         assert torch.equal(again(**probe["batch"]).last_hidden_state, got)
+
+
+def test_sharded_teacher_and_offloaded_student_match_replicated_zero1(tmp_path, tokenizer_dir, vocab_size):
+    """Two ZeRO-3 engines (frozen teacher inference + offloaded student) in one process: same losses as ZeRO-1."""
+    runs = {}
+    for name, extra in (("zero1", ["deepspeed.config=zero1"]),
+                        ("zero3", ["deepspeed.config=zero3_offload", "teacher.zero3=true"])):
+        recipe = tiny_recipe(tmp_path / name, tokenizer_dir, vocab_size)
+        proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general", *extra])
+        runs[name] = (proc, read_metrics(tmp_path / name / "out/general/metrics.jsonl"))
+    teacher_held = re.findall(r"and (\d+) of (\d+) teacher parameters", runs["zero3"][0].stdout)
+    assert len(teacher_held) == 2
+    for local, full in teacher_held:
+        assert 0.45 * int(full) <= int(local) <= 0.55 * int(full)
+    for a, b in zip(runs["zero1"][1], runs["zero3"][1], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

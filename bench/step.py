@@ -1,0 +1,290 @@
+"""One General Distillation step: ernie-tiny-ds against the way common recipes write it.
+
+    python bench/step.py --size tiny  --seq-len 128                      # CPU
+    python bench/step.py --size base  --seq-len 512 --precision bf16     # GPU: BERT-base -> 4L-312
+
+ours      the real stage-1 parts of ernie-tiny-ds (train.build_parts: SDPA models with capture hooks,
+          the DeepSpeed engine over student + projections, attention transfer from Q/K through the
+          kernel dispatch: fused Triton on CUDA, torch elsewhere) and the loop body of train.py.
+baseline  the same weights as Hugging Face models run with output_attentions=True and
+          output_hidden_states=True (eager attention), the same latent loss computed on the
+          materialised attention maps, a plain torch AdamW.
+
+Both sides get the same batches; steps are timed alternately in this process (rounds of --steps
+each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; on CPU each side
+runs again in its own subprocess and reports its peak RSS above the RSS after building the models.
+MFU counts the teacher forward and the student forward + backward matrix products against the
+measured dense matmul rate of this device. --max-seq also searches, on GPU, the longest sequence
+each side fits at batch 8 within the memory the baseline needs at --seq-len.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SIZES = {  # teacher, student (hidden, layers, heads, ffn)
+    "tiny": ((256, 4, 4, 1024), (128, 2, 4, 512)),
+    "small": ((384, 6, 12, 1536), (312, 4, 12, 1200)),  # MiniLM-L6-H384 -> ERNIE-Tiny
+    "base": ((768, 12, 12, 3072), (312, 4, 12, 1200)),  # BERT-base -> ERNIE-Tiny
+}
+
+
+def recipe_for(args, max_positions: int):
+    from ernie_tiny_ds.config import from_dict
+
+    (th, tl, tH, tf), (sh, sl, sH, sf) = SIZES[args.size]
+    return from_dict({
+        "output_dir": str(Path(args.workdir)),
+        "teacher": {"config": {"model_type": "bert", "vocab_size": 30522, "hidden_size": th, "num_hidden_layers": tl,
+                               "num_attention_heads": tH, "intermediate_size": tf,
+                               "max_position_embeddings": max_positions, "hidden_dropout_prob": 0.0,
+                               "attention_probs_dropout_prob": 0.0}},
+        "student": {"hidden_size": sh, "num_hidden_layers": sl, "num_attention_heads": sH, "intermediate_size": sf},
+        "data": {"max_seq_len": args.seq_len},
+        "losses": {"kernels": "auto"},
+        "train": {"max_steps": 10 ** 6, "micro_batch_size": args.batch, "precision": args.precision,
+                  "progress_bar": False},
+        "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
+        "deepspeed": {"config": "zero1"},
+    })
+
+
+def random_batches(n: int, batch: int, seq_len: int, device, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, 30000, (batch, seq_len), generator=g)
+        mask = torch.ones(batch, seq_len, dtype=torch.long)
+        lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), generator=g)
+        for row, length in enumerate(lengths.tolist()):
+            mask[row, length:] = 0
+            ids[row, length:] = 0
+        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                    "token_type_ids": torch.zeros_like(ids).to(device)})
+    return out
+
+
+class Ours:
+    def __init__(self, args, max_positions: int):
+        from ernie_tiny_ds.config import STAGES  # noqa: F401  (ensures the package imports cleanly)
+        from ernie_tiny_ds.engine import init_distributed
+        from ernie_tiny_ds.stages import STAGE_SPECS
+        from ernie_tiny_ds.train import build_parts
+
+        self.recipe = recipe_for(args, max_positions)
+        init_distributed(600)
+        self.parts = build_parts(self.recipe, STAGE_SPECS["general"], rank=0, world=1)
+
+    def step(self, batch: dict) -> float:
+        from ernie_tiny_ds.train import teacher_forward
+
+        p = self.parts
+        teacher_out = teacher_forward(p.teacher, p.teacher_capture, batch)
+        total, _ = p.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out, None)
+        p.engine.backward(total)
+        p.engine.step()
+        return float(total)
+
+
+class Baseline:
+    """What a user writes without this project: eager HF models, materialised maps, plain AdamW."""
+
+    def __init__(self, ours: Ours, args):
+        parts = ours.parts
+        dev = next(parts.student.parameters()).device
+        teacher_module = getattr(parts.teacher, "module", parts.teacher)
+        self.teacher = self._eager_copy(teacher_module).to(dev).eval()
+        self.student = self._eager_copy(parts.student).to(dev).train()
+        self.hidden_proj = copy.deepcopy(parts.objective.hidden_proj).to(dev)
+        self.embedding_proj = copy.deepcopy(parts.objective.embedding_proj).to(dev)
+        self.mapping = parts.mapping
+        params = [*self.student.parameters(), *self.hidden_proj.parameters(), *self.embedding_proj.parameters()]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        if self.dtype is not None:
+            self.teacher.to(self.dtype)
+
+    @staticmethod
+    def _eager_copy(model):
+        import transformers
+        config = copy.deepcopy(model.config)
+        clone = transformers.AutoModel.from_config(config, attn_implementation="eager")
+        clone.load_state_dict(model.state_dict())
+        return clone
+
+    def step(self, batch: dict) -> float:
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"], output_attentions=True, output_hidden_states=True)
+        with torch.no_grad():
+            t = self.teacher(**kwargs)
+        autocast = torch.autocast(batch["input_ids"].device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        with autocast:
+            s = self.student(**kwargs)
+        mask = batch["attention_mask"]
+        token = mask.unsqueeze(-1).float()
+        denom = token.sum() * t.hidden_states[0].shape[-1]
+        loss = (((self.embedding_proj(s.hidden_states[0].float()) - t.hidden_states[0].float()) ** 2) * token).sum() / denom
+        key_valid = mask[:, None, None, :].bool()
+        rows = mask.sum() * s.attentions[0].shape[1]
+        for i, g in enumerate(self.mapping, start=1):
+            loss = loss + (((self.hidden_proj(s.hidden_states[i].float()) - t.hidden_states[g].float()) ** 2)
+                           * token).sum() / denom
+            p_t, p_s = t.attentions[g - 1].float(), s.attentions[i - 1].float()
+            kl = torch.where(key_valid, p_t * (torch.log(p_t + 1e-12) - torch.log(p_s + 1e-12)), 0.0)
+            loss = loss + (kl * mask[:, None, :, None]).sum() / rows
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(side, batches: list[dict], device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        side.step(batch)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul FLOP/s of this device (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def step_flops(args, tokens: int) -> float:
+    """Teacher forward + student forward and backward (3x forward): dense layers and attention products."""
+    (th, tl, _, tf), (sh, sl, _, sf) = SIZES[args.size]
+
+    def forward(hidden, layers, ffn):
+        dense = 2 * tokens * layers * (4 * hidden * hidden + 2 * hidden * ffn)
+        attention = 2 * tokens * layers * 2 * args.seq_len * hidden  # QK^T and PV
+        return dense + attention
+    return forward(th, tl, tf) + 3 * forward(sh, sl, sf)
+
+
+def memory_in_subprocess(args, side: str) -> float:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-side", side]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workdir", default="/tmp/ernie-tiny-ds-bench-step")
+    parser.add_argument("--max-seq", action="store_true", help="GPU: longest sequence each side fits")
+    parser.add_argument("--memory-side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    max_positions = 32768 if args.max_seq else max(512, args.seq_len)
+    ours = Ours(args, max_positions)
+    device = next(ours.parts.student.parameters()).device
+    baseline = Baseline(ours, args)
+    batches = random_batches(args.steps, args.batch, args.seq_len, device, seed=1)
+
+    if args.memory_side:  # child process: one side only, peak RSS above the built models
+        side = ours if args.memory_side == "ours" else baseline
+        before = rss_mb()
+        time_steps(side, batches, device)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"peak_mb": max(0.0, peak - before)}))
+        return
+
+    for side in (ours, baseline):  # warm-up (allocator, kernels, optimizer state)
+        time_steps(side, batches[:2], device)
+    times = {"ours": [], "baseline": []}
+    peaks = {}
+    for _ in range(args.rounds):
+        for name, side in (("ours", ours), ("baseline", baseline)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(time_steps(side, batches, device))
+            if device.type == "cuda":
+                peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if device.type != "cuda":
+        peaks = {name: memory_in_subprocess(args, name) for name in ("ours", "baseline")}
+
+    tokens = args.batch * args.seq_len * args.steps
+    median = {k: statistics.median(v) for k, v in times.items()}
+    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"\n{args.size} teacher {SIZES[args.size][0]} -> student {SIZES[args.size][1]}, L={args.seq_len}, "
+          f"batch {args.batch}, {args.precision}, {name}, torch threads {torch.get_num_threads()}; "
+          f"median of {args.rounds} alternating rounds of {args.steps} steps\n")
+    print("| side | step (ms) | tokens/s | peak memory (MiB) | MFU |")
+    print("|---|---|---|---|---|")
+    for side in ("ours", "baseline"):
+        seconds = median[side] / args.steps
+        mfu = step_flops(args, args.batch * args.seq_len) / seconds / rate
+        print(f"| {side} | {seconds * 1000:.1f} | {tokens / median[side]:,.0f} | {peaks[side]:.0f} | {mfu:.1%} |")
+    print(f"\nratio ours/baseline step time: {median['ours'] / median['baseline']:.3f}; "
+          f"tokens/s ratio: {median['baseline'] / median['ours']:.2f}x; "
+          f"peak memory ratio: {peaks['ours'] / max(peaks['baseline'], 1e-9):.2f}; "
+          f"matmul rate {rate / 1e12:.2f} TFLOP/s")
+    if args.max_seq and device.type == "cuda":
+        print(json.dumps(max_sequence(args, ours, baseline, device, budget=peaks["baseline"])))
+
+
+def max_sequence(args, ours: Ours, baseline: Baseline, device, budget: float) -> dict:
+    """Longest L (doubling, batch 8) each side runs within `budget` MiB of peak memory."""
+    found = {}
+    for name, side in (("ours", ours), ("baseline", baseline)):
+        length, best = 256, None
+        while length <= 32768:
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                side.step(random_batches(1, 8, length, device, seed=2)[0])
+                if torch.cuda.max_memory_allocated() / 2 ** 20 > budget:
+                    break
+                best = length
+            except torch.OutOfMemoryError:
+                break
+            length *= 2
+        found[name] = best
+    return {"max_seq_len_at_equal_memory_mib": budget, **found}
+
+
+if __name__ == "__main__":
+    main()

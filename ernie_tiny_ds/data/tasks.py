@@ -1,0 +1,321 @@
+"""Task data for stages 3-4, teacher finetuning and evaluation: GLUE-style single-sentence and
+sentence-pair tasks, classification or regression (STS-B style), from .tsv, .csv or .jsonl files.
+
+Files: a header row names the columns (.tsv: tab-separated, no quoting, as GLUE ships them;
+.csv: comma-separated with standard quoting); .jsonl (or .json): one JSON object per line.
+Labels: `task.labels` lists the class names in id order; when it is empty, the classes are the
+labels found in the train file, sorted (numerically when they are all integers, else as text),
+and a dev label outside that set is an error. Regression labels are numbers, num_labels = 1.
+
+The train loader follows the loader contract of data/corpus.py (endless batches, disjoint rank
+shards, exact resume). Each epoch is a new seeded permutation; every rank takes the same number
+of batches per epoch (the tail that does not fill one batch on every rank waits for the next
+epoch's shuffle). Batches are padded to their longest sequence rounded up to a multiple of 8
+(capped at task.max_seq_len): short task sentences do not pay for max_seq_len, and few distinct
+shapes keep compiled kernels cached.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..config import TaskConfig
+from ..errors import ConfigError, DataError
+
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
+MAIN_METRIC = {"classification": "accuracy", "regression": "pearson"}
+PAD_MULTIPLE = 8
+
+
+@dataclass
+class Example:
+    texts: tuple[str, ...]      # one (single sentence) or two (pair) texts
+    label: int | float          # class id, or the regression target
+    source: str                 # "file:line", for messages
+
+
+@dataclass
+class TaskData:
+    name: str
+    type: str                   # classification | regression
+    text_columns: list[str]
+    label_names: list[str]      # class names in id order; [] for regression
+    train: list[Example]
+    dev: list[Example]
+    max_seq_len: int
+    train_file: str
+    dev_file: str | None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.type == "regression" else len(self.label_names)
+
+    @property
+    def main_metric(self) -> str:
+        return MAIN_METRIC[self.type]
+
+
+# --------------------------------------------------------------------------- task config
+def resolve_task(cfg: TaskConfig) -> TaskConfig:
+    """The task config with a bundled task's files and fields filled in, checked for completeness."""
+    from ..assets import BUNDLED_TASKS, task_dir
+
+    resolved = dataclasses.replace(cfg, text_columns=list(cfg.text_columns), labels=list(cfg.labels))
+    if cfg.name in BUNDLED_TASKS and cfg.train_file is None:
+        folder = task_dir(cfg.name)
+        meta = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+        resolved.train_file = str(folder / "train.tsv")
+        resolved.dev_file = cfg.dev_file or str(folder / "dev.tsv")
+        resolved.text_columns = cfg.text_columns or list(meta["text_columns"])
+        resolved.labels = cfg.labels or list(meta["labels"])
+        resolved.label_column = meta.get("label_column", cfg.label_column)
+        if cfg.type != "classification" and cfg.type != meta["type"]:
+            raise ConfigError(f"task.type: the bundled task {cfg.name!r} is {meta['type']}, not {cfg.type}")
+        resolved.type = meta["type"]
+    if resolved.train_file is None:
+        raise ConfigError(f"task.train_file: not set, and task.name {cfg.name!r} is not a bundled task "
+                          f"({', '.join(BUNDLED_TASKS)})")
+    if not 1 <= len(resolved.text_columns) <= 2:
+        raise ConfigError(f"task.text_columns: give one column (single sentence) or two (sentence pair), "
+                          f"got {resolved.text_columns}")
+    if resolved.type == "regression" and resolved.labels:
+        raise ConfigError("task.labels: must be empty for a regression task")
+    if len(set(resolved.labels)) != len(resolved.labels):
+        raise ConfigError(f"task.labels: names repeat: {resolved.labels}")
+    if not 8 <= resolved.max_seq_len <= 8192:
+        raise ConfigError(f"task.max_seq_len must be in 8..8192, got {resolved.max_seq_len}")
+    return resolved
+
+
+# --------------------------------------------------------------------------- reading files
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: task file not found")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def _rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, {column: value}) of every record; checks the columns and field counts."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unsupported task file type {path.suffix!r}; use .tsv, .csv or .jsonl (JSON lines)")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if fmt == "jsonl":
+        yield from _jsonl_rows(path, text, columns)
+        return
+    stream = io.StringIO(text, newline="")  # csv counts lines itself (quoted fields may span lines)
+    if fmt == "tsv":
+        reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(stream)
+    try:
+        header = next(reader)
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} (its columns: "
+                            f"{', '.join(header)})")
+        for record in reader:
+            if not record:
+                continue  # blank line
+            if len(record) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, the header has {len(header)}")
+            yield reader.line_num, dict(zip(header, record))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed {fmt} row ({exc})") from None
+
+
+def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataError(f"{path}:{number}: no field {', '.join(repr(c) for c in missing)} (its fields: "
+                            f"{', '.join(row)})")
+        yield number, row
+
+
+def _raw_examples(path: Path, cfg: TaskConfig) -> list[tuple[str, tuple[str, ...], object]]:
+    """(source, texts, raw label) of every record in one file."""
+    out = []
+    for number, row in _rows(path, [*cfg.text_columns, cfg.label_column]):
+        texts = []
+        for column in cfg.text_columns:
+            value = row[column]
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{number}: column {column!r} holds {type(value).__name__} {value!r}, "
+                                f"not text")
+            texts.append(value)
+        out.append((f"{path}:{number}", tuple(texts), row[cfg.label_column]))
+    if not out:
+        raise DataError(f"{path}: no examples (only a header)")
+    return out
+
+
+def _label_text(raw: object) -> str:
+    # jsonl labels may be numbers: 1 and "1" name the same class
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return raw if isinstance(raw, str) else json.dumps(raw)
+
+
+def _sorted_labels(found: set[str]) -> list[str]:
+    try:
+        return sorted(found, key=int)
+    except ValueError:
+        return sorted(found)
+
+
+def _regression_target(source: str, raw: object) -> float:
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: regression label {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{source}: regression label {raw!r} is not a finite number")
+    return value
+
+
+def _to_examples(raw: list, cfg: TaskConfig, label_ids: dict[str, int]) -> list[Example]:
+    examples = []
+    for source, texts, label in raw:
+        if cfg.type == "regression":
+            examples.append(Example(texts, _regression_target(source, label), source))
+            continue
+        name = _label_text(label)
+        if name not in label_ids:
+            raise DataError(f"{source}: unknown label {name!r}; the task's labels are {', '.join(label_ids)}")
+        examples.append(Example(texts, label_ids[name], source))
+    return examples
+
+
+def load_task(cfg: TaskConfig) -> TaskData:
+    """Read and check the train (and, when given, dev) split of a task."""
+    cfg = resolve_task(cfg)
+    train_raw = _raw_examples(Path(cfg.train_file), cfg)
+    dev_raw = _raw_examples(Path(cfg.dev_file), cfg) if cfg.dev_file else []
+    labels: list[str] = []
+    if cfg.type == "classification":
+        labels = list(cfg.labels) or _sorted_labels({_label_text(label) for _, _, label in train_raw})
+        if len(labels) < 2:
+            raise DataError(f"{cfg.train_file}: a classification task needs at least 2 classes, found {labels}")
+    label_ids = {name: i for i, name in enumerate(labels)}
+    return TaskData(name=cfg.name or Path(cfg.train_file).parent.name, type=cfg.type,
+                    text_columns=list(cfg.text_columns), label_names=labels,
+                    train=_to_examples(train_raw, cfg, label_ids), dev=_to_examples(dev_raw, cfg, label_ids),
+                    max_seq_len=cfg.max_seq_len, train_file=cfg.train_file, dev_file=cfg.dev_file)
+
+
+# --------------------------------------------------------------------------- batches
+def encode_batch(examples: Sequence[Example], tokenizer, max_seq_len: int, task_type: str,
+                 with_labels: bool) -> dict[str, torch.Tensor]:
+    """[CLS] a [SEP] (b [SEP]) with token_type_ids, truncated longest-first, padded (see module doc)."""
+    first = [e.texts[0] for e in examples]
+    second = [e.texts[1] for e in examples] if len(examples[0].texts) == 2 else None
+    enc = tokenizer(first, second, truncation=True, max_length=max_seq_len, return_token_type_ids=True,
+                    return_attention_mask=False)
+    longest = max(len(ids) for ids in enc["input_ids"])
+    width = min(max_seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    input_ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    token_type_ids = torch.zeros_like(input_ids)
+    for row, (ids, types) in enumerate(zip(enc["input_ids"], enc["token_type_ids"])):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        token_type_ids[row, :len(ids)] = torch.tensor(types)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    if with_labels:
+        dtype = torch.float32 if task_type == "regression" else torch.long
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)
+    return batch
+
+
+def iter_dev_batches(task: TaskData, tokenizer, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The dev split in file order, labels included; the last batch may be smaller."""
+    if not task.dev:
+        raise ConfigError(f"task.dev_file: task {task.name!r} has no dev split to evaluate on")
+    for start in range(0, len(task.dev), batch_size):
+        yield encode_batch(task.dev[start:start + batch_size], tokenizer, task.max_seq_len, task.type, True)
+
+
+class TaskLoader:
+    """Endless shuffled train batches of one rank; see the module doc for the contract."""
+
+    def __init__(self, task: TaskData, tokenizer, batch_size: int, rank: int, world_size: int, seed: int,
+                 with_labels: bool):
+        self.task = task
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.with_labels = with_labels
+        self.batches_per_epoch = len(task.train) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{task.train_file}: {len(task.train)} examples do not fill one batch of {batch_size} "
+                            f"on each of {world_size} rank(s); use a smaller micro_batch_size or more data")
+        self._epoch = 0
+        self._batches_in_epoch = 0
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of train examples for `epoch` (same on every rank)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.task.train))
+
+    def _indices(self, order: np.ndarray, batch: int) -> np.ndarray:
+        start = (batch * self.world_size + self.rank) * self.batch_size
+        return order[start:start + self.batch_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            order = self.epoch_order(self._epoch)
+            while self._batches_in_epoch < self.batches_per_epoch:
+                examples = [self.task.train[i] for i in self._indices(order, self._batches_in_epoch)]
+                self._batches_in_epoch += 1
+                yield encode_batch(examples, self.tokenizer, self.task.max_seq_len, self.task.type,
+                                   self.with_labels)
+            self._epoch += 1
+            self._batches_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches_in_epoch": self._batches_in_epoch, "rank": self.rank,
+                "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
+                "num_examples": len(self.task.train)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size),
+                          ("num_examples", len(self.task.train)), ("seed", self.seed)):
+            if state.get(key) != mine:
+                raise DataError(f"the checkpoint's task-data position was saved with {key} = {state.get(key)}, "
+                                f"this run has {mine}; resume with the same task file and settings")
+        self._epoch = int(state["epoch"])
+        self._batches_in_epoch = int(state["batches_in_epoch"])
+
+
+def build_task_loader(task_cfg: TaskConfig, tokenizer, batch_size: int, rank: int, world: int, seed: int,
+                      with_labels: bool) -> TaskLoader:
+    """The train loader of the recipe's task (stages 3-4 and teacher finetuning)."""
+    return TaskLoader(load_task(task_cfg), tokenizer, batch_size, rank, world, seed, with_labels)

@@ -1,0 +1,152 @@
+"""Task metrics of an exported Hugging Face model on the task's dev split.
+
+Classification: accuracy, F1 (binary for 2 classes, else macro) and Matthews correlation;
+regression: Pearson and Spearman correlation (scikit-learn / scipy compute them).
+    ernie-tiny-ds evaluate --model DIR --task sentiment
+    ernie-tiny-ds evaluate --model DIR --config RECIPE [task.dev_file=...] [--output metrics.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TaskConfig, _build, apply_overrides, load_recipe
+from .data.tasks import TaskData, iter_dev_batches, load_task
+from .errors import ConfigError, UserError
+
+_GENERIC_LABEL = re.compile(r"LABEL_\d+")
+
+
+def _finite_or_none(value: float) -> float | None:
+    # constant predictions make correlations undefined: report null, not NaN (invalid JSON)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def compute_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Metrics of [N, num_labels] logits (or [N] / [N, 1] regression outputs) against gold labels."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if task_type == "regression":
+        import warnings
+
+        from scipy.stats import pearsonr, spearmanr
+
+        predictions = logits.reshape(len(labels))
+        with warnings.catch_warnings():  # constant input: the result is NaN, reported as null
+            warnings.simplefilter("ignore")
+            return {"pearson": _finite_or_none(pearsonr(predictions, labels)[0]),
+                    "spearman": _finite_or_none(spearmanr(predictions, labels)[0])}
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    predictions = logits.argmax(axis=-1)
+    num_labels = logits.shape[-1]
+    f1 = f1_score(labels, predictions, average="binary" if num_labels == 2 else "macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1),
+            "mcc": float(matthews_corrcoef(labels, predictions))}
+
+
+def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of a model over batches, dropout off, no gradients."""
+    model.eval()
+    logits, labels = [], []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in batches:
+            out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"])
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_on_task(model, tokenizer, task: TaskData, batch_size: int = 64) -> dict[str, float | None]:
+    logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size))
+    return compute_metrics(task.type, logits, labels)
+
+
+def check_model_fits_task(config, task: TaskData, where: str) -> None:
+    """The model must have a sequence-classification head with the task's labels in the task's order."""
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{where}: the model has no sequence-classification head (architectures: "
+                        f"{', '.join(architectures) or 'none'}); evaluate a finetuned teacher or a student from "
+                        f"the task_specific stage")
+    if config.num_labels != task.num_labels:
+        classes = f": {', '.join(task.label_names)}" if task.label_names else ""
+        raise UserError(f"{where}: the model has {config.num_labels} output(s), task {task.name!r} needs "
+                        f"{task.num_labels} ({task.type}{classes})")
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    if task.type == "classification" and not all(_GENERIC_LABEL.fullmatch(str(n)) for n in names) \
+            and names != task.label_names:
+        raise UserError(f"{where}: the model's labels {names} differ from the task's {task.label_names} "
+                        f"(same classes in the same id order are needed)")
+    if task.max_seq_len > config.max_position_embeddings:
+        raise ConfigError(f"task.max_seq_len ({task.max_seq_len}) exceeds the model's "
+                          f"max_position_embeddings ({config.max_position_embeddings})")
+
+
+def load_classifier(model_dir: str | os.PathLike, task: TaskData):
+    """(model, tokenizer) of an exported folder, checked against the task; never runs remote code."""
+    import transformers
+
+    from .tokenizer import check_vocab_matches, load_tokenizer
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    check_model_fits_task(config, task, str(folder))
+    tokenizer = load_tokenizer(str(folder), key="--model")
+    check_vocab_matches(tokenizer, config.vocab_size, str(folder))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
+    return model.eval(), tokenizer
+
+
+def evaluate_model(model_dir: str | os.PathLike, task_cfg: TaskConfig, batch_size: int = 64) -> dict:
+    """Dev-split metrics of an exported model, plus the number of dev examples."""
+    task = load_task(task_cfg)
+    model, tokenizer = load_classifier(model_dir, task)
+    return {**evaluate_on_task(model, tokenizer, task, batch_size), "examples": len(task.dev)}
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported Hugging Face folder with a classification head")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="a bundled task name (sentiment, pair, similarity)")
+    source.add_argument("--config", help="YAML recipe: its task section is evaluated")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output", help="also write the metrics to this JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides (task.*)")
+
+
+def task_from_args(args) -> TaskConfig:
+    if args.config is not None:
+        return load_recipe(args.config, args.overrides).task
+    values = apply_overrides({"task": {"name": args.task}}, args.overrides)
+    others = sorted(set(values) - {"task"})
+    if others:
+        raise ConfigError(f"with --task only task.* overrides apply, got {', '.join(others)}")
+    return _build(TaskConfig, values["task"], "task")
+
+
+def run(args) -> int:
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be > 0, got {args.batch_size}")
+    task_cfg = task_from_args(args)
+    metrics = {"model": str(args.model), "task": task_cfg.name or task_cfg.train_file,
+               **evaluate_model(args.model, task_cfg, args.batch_size)}
+    text = json.dumps(metrics, indent=1)
+    print(text, flush=True)
+    if args.output:
+        from .checkpoint import atomic_write_text
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.output), text + "\n")
+    return 0

@@ -1,0 +1,195 @@
+"""Finetune the pretrained teacher on the task: the teacher that stages 2-4 distil from.
+
+The pretrained encoder (teacher.path, or the inline teacher.config of tests, built exactly as
+stage 1 builds it) gets a fresh sequence-classification head (num_labels, id2label, problem_type)
+and is trained on the task's train split under DeepSpeed data parallelism on every rank of the
+process group (ZeRO stage from deepspeed.config), with the recipe's finetune settings. Rank 0
+writes a Hugging Face folder (config, model.safetensors, tokenizer) loadable with
+AutoModelForSequenceClassification, scores it on the dev split and renames it into place with a
+done marker inside: a finished output is reused by a re-run. The job is short, so it keeps no
+checkpoints: an interrupted run starts over.
+    deepspeed --num_gpus 2 --module ernie_tiny_ds.cli finetune-teacher --config R [--output DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import Recipe, load_recipe
+from .data.tasks import TaskData, build_task_loader, load_task
+from .errors import ConfigError, UserError
+
+DONE_FILE = "finetune_done.json"
+DEFAULT_DIR = "teacher_finetuned"
+
+
+def tokenizer_path(recipe: Recipe) -> str:
+    """The recipe's tokenizer, else the pretrained teacher's, else (inline test teachers) the bundled one."""
+    if recipe.data.tokenizer or recipe.teacher.path:
+        return recipe.data.tokenizer or recipe.teacher.path
+    from .assets import DEFAULT_TOKENIZER
+    return str(DEFAULT_TOKENIZER)
+
+
+def build_classifier(recipe: Recipe, task: TaskData):
+    """The pretrained teacher encoder under a fresh task head (same weights on every rank)."""
+    import transformers
+
+    from .models import base_model, load_teacher
+
+    if recipe.teacher.path is None and recipe.teacher.config is None:
+        raise ConfigError("teacher.path: finetuning needs the pretrained teacher (teacher.path or teacher.config)")
+    encoder = load_teacher(dataclasses.replace(recipe.teacher, finetuned_path=None), finetuned=False,
+                           seed=recipe.train.seed)
+    config = copy.deepcopy(encoder.config)
+    config.architectures = None
+    config.num_labels = task.num_labels
+    names = task.label_names or ["LABEL_0"]
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+    config.problem_type = "regression" if task.type == "regression" else "single_label_classification"
+    torch.manual_seed(recipe.finetune.seed)
+    # fp32 master weights whatever dtype the checkpoint was saved in; DeepSpeed casts for bf16/fp16 training
+    model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa",
+                                                                        dtype=torch.float32)
+    base_model(model).load_state_dict(encoder.state_dict(), strict=True)
+    return model
+
+
+def finetune_recipe(recipe: Recipe, total_steps: int) -> Recipe:
+    """The recipe with the finetune section in the places engine.py reads (batch, lr, warm-up, steps)."""
+    ft = recipe.finetune
+    if not 0 <= ft.warmup_ratio < 1:
+        raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
+    if ft.weight_decay < 0:
+        raise ConfigError(f"finetune.weight_decay must be >= 0, got {ft.weight_decay}")
+    return dataclasses.replace(
+        recipe,
+        train=dataclasses.replace(recipe.train, micro_batch_size=ft.micro_batch_size, grad_accum=1,
+                                  max_steps=total_steps),
+        optim=dataclasses.replace(recipe.optim, lr=ft.lr, weight_decay=ft.weight_decay,
+                                  warmup_ratio=ft.warmup_ratio))
+
+
+def _reusable(output: Path, task: TaskData) -> bool:
+    marker = output / DONE_FILE
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("type") != task.type or done.get("labels") != task.label_names:
+        raise ConfigError(f"{output} holds a teacher finetuned for another task ({done.get('type')}, labels "
+                          f"{done.get('labels')}); remove it or pick another --output")
+    return True
+
+
+def full_state_dict(engine, zero: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """fp32 CPU weights of the trained model on rank 0 (collective: ZeRO-3 parameters are gathered)."""
+    import deepspeed
+
+    gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if zero == 3 \
+        else contextlib.nullcontext()
+    with gather:
+        if rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output: Path, summary: dict) -> dict:
+    """Rank 0: write, score and rename the Hugging Face folder; returns the dev metrics ({} without dev)."""
+    import transformers
+
+    from .evaluate import evaluate_on_task
+
+    model = transformers.AutoModelForSequenceClassification.from_config(model_config, dtype=torch.float32)
+    model.load_state_dict(state, strict=True)
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp)  # score what was written
+    metrics = evaluate_on_task(saved, tokenizer, task) if task.dev else {}
+    from .checkpoint import atomic_write_text
+    atomic_write_text(tmp / DONE_FILE, json.dumps({**summary, "dev_metrics": metrics}, indent=1))
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(tmp, output)
+    return metrics
+
+
+def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None) -> Path:
+    """Collective: every rank calls it; returns the finetuned teacher folder."""
+    from .engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
+    from .losses import hard_label_loss
+    from .tokenizer import check_vocab_matches, load_tokenizer
+    from .train import all_ranks_finite, global_mean
+
+    output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
+    task = load_task(recipe.task)
+    if _reusable(output, task):  # a file check every rank makes alike: no process group needed
+        if os.environ.get("RANK", "0") == "0":
+            print(f"finetuned teacher already in {output} ({DONE_FILE}); reusing it", flush=True)
+        return output
+    rank, world = init_distributed(recipe.train.dist_timeout_s)
+
+    ft = recipe.finetune
+    tokenizer = load_tokenizer(tokenizer_path(recipe))
+    model = build_classifier(recipe, task)
+    check_vocab_matches(tokenizer, model.config.vocab_size, tokenizer_path(recipe))
+    loader = build_task_loader(recipe.task, tokenizer, ft.micro_batch_size, rank, world, ft.seed, with_labels=True)
+    total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
+    r = finetune_recipe(recipe, total)
+    ds_config = build_ds_config(r, world)
+    engine = build_student_engine(model, r, ds_config)
+    torch.manual_seed(ft.seed + rank)  # dropout differs by rank, reproducibly
+    if rank == 0:
+        print(f"finetuning the teacher on {task.name} ({task.type}, {task.num_labels} output(s)): "
+              f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
+              f"ZeRO-{zero_stage(ds_config)}", flush=True)
+
+    dev, batches, loss = device(), iter(loader), float("nan")
+    log_every = max(1, total // 10)
+    engine.train()
+    for step in range(1, total + 1):
+        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        labels = batch.pop("labels")
+        # the loss in fp32 whatever the training precision (cross-entropy, or MSE for one output)
+        step_loss = hard_label_loss(engine(**batch).logits, labels)
+        if not all_ranks_finite(step_loss.detach(), world):
+            raise UserError(f"finetune: non-finite loss at step {step}; lower finetune.lr or check the task data")
+        engine.backward(step_loss)
+        engine.step()
+        loss = global_mean({"loss": step_loss.detach()}, world)["loss"]
+        if rank == 0 and (step % log_every == 0 or step == total):
+            print(f"finetune step {step}/{total} loss {loss:.4f}", flush=True)
+
+    state = full_state_dict(engine, zero_stage(ds_config), rank)
+    if rank == 0:
+        summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
+                   "epochs": ft.epochs, "final_loss": loss, "world_size": world}
+        metrics = save_finetuned(model.config, state, tokenizer, task, output, summary)
+        print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}", flush=True)
+    if world > 1:
+        dist.barrier()
+    engine.destroy()
+    return output
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe (teacher, task and finetune sections)")
+    parser.add_argument("--output", help=f"output folder (default: OUTPUT_DIR/{DEFAULT_DIR})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+
+
+def run(args) -> int:
+    finetune_teacher(load_recipe(args.config, args.overrides), args.output)
+    return 0

@@ -1,0 +1,122 @@
+"""`ernie-tiny-ds pipeline`: teacher finetuning, then stages 1-4, each starting from the student the
+previous stage wrote, then the report.
+
+    OUT/teacher_finetuned/   stage 0 (only when the recipe gives no finetuned teacher)
+    OUT/<stage>/             checkpoints, metrics.jsonl, stage_done.json, student/ (the export)
+    OUT/report.md|json|*.png after the task-specific stage
+
+A re-run of the same command skips finished stages (their stage_done.json) and resumes the
+interrupted one from its newest checkpoint. A STOP file in OUT or SIGUSR1 ends the run cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .config import STAGES, Recipe, load_recipe
+from .errors import ConfigError
+from .stages import STAGE_SPECS
+from .train import DONE_FILE, run_stage
+
+FINETUNE = "finetune"
+PIPELINE_DONE = "pipeline_done.json"
+
+
+def parse_stage(value: str) -> int:
+    """A stage by name or number: 0 = teacher finetuning, 1-4 = the distillation stages."""
+    names = [FINETUNE, *STAGES]
+    if value.isdigit() and 0 <= int(value) < len(names):
+        return int(value)
+    if value in names:
+        return names.index(value)
+    raise argparse.ArgumentTypeError(f"unknown stage {value!r}: use 0-4 or one of {', '.join(names)}")
+
+
+def stage_done(out: Path, stage: str) -> dict | None:
+    path = out / stage / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def with_paths(recipe: Recipe, student_path: str | None, finetuned: str | None) -> Recipe:
+    return dataclasses.replace(recipe, student=dataclasses.replace(recipe.student, path=student_path),
+                               teacher=dataclasses.replace(recipe.teacher, finetuned_path=finetuned))
+
+
+def initial_student(recipe: Recipe, out: Path, first: int) -> str | None:
+    """Stage `first` starts from the previous stage's export when there is one, else the recipe's student."""
+    if first > 1:
+        previous = STAGES[first - 2]
+        if (out / previous / "student" / "config.json").is_file():
+            return str(out / previous / "student")
+        if recipe.student.path is None:
+            raise ConfigError(f"--from-stage {STAGES[first - 1]}: there is no {out / previous / 'student'}; "
+                              "set student.path to the student this stage should start from")
+    return recipe.student.path
+
+
+def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allowed: bool) -> str | None:
+    if recipe.teacher.finetuned_path or not any(STAGE_SPECS[s].finetuned_teacher for s in stages):
+        return recipe.teacher.finetuned_path
+    if not allowed:
+        raise ConfigError("teacher.finetuned_path: these stages need a finetuned teacher; set it, or include "
+                          "stage 0 (finetune) in the range")
+    from .finetune import finetune_teacher
+    return str(finetune_teacher(recipe, out / "teacher_finetuned"))
+
+
+def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
+    """Runs stages first..last (0 = finetuning); True when the range finished, False when stopped."""
+    from .engine import init_distributed
+
+    if first > last:
+        raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
+    rank, world = init_distributed(recipe.train.dist_timeout_s)
+    out = Path(recipe.output_dir)
+    stages = list(STAGES[max(first, 1) - 1:last])
+    finetuned = ensure_finetuned_teacher(recipe, out, stages, allowed=first == 0)
+    student = initial_student(recipe, out, max(first, 1))
+    results = []
+    for stage in stages:
+        done = stage_done(out, stage)
+        if done is not None:
+            if rank == 0:
+                print(f"pipeline: {stage} already done ({done['steps']} steps, final loss "
+                      f"{done['final_loss']:.6g}); skipping", flush=True)
+        else:
+            if rank == 0:
+                print(f"pipeline: {STAGE_SPECS[stage].title} ({stage}) starting from "
+                      f"{student or 'a fresh student'}", flush=True)
+            result = run_stage(with_paths(recipe, student, finetuned), stage)
+            if not result.complete:
+                if rank == 0:
+                    print(f"pipeline: stopped during {stage}; run the same command to resume", flush=True)
+                return False
+        results.append(stage)
+        student = str(out / stage / "student")
+    if last == 4 and rank == 0:
+        from .report import build_report
+        build_report(with_paths(recipe, student, finetuned), out)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        from .checkpoint import atomic_write_text
+        atomic_write_text(out / PIPELINE_DONE, json.dumps({"range": [first, last], "stages": results, "student": student}))
+        print(f"pipeline: done ({', '.join(results) or 'nothing to run'}); student in {student}", flush=True)
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe (or a bundled one: demo, ernie_tiny_en)")
+    parser.add_argument("--from-stage", type=parse_stage, default=0, metavar="STAGE",
+                        help="first stage: 0/finetune, 1/general, 2/general_enhanced, 3/task_adaptive, 4/task_specific")
+    parser.add_argument("--to-stage", type=parse_stage, default=4, metavar="STAGE", help="last stage (default 4)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+
+
+def run(args) -> int:
+    run_pipeline(load_recipe(args.config, args.overrides), args.from_stage, args.to_stage)
+    return 0

@@ -1,0 +1,129 @@
+"""OUT/report.md, OUT/report.json and loss plots: what the student kept of the teacher, and how much
+faster it runs, measured side by side on this machine."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .config import STAGES, Recipe
+from .stages import STAGE_SPECS
+from .train import DONE_FILE
+
+
+def read_curve(stage_dir: Path) -> list[dict]:
+    path = stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curve(curve: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    names = [k for k in curve[0] if k not in ("step", "lr", "tokens_per_s", "skipped_nonfinite")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [row["step"] for row in curve]
+    for name in names:
+        ax.plot(steps, [row.get(name) for row in curve], label=name, linewidth=2 if name == "loss" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def stage_section(out: Path) -> list[dict]:
+    stages = []
+    for name in STAGES:
+        done_file = out / name / DONE_FILE
+        if not done_file.is_file():
+            continue
+        done = json.loads(done_file.read_text())
+        curve = read_curve(out / name)
+        entry = {"name": name, "title": STAGE_SPECS[name].title, "steps": done["steps"],
+                 "final_loss": done["final_loss"], "teacher": done.get("teacher"),
+                 "student_init": done.get("student_init"), "loss_terms": done.get("loss_terms", []),
+                 "first_loss": curve[0]["loss"] if curve else None}
+        if curve:
+            entry["plot"] = f"loss_{name}.png"
+            plot_curve(curve, STAGE_SPECS[name].title, out / entry["plot"])
+        stages.append(entry)
+    return stages
+
+
+def build_report(recipe: Recipe, out: Path) -> dict:
+    """Evaluate the finetuned teacher and the final student on the task's dev split, time both, write the report."""
+    from .data.tasks import load_task
+
+    task = load_task(recipe.task)
+    seq_len = recipe.task.max_seq_len
+    from .evaluate import evaluate_model
+    from .speed import compare_inference
+
+    models = {"teacher": recipe.teacher.finetuned_path, "student": recipe.student.path}
+    speed = compare_inference(models["teacher"], models["student"], seq_len=seq_len)  # same threads, one process
+    teacher, student = ({"path": str(path), "metrics": evaluate_model(path, recipe.task), **speed[who]}
+                        for who, path in models.items())
+    main = task.main_metric
+    teacher_score, student_score = teacher["metrics"][main], student["metrics"][main]
+    report = {
+        "task": recipe.task.name or recipe.task.train_file,
+        "main_metric": main,
+        "stages": stage_section(out),
+        "teacher": teacher,
+        "student": student,
+        "retained": student_score / teacher_score if teacher_score else None,
+        "speedup": teacher["latency_ms_batch1"] / student["latency_ms_batch1"],
+        "throughput_ratio": student["throughput_batch32"] / teacher["throughput_batch32"],
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": __import__("torch").get_num_threads(), "seq_len": seq_len},
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_markdown(report))
+    print(f"report: student keeps {report['retained']:.1%} of the teacher's {main} "
+          f"({student_score:.4g} vs {teacher_score:.4g}), {report['speedup']:.2f}x faster at batch 1; "
+          f"{out / 'report.md'}", flush=True)
+    return report
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(r: dict) -> str:
+    t, s = r["teacher"], r["student"]
+    lines = ["# ernie-tiny-ds report", "",
+             f"Task **{r['task']}**, main metric **{r['main_metric']}**: the student keeps "
+             f"**{r['retained']:.1%}** of the teacher's score and runs **{r['speedup']:.2f}×** faster "
+             f"at batch 1 ({r['throughput_ratio']:.2f}× the throughput at batch 32).", "",
+             "## Stages", "", "| stage | steps | first loss | final loss | teacher | started from | loss terms |",
+             "|---|---|---|---|---|---|---|"]
+    for st in r["stages"]:
+        lines.append(f"| {st['title']} | {st['steps']} | {_fmt(st['first_loss'])} | {_fmt(st['final_loss'])} | "
+                     f"{st['teacher']} | {st['student_init']} | {', '.join(st['loss_terms'])} |")
+    lines += ["", "### Loss curves", ""]
+    lines += [f"![{st['title']}]({st['plot']})" for st in r["stages"] if "plot" in st]
+    metric_names = list(t["metrics"])
+    lines += ["", "## Quality (dev split)", "", "| model | " + " | ".join(metric_names) + " |",
+              "|---|" + "---|" * len(metric_names)]
+    for who, m in (("teacher", t), ("student", s)):
+        lines.append(f"| {who} | " + " | ".join(_fmt(m["metrics"][k]) for k in metric_names) + " |")
+    lines += ["", "## Size and speed", "",
+              "| model | parameters | latency, batch 1 (ms) | throughput, batch 32 (seq/s) |", "|---|---|---|---|",
+              f"| teacher | {t['params']:,} | {t['latency_ms_batch1']:.2f} | {t['throughput_batch32']:.1f} |",
+              f"| student | {s['params']:,} | {s['latency_ms_batch1']:.2f} | {s['throughput_batch32']:.1f} |",
+              "", f"Size ratio {t['params'] / s['params']:.2f}×, speed-up {r['speedup']:.2f}× (batch 1), "
+              f"sequence length {r['machine']['seq_len']}, measured one after the other in one process on "
+              f"{r['machine']['processor']} ({r['machine']['platform']}), {r['machine']['torch_threads']} torch "
+              "threads.", ""]
+    return "\n".join(lines)

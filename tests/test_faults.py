@@ -1,0 +1,115 @@
+"""Faults on real processes: a dead rank, a damaged checkpoint, a diverging loss, bad input."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from distributed import REPO, deepspeed_cmd, env, read_metrics, run_cli, run_ranks, tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def test_a_dead_rank_ends_the_job_quickly_and_names_it(tmp_path, tokenizer_dir, vocab_size):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 100000, "save_every": 100000,
+                                                                      "dist_timeout_s": 30})
+    log = open(tmp_path / "log.txt", "w+")
+    proc = subprocess.Popen(deepspeed_cmd(["distill", "--config", str(recipe), "--stage", "general"]), env=env(),
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        metrics = tmp_path / "out/general/metrics.jsonl"
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None, open(tmp_path / "log.txt").read()[-4000:]
+            time.sleep(0.5)
+        pids = dict(re.findall(r"\[rank (\d)\] pid (\d+)", open(tmp_path / "log.txt").read()))
+        assert set(pids) == {"0", "1"}, open(tmp_path / "log.txt").read()[-4000:]
+        os.kill(int(pids["1"]), signal.SIGKILL)
+        killed_at = time.time()
+        code = proc.wait(timeout=90)
+        assert time.time() - killed_at < 60
+        assert code != 0
+        out = open(tmp_path / "log.txt").read()
+        assert re.search(r"--local_rank=1.*exits with return code = -9", out), out[-3000:]
+        time.sleep(1)
+        assert _descendants(proc.pid) == []
+        survivors = [p for p in pids.values() if os.path.exists(f"/proc/{p}")]
+        assert survivors == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, tokenizer_dir, vocab_size):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 6, "save_every": 2,
+                                                                      "keep_checkpoints": 3})
+    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.stop_at_step=4"])
+    ckpts = tmp_path / "out/general/checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    victim = next((ckpts / "step_00000004").glob("zero_pp_rank_0_*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated, as by a crash
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"])
+    assert "step_00000004 is damaged" in proc.stdout and "does not match" not in proc.stderr
+    assert "resumed general from" in proc.stdout and "at step 2" in proc.stdout
+    steps = [m["step"] for m in read_metrics(tmp_path / "out/general/metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_diverging_loss_is_skipped_then_stops_naming_term_and_step(tmp_path, tokenizer_dir, vocab_size):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 50, "max_nonfinite_steps": 2},
+                         optim={"lr": 1e30, "grad_clip": 0.0})
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert re.search(r"non-finite loss \((attention|embedding|hidden)[^)]*\) at step \d+: micro-batch skipped", out), out[-3000:]
+    assert re.search(r"error: 2 consecutive non-finite losses \(term: [a-z_, ]+\) at step \d+ of general", out)
+    assert "Traceback" not in out
+
+
+def _bad_recipe(tmp_path, tokenizer_dir, vocab_size, change):
+    path = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
+    values = yaml.safe_load(path.read_text())
+    change(values)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+BAD_INPUTS = {
+    "unknown key": (lambda v: v["train"].update(max_step=3), r"unknown key 'train.max_step'; did you mean 'train.max_steps'"),
+    "wrong type": (lambda v: v["train"].update(micro_batch_size="four"), r"train.micro_batch_size: expected an integer"),
+    "negative": (lambda v: v["optim"].update(lr=-1.0), r"optim.lr must be > 0"),
+    "missing teacher": (lambda v: v.update(teacher={"path": "/no/such/teacher"}), r"teacher.path: folder not found: /no/such/teacher"),
+    "vocab mismatch": (lambda v: v["teacher"]["config"].update(vocab_size=100), r"tokenizer .* has \d+ tokens but the teacher's vocabulary has 100"),
+    "heads mismatch": (lambda v: v["student"].update(num_attention_heads=2), r"student.num_attention_heads \(2\) differs .* set losses.relation_heads"),
+    "empty glob": (lambda v: v["data"].update(corpus="/no/such/*.txt"), r"/no/such/\*.txt.* matches no file"),
+    "bad layer map": (lambda v: v.update(losses={"layer_map": [1, 9]}), r"losses.layer_map: .*outside the teacher's layers 1..4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, tokenizer_dir, vocab_size, case):
+    change, message = BAD_INPUTS[case]
+    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, change)
+    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out/general/stage_done.json").exists()
