@@ -100,6 +100,8 @@ BAD_INPUTS = {
     "heads mismatch": (lambda v: v["student"].update(num_attention_heads=2), r"student.num_attention_heads \(2\) differs .* set losses.relation_heads"),
     "empty glob": (lambda v: v["data"].update(corpus="/no/such/*.txt"), r"/no/such/\*.txt.* matches no file"),
     "bad layer map": (lambda v: v.update(losses={"layer_map": [1, 9]}), r"losses.layer_map: .*outside the teacher's layers 1..4"),
+    "contradictory teacher": (lambda v: v["teacher"].update(path="/tmp"), r"teacher.*not both"),
+    "relation heads": (lambda v: v.update(losses={"relation_heads": 5}), r"losses.relation_heads \(5\) must divide"),
 }
 
 
@@ -113,3 +115,16 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, tokenizer_dir, vo
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out/general/stage_done.json").exists()
+
+
+def test_a_malformed_task_row_names_file_and_line(tmp_path, tokenizer_dir, vocab_size):
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\na fine day\tpos\nthis row\thas\tthree fields\n")
+    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v.update(
+        task={"train_file": str(train), "text_columns": ["sentence"]}))
+    proc = run_cli(["finetune-teacher", "--config", str(recipe)])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{train}:3" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "teacher_finetuned").exists()

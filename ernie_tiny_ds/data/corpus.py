@@ -1,116 +1,118 @@
-"""Plain streaming reader of a general corpus: text files, one document per line.
+"""The general-corpus loader (stages 1-2): streaming from text sources, or from pre-tokenized shards.
 
 The loader contract (what the training loop relies on):
   * iterating yields endless batches {input_ids, attention_mask, token_type_ids} of [B, L] int64,
-    epoch after epoch;
-  * each rank sees a disjoint share of the documents;
+    epoch after epoch, padding only at the end;
+  * each rank (and each dataloader worker) reads a disjoint share of the documents;
   * state_dict() / load_state_dict() restore the exact position, so a restarted run continues
-    with the batch it would have seen next.
+    with the batch it would have seen next. The state is plain python (ints, str, lists, dicts).
+
+With data.num_workers = W > 0 the rank's share is split again over W torch DataLoader workers, each
+a SequenceStream that yields whole batches. The DataLoader asks its workers in a fixed round-robin
+order, and each batch carries its worker's state, so the main process always knows every worker's
+position. On resume the workers are rotated so that the worker whose turn came next goes first.
 """
 from __future__ import annotations
 
-import glob
-import os
 from typing import Iterator
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError
+from ..errors import DataError, UserError
+from .sharding import Consumer
+from .sources import ReadStats, corpus_sources
+from .stream import SequenceStream
 
-
-def resolve_files(pattern: str) -> list[str]:
-    """A file, a folder (every file in it) or a glob, sorted for a deterministic order."""
-    if os.path.isdir(pattern):
-        files = [os.path.join(pattern, f) for f in os.listdir(pattern)]
-        files = [f for f in files if os.path.isfile(f) and not os.path.basename(f).startswith(".")]
-    elif os.path.isfile(pattern):
-        files = [pattern]
-    else:
-        files = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
-    if not files:
-        raise DataError(f"data.corpus: {pattern!r} matches no file")
-    return sorted(files)
+STATE_VERSION = 1
 
 
-class PlainTextCorpusLoader:
-    def __init__(self, files: list[str], tokenizer, max_seq_len: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1):
-        self.files = files
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self._epoch = 0
-        self._batches_in_epoch = 0  # batches already handed out in the current epoch
+class _WorkerBatches(IterableDataset):
+    """Runs inside a DataLoader worker: the endless batches of one SequenceStream, state attached."""
 
-    def _documents(self) -> Iterator[str]:
-        index = 0
-        for path in self.files:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    text = line.strip()
-                    if not text:
-                        continue
-                    if index % self.world_size == self.rank:
-                        yield text
-                    index += 1
+    def __init__(self, loader: "StreamingCorpusLoader", states: list, rotation: int):
+        self.loader, self.states, self.rotation = loader, states, rotation
 
-    def _sequences(self) -> Iterator[list[int]]:
-        room = self.max_seq_len - 2
-        for text in self._documents():
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            for start in range(0, len(ids), room):
-                yield [self.tokenizer.cls_token_id, *ids[start:start + room], self.tokenizer.sep_token_id]
+    def __iter__(self):
+        info = get_worker_info()
+        worker = (info.id + self.rotation) % info.num_workers
+        stream = self.loader._stream(worker)
+        if self.states[worker] is not None:
+            stream.load_state_dict(self.states[worker])
+        while True:
+            try:
+                batch = stream.next_batch(self.loader.batch_size)
+            except UserError as exc:  # hand it to the main process as one clean line
+                yield {"_error": str(exc), "_worker": worker}
+                return
+            batch["_worker"] = worker
+            batch["_state"] = stream.state_dict()
+            yield batch
 
-    def _collate(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-        input_ids = torch.full((len(sequences), self.max_seq_len), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, seq in enumerate(sequences):
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            attention_mask[row, :len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "token_type_ids": torch.zeros_like(input_ids)}
 
-    def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        pending: list[list[int]] = []
-        for seq in self._sequences():
-            pending.append(seq)
-            if len(pending) == self.batch_size:
-                yield self._collate(pending)
-                pending = []
+class StreamingCorpusLoader:
+    def __init__(self, data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
+        self.cfg, self.tokenizer, self.batch_size = data_cfg, tokenizer, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers = data_cfg.num_workers
+        self.stats = ReadStats()
+        self.sources = corpus_sources(data_cfg, self.stats)
+        workers = max(1, self.num_workers)
+        self._states: list = [None] * workers   # per worker: SequenceStream state, None = start
+        self._next_worker = 0
+        self._inline = self._stream(0) if self.num_workers == 0 else None
+
+    def _stream(self, worker: int) -> SequenceStream:
+        consumer = Consumer(self.rank, self.world_size, worker, max(1, self.num_workers))
+        return SequenceStream(self.sources, self.cfg, self.tokenizer, consumer, self.seed, self.stats)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            produced = 0
-            for batch in self._epoch_batches():
-                produced += 1
-                if produced <= self._batches_in_epoch:
-                    continue  # replaying up to the saved position
-                self._batches_in_epoch = produced
-                yield batch
-            if produced == 0:
-                raise DataError(f"data.corpus: rank {self.rank} got no full batch of {self.batch_size} sequences "
-                                f"from {len(self.files)} file(s); use more text or a smaller batch")
-            self._epoch += 1
-            self._batches_in_epoch = 0
+        if self._inline is not None:
+            while True:
+                yield self._inline.next_batch(self.batch_size)
+        dataset = _WorkerBatches(self, list(self._states), self._next_worker)
+        for batch in DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2):
+            worker = batch.pop("_worker")
+            if "_error" in batch:
+                raise DataError(batch["_error"])
+            self._states[worker] = batch.pop("_state")
+            self._next_worker = (worker + 1) % self.num_workers
+            yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_in_epoch": self._batches_in_epoch,
-                "rank": self.rank, "world_size": self.world_size}
+        streams = [self._inline.state_dict()] if self._inline is not None else list(self._states)
+        return {"version": STATE_VERSION, "source": "streaming", "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "seed": self.seed, "next_worker": self._next_worker,
+                "streams": streams}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("world_size") != self.world_size:
-            raise DataError(f"the checkpoint's data position was saved with {state.get('world_size')} ranks, "
-                            f"this run has {self.world_size}")
-        self._epoch = int(state["epoch"])
-        self._batches_in_epoch = int(state["batches_in_epoch"])
+        check_state(state, "streaming", self.world_size, self.seed, rank=self.rank, num_workers=self.num_workers)
+        if self._inline is not None:
+            self._inline.load_state_dict(state["streams"][0])
+        else:
+            self._states = list(state["streams"])
+            self._next_worker = int(state["next_worker"])
+
+
+def check_state(state: dict, source: str, world_size: int, seed: int, **same) -> None:
+    """A saved position only fits a loader reading the same way; say which setting differs."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise DataError("the checkpoint's data position is from another loader version; it cannot be resumed")
+    if state.get("source") != source:
+        raise DataError(f"the checkpoint's data position is for data.source={state.get('source')}, "
+                        f"this run has data.source={source}")
+    expected = {"world_size": world_size, "seed": seed, **same}
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise DataError(f"the checkpoint's data position was saved with {key}={state.get(key)}, "
+                            f"this run has {key}={value}; resume with the same setting")
 
 
 def build_general_loader(data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
     """The general-corpus loader named by the recipe's data section."""
-    pattern = data_cfg.corpus
-    if pattern is None:
-        from ..assets import DEFAULT_CORPUS_GLOB
-        pattern = DEFAULT_CORPUS_GLOB
-    return PlainTextCorpusLoader(resolve_files(pattern), tokenizer, data_cfg.max_seq_len, batch_size, rank, world_size)
+    if data_cfg.source == "shards":
+        from .indexed import ShardLoader
+        if data_cfg.corpus is None:
+            raise DataError("data.corpus: data.source=shards needs the folder written by `ernie-tiny-ds preprocess`")
+        return ShardLoader(data_cfg.corpus, tokenizer, batch_size, rank, world_size, seed, data_cfg.max_seq_len)
+    return StreamingCorpusLoader(data_cfg, tokenizer, batch_size, rank, world_size, seed)
