@@ -16,6 +16,11 @@ import torch.nn.functional as F
 ATTENTION_KINDS = ("kl", "mse")
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 math for 16-bit inputs; float64 inputs stay float64 (tests compare against them)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # --------------------------------------------------------------------------- layer mapping
 def layer_map(teacher_layers: int, student_layers: int, spec: str | Sequence[int] = "uniform") -> list[int]:
     """Teacher layer (1-based) that each student layer 1..S learns from.
@@ -54,8 +59,8 @@ def hidden_mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
 
     Mean over non-padded tokens and the hidden dimension; without a mask, over all tokens.
     """
-    s = student_hidden.float()
-    t = teacher_hidden.float()
+    s = _at_least_fp32(student_hidden)
+    t = _at_least_fp32(teacher_hidden)
     sq = (s - t).pow(2).mean(dim=-1)  # [B, L]
     if attention_mask is None:
         return sq.mean()
@@ -74,8 +79,8 @@ def split_relation_heads(x: torch.Tensor, relation_heads: int) -> torch.Tensor:
 
 
 def _scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    q = q.float()
-    k = k.float()
+    q = _at_least_fp32(q)
+    k = _at_least_fp32(k)
     return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
 
 
@@ -92,6 +97,23 @@ def _check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads):
             f"student has {q_s.shape[1]} heads and teacher {q_t.shape[1]}: set relation_heads to transfer attention")
     if attention_mask.shape != (q_s.shape[0], q_s.shape[2]):
         raise ValueError(f"attention_mask must be [B, L] = {(q_s.shape[0], q_s.shape[2])}, got {tuple(attention_mask.shape)}")
+
+
+def _attention_chunk_sum(q_s, k_s, q_t, k_t, row_mask, key_mask, kind: str) -> torch.Tensor:
+    """Sum of the per-(query, key) loss over the query rows given (a chunk, or all of them)."""
+    s_s = _scaled_scores(q_s, k_s)
+    s_t = _scaled_scores(q_t, k_t)
+    key_valid = key_mask[:, None, None, :]  # [B, 1, 1, L]
+    row_valid = row_mask[:, None, :, None]  # [B, 1, C, 1]
+    if kind == "kl":
+        neg = torch.finfo(torch.float32).min
+        logp_s = torch.log_softmax(s_s.masked_fill(~key_valid, neg), dim=-1)
+        logp_t = torch.log_softmax(s_t.masked_fill(~key_valid, neg), dim=-1)
+        p_t = logp_t.exp()
+        per_pair = torch.where(key_valid & row_valid, p_t * (logp_t - logp_s), torch.zeros_like(p_t))
+    else:
+        per_pair = torch.where(key_valid & row_valid, (s_s - s_t).pow(2), torch.zeros_like(s_s))
+    return per_pair.sum()
 
 
 def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
@@ -111,23 +133,19 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
         q_s, k_s, q_t, k_t = (split_relation_heads(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
     mask = attention_mask.bool()
     heads, length = q_s.shape[1], q_s.shape[2]
-    chunk = length if not query_chunk else max(1, int(query_chunk))
-    total = q_s.new_zeros((), dtype=torch.float32)
-    key_valid = mask[:, None, None, :]  # [B, 1, 1, L]
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        s_s = _scaled_scores(q_s[:, :, start:stop], k_s)
-        s_t = _scaled_scores(q_t[:, :, start:stop], k_t)
-        row_valid = mask[:, None, start:stop, None]  # [B, 1, C, 1]
-        if kind == "kl":
-            neg = torch.finfo(torch.float32).min
-            logp_s = torch.log_softmax(s_s.masked_fill(~key_valid, neg), dim=-1)
-            logp_t = torch.log_softmax(s_t.masked_fill(~key_valid, neg), dim=-1)
-            p_t = logp_t.exp()
-            per_pair = torch.where(key_valid & row_valid, p_t * (logp_t - logp_s), torch.zeros_like(p_t))
-        else:
-            per_pair = torch.where(key_valid & row_valid, (s_s - s_t).pow(2), torch.zeros_like(s_s))
-        total = total + per_pair.sum()
+    if not query_chunk or query_chunk >= length:
+        total = _attention_chunk_sum(q_s, k_s, q_t, k_t, mask, mask, kind)
+    else:
+        # Each chunk's [B, H, C, L] maps are recomputed in backward instead of kept: peak memory
+        # O(B*H*L*chunk) in training too, not O(B*H*L^2) summed over the chunks.
+        from torch.utils.checkpoint import checkpoint
+
+        chunk = max(1, int(query_chunk))
+        total = q_s.new_zeros((), dtype=torch.promote_types(q_s.dtype, torch.float32))
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            total = total + checkpoint(_attention_chunk_sum, q_s[:, :, start:stop], k_s, q_t[:, :, start:stop], k_t,
+                                       mask[:, start:stop], mask, kind, use_reentrant=False)
     valid_rows = mask.sum().to(torch.float32)
     if kind == "kl":
         denom = valid_rows * heads
@@ -144,8 +162,8 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
-    s = student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature
-    t = teacher_logits.float().reshape(-1, teacher_logits.shape[-1]) / temperature
+    s = _at_least_fp32(student_logits).reshape(-1, student_logits.shape[-1]) / temperature
+    t = _at_least_fp32(teacher_logits).reshape(-1, teacher_logits.shape[-1]) / temperature
     logp_s = torch.log_softmax(s, dim=-1)
     logp_t = torch.log_softmax(t, dim=-1)
     kl = (logp_t.exp() * (logp_t - logp_s)).sum(dim=-1)
@@ -155,5 +173,5 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with gold labels; MSE when the head has one output (regression)."""
     if student_logits.shape[-1] == 1:
-        return F.mse_loss(student_logits.float().squeeze(-1), labels.float())
-    return F.cross_entropy(student_logits.float(), labels.long())
+        return F.mse_loss(_at_least_fp32(student_logits).squeeze(-1), labels.float())
+    return F.cross_entropy(_at_least_fp32(student_logits), labels.long())

@@ -16,13 +16,20 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 stamp="$VENV/.ernie-tiny-ds-installed"
-want="$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml"; echo "$TORCH_SPEC ${EXTRAS:-}")"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+want="$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml"; echo "$TORCH_SPEC")"
+# the extras installed so far (one per line): asking for a subset of them installs nothing
+have_extras="$(cat "$VENV/.ernie-tiny-ds-extras" 2>/dev/null || true)"
+missing=""
+for extra in ${EXTRAS//,/ }; do grep -qx "$extra" <<<"$have_extras" || missing="$missing $extra"; done
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ -n "$missing" ]; then
+  [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && have_extras=""
+  all_extras="$(printf '%s\n' $have_extras ${EXTRAS//,/ } | sort -u | paste -sd, -)"
   python -m pip install -q --upgrade pip
   # torch in the same command as deepspeed, else deepspeed's own requirement pulls a CUDA build
-  spec="$REPO"; [ -n "${EXTRAS:-}" ] && spec="$REPO[$EXTRAS]"
+  spec="$REPO"; [ -n "$all_extras" ] && spec="$REPO[$all_extras]"
   python -m pip install -q "$TORCH_SPEC" -e "$spec"
   printf '%s' "$want" > "$stamp"
+  tr ',' '\n' <<<"$all_extras" > "$VENV/.ernie-tiny-ds-extras"
 fi
 # DeepSpeed JIT-compiles two C++ ops on first use; cache them with this venv
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"

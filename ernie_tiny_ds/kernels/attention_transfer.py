@@ -1,0 +1,382 @@
+"""Fused attention-transfer loss (KL or MSE of teacher vs student attention scores) in Triton.
+
+Reference: ``ernie_tiny_ds.losses.attention_transfer_loss``. Per (batch, head, query row) the
+forward walks the keys block by block and keeps only running statistics in registers:
+
+  kind "kl":  running max + sum of exp for both models (online log-sum-exp) and the running
+              sum of exp(s_t - m_t) * (s_t - s_s). With lse = m + log(l) the row loss is
+              sum_j p_t,j (s_t,j - s_s,j) + lse_s - lse_t  (= KL(p_t || p_s) of the row).
+  kind "mse": running sum of (s_s - s_t)^2 over valid keys.
+
+No L x L tile ever leaves registers. The forward saves the two per-row LSEs; the backward
+recomputes score tiles FlashAttention-style in two kernels (one owns query blocks -> dQ_s,
+one owns key blocks -> dK_s), so there are no atomics and the result is deterministic.
+The teacher gets no gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .. import losses as _ref
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# read when the kernels below are decorated: that moment decides interpreted vs compiled
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_rows(ptr, offs_l, offs_d, stride_l, stride_d, L, D):
+    """A [rows, BLOCK_D] tile; rows past L and columns past D (power-of-2 padding) read 0."""
+    return tl.load(ptr + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d,
+                   mask=(offs_l[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32. UPCAST: the Triton CPU interpreter multiplies bf16 operands as
+    raw uint16 bits (3.9), so there they go to fp32 first; bf16 products are exact in fp32,
+    so the result equals the GPU's bf16 MMA with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _scores(q, k, scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled dot products q k^T / sqrt(d) of one tile, accumulated in fp32."""
+    return _dot(q, tl.trans(k), PREC, UPCAST) * scale
+
+
+@triton.jit
+def _load_lse(LSE_S, LSE_T, offs, in_range, BLOCK_M: tl.constexpr, IS_KL: tl.constexpr):
+    """Per-row LSEs saved by the forward; "mse" saves none (its buffers are 1-element dummies)."""
+    if IS_KL:
+        lse_s = tl.load(LSE_S + offs, mask=in_range, other=0.0)
+        lse_t = tl.load(LSE_T + offs, mask=in_range, other=0.0)
+    else:
+        lse_s = tl.zeros([BLOCK_M], tl.float32)
+        lse_t = tl.zeros([BLOCK_M], tl.float32)
+    return lse_s, lse_t
+
+
+@triton.jit
+def _grad_student_scores(s_s, s_t, lse_s, lse_t, d_row, pair_valid, IS_KL: tl.constexpr):
+    """d(row loss)/d(student score) of a tile, times the incoming per-row gradient.
+    lse_s, lse_t, d_row come broadcastable to the tile: [M, 1] for a query-major tile, [1, M] for key-major."""
+    if IS_KL:
+        # padded pairs go to -inf first: padded rows have lse 0 and exp(score) could overflow
+        g = tl.exp(tl.where(pair_valid, s_s, float("-inf")) - lse_s) \
+            - tl.exp(tl.where(pair_valid, s_t, float("-inf")) - lse_t)  # p_s - p_t
+    else:
+        g = 2.0 * (s_s - s_t)
+    return tl.where(pair_valid, g * d_row, 0.0)
+
+
+@triton.jit
+def _attention_transfer_fwd(
+    QS, KS, QT, KT, MASK, ROWS, LSE_S, LSE_T,
+    sqs_b, sqs_h, sqs_l, sqs_d, sks_b, sks_h, sks_l, sks_d,
+    sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d,
+    H, L, D_S, D_T, scale_s, scale_t,
+    IS_KL: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """One program owns a query block of one (batch, head) and streams all key blocks."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    q_s = _load_rows(QS + b * sqs_b + h * sqs_h, offs_m, offs_ds, sqs_l, sqs_d, L, D_S)
+    q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
+    row_valid = tl.load(MASK + b * L + offs_m, mask=offs_m < L, other=0) != 0
+
+    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = (tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0)[None, :]
+        k_s = _load_rows(KS + b * sks_b + h * sks_h, offs_n, offs_ds, sks_l, sks_d, L, D_S)
+        k_t = _load_rows(KT + b * skt_b + h * skt_h, offs_n, offs_dt, skt_l, skt_d, L, D_T)
+        s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
+        s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
+        if IS_KL:
+            x_s = tl.where(key_valid, s_s, float("-inf"))
+            x_t = tl.where(key_valid, s_t, float("-inf"))
+            new_m_s = tl.maximum(m_s, tl.max(x_s, 1))
+            new_m_t = tl.maximum(m_t, tl.max(x_t, 1))
+            # a row that has seen no valid key yet keeps max -inf: shift by 0 so exp never sees -inf - -inf
+            ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
+            ref_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
+            alpha_t = tl.exp(m_t - ref_t)
+            p_t = tl.exp(x_t - ref_t[:, None])
+            l_s = l_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(x_s - ref_s[:, None]), 1)
+            l_t = l_t * alpha_t + tl.sum(p_t, 1)
+            acc = acc * alpha_t + tl.sum(p_t * tl.where(key_valid, s_t - s_s, 0.0), 1)
+            m_s = new_m_s
+            m_t = new_m_t
+        else:
+            diff = tl.where(key_valid, s_s - s_t, 0.0)
+            acc += tl.sum(diff * diff, 1)
+
+    in_range = offs_m < L
+    if IS_KL:
+        # padded rows get finite placeholders (a fully padded sequence saw no valid key: m = -inf,
+        # l = 0); their loss is zeroed below and the backward masks them
+        m_s = tl.where(row_valid, m_s, 0.0)
+        m_t = tl.where(row_valid, m_t, 0.0)
+        safe_l_s = tl.where(l_s > 0, l_s, 1.0)
+        safe_l_t = tl.where(l_t > 0, l_t, 1.0)
+        lse_s = m_s + tl.log(safe_l_s)
+        lse_t = m_t + tl.log(safe_l_t)
+        # lse_s - lse_t as (m_s - m_t) + log(l_s / l_t): rounding each lse (ulp of ~10) swamps a
+        # small KL (near-converged student); this form keeps it at the fp32 reference's accuracy
+        row = acc / safe_l_t + (m_s - m_t) + tl.log(safe_l_s / safe_l_t)
+        tl.store(LSE_S + bh * L + offs_m, lse_s, mask=in_range)
+        tl.store(LSE_T + bh * L + offs_m, lse_t, mask=in_range)
+    else:
+        row = acc
+    tl.store(ROWS + bh * L + offs_m, tl.where(row_valid, row, 0.0), mask=in_range)
+
+
+@triton.jit
+def _attention_transfer_bwd_dq(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, D_ROWS, DQ,
+    sqs_b, sqs_h, sqs_l, sqs_d, sks_b, sks_h, sks_l, sks_d,
+    sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d,
+    sdq_b, sdq_h, sdq_l, sdq_d,
+    H, L, D_S, D_T, scale_s, scale_t,
+    IS_KL: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """One program owns a query block: dQ_s = scale_s * sum over key blocks of dS @ K_s."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    q_s = _load_rows(QS + b * sqs_b + h * sqs_h, offs_m, offs_ds, sqs_l, sqs_d, L, D_S)
+    q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
+    in_range = offs_m < L
+    row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
+    lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
+    d_row = tl.load(D_ROWS + bh * L + offs_m, mask=in_range, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0
+        k_s = _load_rows(KS + b * sks_b + h * sks_h, offs_n, offs_ds, sks_l, sks_d, L, D_S)
+        k_t = _load_rows(KT + b * skt_b + h * skt_h, offs_n, offs_dt, skt_l, skt_d, L, D_T)
+        s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
+        s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
+        ds = _grad_student_scores(s_s, s_t, lse_s[:, None], lse_t[:, None], d_row[:, None],
+                                  row_valid[:, None] & key_valid[None, :], IS_KL)
+        # dS stays fp32 (rounding it to bf16 alone costs ~5e-3 relative error); tf32 on GPU for 16-bit inputs
+        dq += tl.dot(ds, k_s.to(tl.float32), input_precision=PREC_S)
+    dq = dq * scale_s
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_l + offs_ds[None, :] * sdq_d,
+             dq, mask=in_range[:, None] & (offs_ds[None, :] < D_S))
+
+
+@triton.jit
+def _attention_transfer_bwd_dk(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, D_ROWS, DK,
+    sqs_b, sqs_h, sqs_l, sqs_d, sks_b, sks_h, sks_l, sks_d,
+    sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d,
+    sdk_b, sdk_h, sdk_l, sdk_d,
+    H, L, D_S, D_T, scale_s, scale_t,
+    IS_KL: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """One program owns a key block: dK_s = scale_s * sum over query blocks of dS^T @ Q_s.
+    Tiles are key-major ([keys, queries], scores as K Q^T), so dS^T needs no transpose: a
+    transposed operand made the fp32 (FMA) dot spill to local memory on sm_90."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    k_s = _load_rows(KS + b * sks_b + h * sks_h, offs_n, offs_ds, sks_l, sks_d, L, D_S)
+    k_t = _load_rows(KT + b * skt_b + h * skt_h, offs_n, offs_dt, skt_l, skt_d, L, D_T)
+    key_in_range = offs_n < L
+    key_valid = tl.load(MASK + b * L + offs_n, mask=key_in_range, other=0) != 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_range = offs_m < L
+        row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
+        lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
+        d_row = tl.load(D_ROWS + bh * L + offs_m, mask=in_range, other=0.0)
+        q_s = _load_rows(QS + b * sqs_b + h * sqs_h, offs_m, offs_ds, sqs_l, sqs_d, L, D_S)
+        q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
+        s_s = _scores(k_s, q_s, scale_s, PREC_S, UPCAST_S)  # [keys, queries]
+        s_t = _scores(k_t, q_t, scale_t, PREC_T, UPCAST_T)
+        ds = _grad_student_scores(s_s, s_t, lse_s[None, :], lse_t[None, :], d_row[None, :],
+                                  key_valid[:, None] & row_valid[None, :], IS_KL)
+        dk += tl.dot(ds, q_s.to(tl.float32), input_precision=PREC_S)
+    dk = dk * scale_s
+    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_l + offs_ds[None, :] * sdk_d,
+             dk, mask=key_in_range[:, None] & (offs_ds[None, :] < D_S))
+
+
+# --------------------------------------------------------------------------- launchers
+def _block_d(d: int) -> int:
+    # tl.arange needs a power of 2 and tl.dot a K of at least 16
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32 on GPU: the reference matmul is full fp32
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()]
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _INTERPRETED
+
+
+class Tiling(NamedTuple):
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+
+
+def _meta(q_s, q_t, is_kl: bool, tiling: Tiling) -> dict:
+    return dict(IS_KL=is_kl, PREC_S=_precision(q_s.dtype), PREC_T=_precision(q_t.dtype),
+                UPCAST_S=_upcast(q_s.dtype), UPCAST_T=_upcast(q_t.dtype),
+                BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
+                BLOCK_DS=_block_d(q_s.shape[-1]), BLOCK_DT=_block_d(q_t.shape[-1]))
+
+
+def _shape_args(q_s, q_t) -> list:
+    return [q_s.shape[1], q_s.shape[2], q_s.shape[3], q_t.shape[3],
+            1.0 / math.sqrt(q_s.shape[3]), 1.0 / math.sqrt(q_t.shape[3])]
+
+
+def attention_transfer_rows_forward(q_s, k_s, q_t, k_t, mask, is_kl: bool, tiling: Tiling):
+    """Per-row losses [B, H, L] (fp32, 0 on padded rows) and the per-row LSEs of both models."""
+    b, h, length, _ = q_s.shape
+    rows = torch.empty((b, h, length), device=q_s.device, dtype=torch.float32)
+    lse_s = torch.empty_like(rows) if is_kl else rows.new_empty(1)
+    lse_t = torch.empty_like(rows) if is_kl else rows.new_empty(1)
+    grid = (b * h, triton.cdiv(length, tiling.block_m))
+    _attention_transfer_fwd[grid](
+        q_s, k_s, q_t, k_t, mask, rows, lse_s, lse_t,
+        *_strides(q_s, k_s, q_t, k_t), *_shape_args(q_s, q_t),
+        **_meta(q_s, q_t, is_kl, tiling))
+    return rows, lse_s, lse_t
+
+
+def attention_transfer_rows_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_rows, is_kl: bool,
+                                     tiling: Tiling, need_dq: bool = True, need_dk: bool = True):
+    """dL/dQ_s and dL/dK_s (in the student's dtype) for an upstream gradient d_rows [B, H, L].
+
+    The kernels write fp32; torch rounds to the student's dtype (round-to-nearest everywhere:
+    the 3.9 interpreter truncates fp32 -> bf16 inside kernels)."""
+    b, h, length, _ = q_s.shape
+    d_rows = d_rows.float().contiguous()
+    common = (*_strides(q_s, k_s, q_t, k_t),)
+    meta = _meta(q_s, q_t, is_kl, tiling)
+    dq = dk = None
+    if need_dq:
+        dq = torch.empty(q_s.shape, device=q_s.device, dtype=torch.float32)
+        _attention_transfer_bwd_dq[(b * h, triton.cdiv(length, tiling.block_m))](
+            q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_rows, dq, *common, *dq.stride(),
+            *_shape_args(q_s, q_t), **meta)
+        dq = dq.to(q_s.dtype)
+    if need_dk:
+        dk = torch.empty(k_s.shape, device=k_s.device, dtype=torch.float32)
+        _attention_transfer_bwd_dk[(b * h, triton.cdiv(length, tiling.block_n))](
+            q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_rows, dk, *common, *dk.stride(),
+            *_shape_args(q_s, q_t), **meta)
+        dk = dk.to(k_s.dtype)
+    return dq, dk
+
+
+# --------------------------------------------------------------------------- autograd
+class AttentionTransferRows(torch.autograd.Function):
+    """[B, H, L] per-row attention-transfer losses; gradients flow to the student's Q and K only."""
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, q_t, k_t, mask, is_kl: bool, tiling: Tiling):
+        rows, lse_s, lse_t = attention_transfer_rows_forward(q_s, k_s, q_t, k_t, mask, is_kl, tiling)
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t)
+        ctx.config = (is_kl, tiling)
+        return rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_rows):
+        q_s, k_s, q_t, k_t, mask, lse_s, lse_t = ctx.saved_tensors
+        is_kl, tiling = ctx.config
+        dq, dk = attention_transfer_rows_backward(
+            q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_rows, is_kl, tiling,
+            need_dq=ctx.needs_input_grad[0], need_dk=ctx.needs_input_grad[1])
+        return dq, dk, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public function
+def default_tiling(length: int, fp32_dots: bool) -> Tiling:
+    """Tiles that fit sm_90 registers without spilling (checked with cuobjdump -res-usage on the
+    cubins): 64 x 64 / 4 warps for 16-bit inputs; fp32 "ieee" dots run on CUDA cores and need
+    64 x 32 / 8 warps. Short sequences shrink the tile (not below tl.dot's minimum 16)."""
+    block_m, block_n, warps = (64, 32, 8) if fp32_dots else (64, 64, 4)
+    fit = max(16, triton.next_power_of_2(length))
+    return Tiling(min(block_m, fit), min(block_n, fit), warps)
+
+
+def attention_transfer_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                              attention_mask: torch.Tensor, kind: str = "kl", relation_heads: int | None = None,
+                              block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Same value and student gradients as ``losses.attention_transfer_loss``; fp32 scalar."""
+    if kind not in _ref.ATTENTION_KINDS:
+        raise ValueError(f"attention kind must be one of {_ref.ATTENTION_KINDS}, got {kind!r}")
+    _ref._check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
+    devices = {x.device for x in (q_s, k_s, q_t, k_t, attention_mask)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {x.dtype}; the Triton kernel takes {SUPPORTED_DTYPES} "
+                             "(use backend='torch' for others)")
+    if q_s.dtype != k_s.dtype or q_t.dtype != k_t.dtype:
+        raise ValueError("q and k of one model must have the same dtype")
+    if relation_heads is not None:
+        # a view/reshape; autograd maps dQ/dK back to the original heads
+        q_s, k_s, q_t, k_t = (_ref.split_relation_heads(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
+    tiling = default_tiling(q_s.shape[2], torch.float32 in (q_s.dtype, q_t.dtype))
+    tiling = tiling._replace(block_m=block_m or tiling.block_m, block_n=block_n or tiling.block_n)
+    for name, blk in (("block_m", tiling.block_m), ("block_n", tiling.block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {blk}")
+    mask = attention_mask.bool()
+    rows = AttentionTransferRows.apply(q_s, k_s, q_t, k_t, mask.to(torch.int32).contiguous(),
+                                       kind == "kl", tiling)
+    heads = q_s.shape[1]
+    if kind == "kl":
+        denom = mask.sum().to(torch.float32) * heads
+    else:
+        denom = (mask.sum(dim=1).to(torch.float32) ** 2).sum() * heads
+    return rows.sum() / denom.clamp_min(1.0)
