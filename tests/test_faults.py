@@ -128,3 +128,39 @@ def test_a_malformed_task_row_names_file_and_line(tmp_path, tokenizer_dir, vocab
     assert len(errors) == 1 and f"{train}:3" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "teacher_finetuned").exists()
+
+
+def _corpus_with(tmp_path, name: str, content: bytes):
+    folder = tmp_path / "odd_corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("A real document about the river town. It has two sentences.\n" * 40)
+    (folder / name).write_bytes(content)
+    return folder
+
+
+CORPUS_FAULTS = {
+    "binary file": ("weights.bin", bytes(range(256)) * 64, r"odd_corpus/weights.bin is a binary file"),
+    "corrupt gzip": ("part.txt.gz", b"\x1f\x8b\x08\x00" + b"not really gzip" * 10, r"cannot decompress .*part.txt.gz"),
+    "bad jsonl": ("part.jsonl", b'{"text": "fine"}\n{"text": broken\n', r"part.jsonl: line 2.*not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORPUS_FAULTS))
+def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab_size, case):
+    name, content, message = CORPUS_FAULTS[case]
+    folder = _corpus_with(tmp_path, name, content)
+    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = {line.split("error: ", 1)[1] for line in out.splitlines() if "error: " in line}
+    assert errors and all(re.search(message, e) for e in errors), out[-3000:]  # both ranks say the same thing
+    assert "Traceback" not in out
+    assert not (tmp_path / "out/general/checkpoints").exists() or not any((tmp_path / "out/general/checkpoints").iterdir())
+
+
+def test_an_empty_corpus_file_is_skipped_and_the_run_completes(tmp_path, tokenizer_dir, vocab_size):
+    folder = _corpus_with(tmp_path, "empty.txt", b"")
+    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
+    run_ranks(["distill", "--config", str(recipe), "--stage", "general"])
+    assert (tmp_path / "out/general/stage_done.json").is_file()
