@@ -32,6 +32,12 @@ def deepspeed(ranks: int, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-progressive")
@@ -48,27 +54,35 @@ def main() -> None:
     seconds_alone = deepspeed(args.ranks, ["distill", "--stage", "task_specific", *common,
                                            f"teacher.finetuned_path={finetuned}", f"output_dir={alone_out}"])
 
-    from ernie_tiny_ds.config import load_recipe
+    from ernie_tiny_ds.config import STAGES, load_recipe
     from ernie_tiny_ds.data.tasks import load_task
     from ernie_tiny_ds.evaluate import evaluate_model
 
     recipe = load_recipe(args.config, common[2:])
+    # the same compute as the whole pipeline: stage 4 alone for the sum of all stages' steps
+    total_steps = sum(recipe.for_stage(stage).train.max_steps for stage in STAGES)
+    equal_out = args.out / "stage4_only_equal_steps"
+    seconds_equal = deepspeed(args.ranks, ["distill", "--stage", "task_specific", *common,
+                                           f"teacher.finetuned_path={finetuned}", f"output_dir={equal_out}",
+                                           f"stages.task_specific.train.max_steps={total_steps}"])
     main_metric = load_task(recipe.task).main_metric
     rows = {"teacher (finetuned)": evaluate_model(finetuned, recipe.task),
             "student, stages 1-4": evaluate_model(progressive_out / "task_specific" / "student", recipe.task),
-            "student, stage 4 only (random init)": evaluate_model(alone_out / "task_specific" / "student",
-                                                                  recipe.task)}
+            "student, stage 4 only (random init), same stage-4 steps": evaluate_model(
+                alone_out / "task_specific" / "student", recipe.task),
+            f"student, stage 4 only (random init), {total_steps} steps = all stages' steps": evaluate_model(
+                equal_out / "task_specific" / "student", recipe.task)}
     names = list(next(iter(rows.values())))
     print(f"\nTask {recipe.task.name}, dev split; main metric {main_metric}; {args.ranks} CPU ranks; "
-          f"{platform.processor() or platform.machine()}; pipeline {seconds_all:.0f} s, stage 4 alone "
-          f"{seconds_alone:.0f} s\n")
+          f"{platform.processor() or platform.machine()}; this run: pipeline {seconds_all:.0f} s (finished stages "
+          f"are reused), stage 4 alone {seconds_alone:.0f} s and {seconds_equal:.0f} s\n")
     print("| model | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for label, metrics in rows.items():
-        print(f"| {label} | " + " | ".join(f"{metrics[n]:.4f}" if metrics[n] is not None else "n/a"
-                                           for n in names) + " |")
+        print(f"| {label} | " + " | ".join(_cell(metrics[n]) for n in names) + " |")
     (args.out / "progressive.json").write_text(json.dumps(
-        {"main_metric": main_metric, "rows": rows, "seconds": {"pipeline": seconds_all, "stage4_only": seconds_alone}},
+        {"main_metric": main_metric, "rows": rows, "seconds": {"pipeline": seconds_all, "stage4_only": seconds_alone,
+                                                 "stage4_only_equal_steps": seconds_equal}},
         indent=2))
 
 

@@ -12,7 +12,8 @@ baseline  the same weights as Hugging Face models run with output_attentions=Tru
 
 Both sides get the same batches; steps are timed alternately in this process (rounds of --steps
 each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; on CPU each side
-runs again in its own subprocess and reports its peak RSS above the RSS after building the models.
+runs again in its own subprocess and reports its peak resident set during the steps (VmHWM, reset
+just before) above the resident set before them.
 MFU counts the teacher forward and the student forward + backward matrix products against the
 measured dense matmul rate of this device. --max-seq also searches, on GPU, the longest sequence
 each side fits at batch 8 within the memory the baseline needs at --seq-len.
@@ -24,7 +25,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,7 +57,7 @@ def recipe_for(args, max_positions: int):
         "train": {"max_steps": 10 ** 6, "micro_batch_size": args.batch, "precision": args.precision,
                   "progress_bar": False},
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
-        "deepspeed": {"config": "zero1"},
+        "deepspeed": {"config": args.zero_config},
     })
 
 
@@ -194,8 +194,20 @@ def step_flops(args, tokens: int) -> float:
 
 def memory_in_subprocess(args, side: str) -> float:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-side", side]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+    # the child builds its own one-process group: drop the parent's rendezvous variables
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident set since the last reset through /proc/self/clear_refs."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss_mb() -> float:
@@ -209,6 +221,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--zero-config", default="zero0",
+                        help="ds_configs/ name for our side; one process has nothing to partition, so zero0")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", default="/tmp/ernie-tiny-ds-bench-step")
@@ -225,10 +239,14 @@ def main() -> None:
 
     if args.memory_side:  # child process: one side only, peak RSS above the built models
         side = ours if args.memory_side == "ours" else baseline
+        other = baseline if side is ours else ours
+        del other
+        time_steps(side, batches[:1], device)  # optimizer state and allocator warm, as in the timed runs
         before = rss_mb()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
         time_steps(side, batches, device)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"peak_mb": max(0.0, peak - before)}))
+        print(json.dumps({"peak_mb": max(0.0, vm_hwm_mb() - before)}))
         return
 
     for side in (ours, baseline):  # warm-up (allocator, kernels, optimizer state)
