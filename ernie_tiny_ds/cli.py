@@ -77,6 +77,17 @@ COMMAND_MODULES = (
 )
 
 
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo/NCCL), not because of this rank."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    return isinstance(exc, backend_error) or any(text in str(exc) for text in PEER_LOST)
+
+
 def _shutdown() -> None:
     """Leave the process group in order: a barrier first, so no rank exits while another still talks."""
     import torch.distributed as dist
@@ -91,13 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     try:
         code = args.func(args)
     except UserError as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # other ranks may be blocked in a collective: do not wait for them
+    except RuntimeError as exc:
+        if not lost_a_peer(exc):
+            raise
+        # another rank failed first (its own message says why); this one only saw its connection drop
+        print(f"[rank {rank}] error: another rank left the job during a collective operation "
+              f"({str(exc).splitlines()[0][:160]}); see that rank's message", file=sys.stderr, flush=True)
+        os._exit(1)
     _shutdown()
     return code
 

@@ -154,7 +154,9 @@ def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = {line.split("error: ", 1)[1] for line in out.splitlines() if "error: " in line}
-    assert errors and all(re.search(message, e) for e in errors), out[-3000:]  # both ranks say the same thing
+    # the rank that read the file names it; a rank that only lost its peer says so, in one line
+    assert any(re.search(message, e) for e in errors), out[-3000:]
+    assert all(re.search(message, e) or e.startswith("another rank left the job") for e in errors), out[-3000:]
     assert "Traceback" not in out
     assert not (tmp_path / "out/general/checkpoints").exists() or not any((tmp_path / "out/general/checkpoints").iterdir())
 
