@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if not lost_a_peer(exc):
             raise
         # another rank failed first (its own message says why); this one only saw its connection drop
-        print(f"[rank {rank}] error: another rank left the job during a collective operation "
-              f"({str(exc).splitlines()[0][:160]}); see that rank's message", file=sys.stderr, flush=True)
+        from .rank_registry import gone_ranks
+        who = ", ".join(gone_ranks(int(rank or 0))) or "another rank"
+        print(f"[rank {rank}] error: {who} left the job during a collective operation "
+              f"({str(exc).splitlines()[0][:160]}); see its own message, if any", file=sys.stderr, flush=True)
         os._exit(1)
     _shutdown()
     return code

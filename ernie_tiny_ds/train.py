@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, rank_registry
 from .config import Recipe
 from .engine import build_ds_config, build_student_engine, device, init_distributed, prepare_teacher, zero_stage
 from .errors import ConfigError, UserError
@@ -158,6 +158,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     spec = STAGE_SPECS[stage]
     rank, world = init_distributed(r.train.dist_timeout_s)
     out_dir = Path(r.output_dir) / stage
+    rank_registry.register(out_dir / ".ranks", rank, world)  # lets a survivor name a rank that dies
     ckpt_root = out_dir / "checkpoints"
     dev = device()
     parts = build_parts(r, spec, rank, world)
