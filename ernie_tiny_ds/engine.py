@@ -6,6 +6,7 @@ GPU, so sharding it only adds communication) or a ZeRO-3 inference engine (large
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -41,7 +42,25 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+        release_shm_buffer_names()
     return dist.get_rank(), dist.get_world_size()
+
+
+def release_shm_buffer_names() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates a 69 MB /dev/shm file per rank and never
+    removes it, so every run (and every killed one) leaks RAM until the machine runs out. Once all
+    ranks are through init_distributed, each has mapped its peers' files; the names can go then
+    and the mappings stay valid until the processes exit."""
+    import glob
+
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank, files or not: a barrier some ranks skip would hang the others
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_*"
+    for path in glob.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def device() -> torch.device:
