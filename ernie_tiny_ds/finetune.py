@@ -33,14 +33,6 @@ DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
 
 
-def tokenizer_path(recipe: Recipe) -> str:
-    """The recipe's tokenizer, else the pretrained teacher's, else (inline test teachers) the bundled one."""
-    if recipe.data.tokenizer or recipe.teacher.path:
-        return recipe.data.tokenizer or recipe.teacher.path
-    from .assets import DEFAULT_TOKENIZER
-    return str(DEFAULT_TOKENIZER)
-
-
 def build_classifier(recipe: Recipe, task: TaskData):
     """The pretrained teacher encoder under a fresh task head (same weights on every rank)."""
     import transformers
@@ -129,7 +121,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     """Collective: every rank calls it; returns the finetuned teacher folder."""
     from .engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
     from .losses import hard_label_loss
-    from .tokenizer import check_vocab_matches, load_tokenizer
+    from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
     from .train import all_ranks_finite, global_mean
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
@@ -141,9 +133,10 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     rank, world = init_distributed(recipe.train.dist_timeout_s)
 
     ft = recipe.finetune
-    tokenizer = load_tokenizer(tokenizer_path(recipe))
+    tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)  # finetuning starts from the pretrained teacher
+    tokenizer = load_tokenizer(tokenizer_dir)
     model = build_classifier(recipe, task)
-    check_vocab_matches(tokenizer, model.config.vocab_size, tokenizer_path(recipe))
+    check_vocab_matches(tokenizer, model.config.vocab_size, tokenizer_dir)
     loader = build_task_loader(recipe.task, tokenizer, ft.micro_batch_size, rank, world, ft.seed, with_labels=True)
     total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
     r = finetune_recipe(recipe, total)

@@ -7,6 +7,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import ConfigError
 
+def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
+    """The recipe's tokenizer, else the teacher's own (pretrained, then finetuned when allowed),
+    else (inline test teachers) the bundled one."""
+    teachers = [recipe.teacher.path] + ([recipe.teacher.finetuned_path] if use_finetuned_teacher else [])
+    for candidate in (recipe.data.tokenizer, *teachers):
+        if candidate:
+            return candidate
+    from .assets import DEFAULT_TOKENIZER
+    return str(DEFAULT_TOKENIZER)
+
+
 _PROBE = "The quick brown fox jumps over the lazy dog near the river bank."
 
 

@@ -21,7 +21,7 @@ from .models import FeatureCapture, Features, build_student, count_parameters, l
 from .objective import DistillationObjective, TeacherOutput
 from .stages import STAGE_SPECS
 from .stop import StopRequest
-from .tokenizer import check_vocab_matches, load_tokenizer
+from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 
 DONE_FILE = "stage_done.json"
 
@@ -37,14 +37,6 @@ class StageResult:
 
 class NonFiniteLoss(UserError):
     pass
-
-
-def tokenizer_path(r: Recipe) -> str:
-    """The recipe's tokenizer, else the teacher's own, else (inline test teachers) the bundled one."""
-    if r.data.tokenizer or r.teacher.path or r.teacher.finetuned_path:
-        return r.data.tokenizer or r.teacher.path or r.teacher.finetuned_path
-    from .assets import DEFAULT_TOKENIZER
-    return str(DEFAULT_TOKENIZER)
 
 
 def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
@@ -121,9 +113,10 @@ class StageParts:
 
 
 def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
-    tokenizer = load_tokenizer(tokenizer_path(r))
+    tokenizer_dir = recipe_tokenizer_path(r)
+    tokenizer = load_tokenizer(tokenizer_dir)
     teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
-    check_vocab_matches(tokenizer, teacher.config.vocab_size, tokenizer_path(r))
+    check_vocab_matches(tokenizer, teacher.config.vocab_size, tokenizer_dir)
     num_labels = teacher.config.num_labels if spec.labels else None
     student = build_student(r.student, teacher.config, seed=r.train.seed, num_labels=num_labels)
     check_heads(student.config, teacher.config, r.losses.relation_heads)
