@@ -4,6 +4,8 @@ Methods
   fused     ernie_tiny_ds.kernels.attention_transfer (Triton; CUDA only, the CPU interpreter is not timed)
   eager     losses.attention_transfer_loss without chunking (materialises every [B, H, L, L] map)
   chunked   the same with query_chunk=C (maps of [B, H, C, L] at a time)
+  torch     kernels.attention_transfer_torch: the torch path training uses off CUDA (closed-form
+            backward, one saved gradient map); torch-chunked: the same with query_chunk=C
   compiled  torch.compile of the eager reference (on CUDA by default; on CPU only with --compile)
 
 Each (method, L) runs in its own subprocess so that memory figures do not leak between cases.
@@ -37,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("eager", "chunked", "compiled", "fused")  # eager first: the ratios refer to it
+METHODS = ("eager", "chunked", "torch", "torch-chunked", "compiled", "fused")  # eager first: the ratios refer to it
 
 
 # --------------------------------------------------------------------------- one case (child process)
@@ -57,6 +59,10 @@ def _loss_fn(method: str, kind: str, chunk: int):
         return lambda *a: losses.attention_transfer_loss(*a, kind=kind)
     if method == "chunked":
         return lambda *a: losses.attention_transfer_loss(*a, kind=kind, query_chunk=chunk)
+    if method in ("torch", "torch-chunked"):
+        from ernie_tiny_ds.kernels.attention_transfer_torch import attention_transfer_torch
+        query_chunk = chunk if method == "torch-chunked" else None
+        return lambda *a: attention_transfer_torch(*a, kind=kind, query_chunk=query_chunk)
     if method == "compiled":
         compiled = torch.compile(losses.attention_transfer_loss, dynamic=False)
         return lambda *a: compiled(*a, kind=kind)

@@ -4,8 +4,9 @@
     python bench/step.py --size base  --seq-len 512 --precision bf16     # GPU: BERT-base -> 4L-312
 
 ours      the real stage-1 parts of ernie-tiny-ds (train.build_parts: SDPA models with capture hooks,
-          the DeepSpeed engine over student + projections, attention transfer from Q/K through the
-          kernel dispatch: fused Triton on CUDA, torch elsewhere) and the loop body of train.py.
+          the DeepSpeed engine over student + projections with torch's fused AdamW, attention
+          transfer from Q/K through the kernel dispatch: fused Triton on CUDA, elsewhere the torch
+          path with its closed-form backward) and the loop body of train.py.
 baseline  the same weights as Hugging Face models run with output_attentions=True and
           output_hidden_states=True (eager attention), the same latent loss computed on the
           materialised attention maps, a plain torch AdamW.
@@ -107,8 +108,9 @@ class Baseline:
         teacher_module = getattr(parts.teacher, "module", parts.teacher)
         self.teacher = self._eager_copy(teacher_module).to(dev).eval()
         self.student = self._eager_copy(parts.student).to(dev).train()
-        self.hidden_proj = copy.deepcopy(parts.objective.hidden_proj).to(dev)
-        self.embedding_proj = copy.deepcopy(parts.objective.embedding_proj).to(dev)
+        # fp32 masters, as a plain AMP recipe keeps them (our engine may hold them in bf16)
+        self.hidden_proj = copy.deepcopy(parts.objective.hidden_proj).to(dev, torch.float32)
+        self.embedding_proj = copy.deepcopy(parts.objective.embedding_proj).to(dev, torch.float32)
         self.mapping = parts.mapping
         params = [*self.student.parameters(), *self.hidden_proj.parameters(), *self.embedding_proj.parameters()]
         self.params = params
@@ -265,7 +267,8 @@ def main() -> None:
 
     tokens = args.batch * args.seq_len * args.steps
     median = {k: statistics.median(v) for k, v in times.items()}
-    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32)
+    # the MFU denominator is the matmul rate in the step's precision (bf16 also on CPUs with native bf16)
+    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"\n{args.size} teacher {SIZES[args.size][0]} -> student {SIZES[args.size][1]}, L={args.seq_len}, "
           f"batch {args.batch}, {args.precision}, {name}, torch threads {torch.get_num_threads()}; "
@@ -276,7 +279,9 @@ def main() -> None:
         seconds = median[side] / args.steps
         mfu = step_flops(args, args.batch * args.seq_len) / seconds / rate
         print(f"| {side} | {seconds * 1000:.1f} | {tokens / median[side]:,.0f} | {peaks[side]:.0f} | {mfu:.1%} |")
-    print(f"\nratio ours/baseline step time: {median['ours'] / median['baseline']:.3f}; "
+    per_round = sorted(o / b for o, b in zip(times["ours"], times["baseline"]))
+    print(f"\nratio ours/baseline step time: {median['ours'] / median['baseline']:.3f} "
+          f"(per round {per_round[0]:.2f}-{per_round[-1]:.2f}); "
           f"tokens/s ratio: {median['baseline'] / median['ours']:.2f}x; "
           f"peak memory ratio: {peaks['ours'] / max(peaks['baseline'], 1e-9):.2f}; "
           f"matmul rate {rate / 1e12:.2f} TFLOP/s")

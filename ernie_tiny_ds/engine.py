@@ -128,7 +128,19 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
     if config.get("zero_optimization", {}).get("offload_optimizer"):
         # offloaded optimizer states are updated on the CPU; torch's AdamW avoids a JIT-compiled op
         config.setdefault("zero_force_ds_cpu_optimizer", False)
+    use_fused_torch_adam(config)
     return config
+
+
+def use_fused_torch_adam(config: dict) -> None:
+    """torch's AdamW in its fused form (one pass per tensor, CPU and CUDA) instead of the default
+    for-each form: same update, about 3x less optimizer time per step on CPU (bench/step.py).
+    A config that names "fused" or "foreach" itself keeps its choice."""
+    optimizer = config.get("optimizer") or {}
+    params = optimizer.get("params") or {}
+    if (str(optimizer.get("type", "")).lower() in ("adam", "adamw") and params.get("torch_adam")
+            and "fused" not in params and "foreach" not in params):
+        params["fused"] = True
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -16,9 +16,13 @@ import torch.nn.functional as F
 ATTENTION_KINDS = ("kl", "mse")
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 math for 16-bit inputs; float64 inputs stay float64 (tests compare against them)."""
-    return x if x.dtype == torch.float64 else x.float()
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(compute_dtype(x))
 
 
 # --------------------------------------------------------------------------- layer mapping
@@ -84,7 +88,7 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
 
 
-def _check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads):
+def check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads):
     for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be [B, H, L, d], got shape {tuple(x.shape)}")
@@ -128,7 +132,7 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
     """
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
-    _check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
+    check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
     if relation_heads is not None:
         q_s, k_s, q_t, k_t = (split_relation_heads(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
     mask = attention_mask.bool()
@@ -146,13 +150,16 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
             stop = min(start + chunk, length)
             total = total + checkpoint(_attention_chunk_sum, q_s[:, :, start:stop], k_s, q_t[:, :, start:stop], k_t,
                                        mask[:, start:stop], mask, kind, use_reentrant=False)
-    valid_rows = mask.sum().to(torch.float32)
+    return total / attention_denominator(mask, heads, kind)
+
+
+def attention_denominator(mask: torch.Tensor, heads: int, kind: str) -> torch.Tensor:
+    """kl: valid query rows x heads; mse: valid (query, key) pairs x heads (at least 1)."""
     if kind == "kl":
-        denom = valid_rows * heads
+        count = mask.sum().to(torch.float32)
     else:
-        valid_pairs = (mask.sum(dim=1).to(torch.float32) ** 2).sum()
-        denom = valid_pairs * heads
-    return total / denom.clamp_min(1.0)
+        count = (mask.sum(dim=1).to(torch.float32) ** 2).sum()
+    return (count * heads).clamp_min(1.0)
 
 
 # --------------------------------------------------------------------------- prediction layer

@@ -22,79 +22,13 @@ from ernie_tiny_ds import losses  # noqa: E402
 from ernie_tiny_ds import kernels  # noqa: E402
 from ernie_tiny_ds.kernels import dispatch  # noqa: E402
 from ernie_tiny_ds.kernels.attention_transfer import attention_transfer_triton  # noqa: E402
+from attention_reference import DEVICE, assert_matches_reference, qk, random_mask, ref_attention_fp64, ref_soft_label_fp64, rel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 if DEVICE == "cpu" and not dispatch.interpreter_active():
     pytest.fail("no CUDA and the Triton interpreter is off: run with TRITON_INTERPRET=1 "
                 "(set before triton kernels are imported)", pytrace=False)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-# --------------------------------------------------------------------------- float64 references
-def ref_split_heads(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Concatenate the heads of [B, H, L, d] per token, cut into r equal heads."""
-    b, h, l, d = x.shape
-    return x.permute(0, 2, 1, 3).reshape(b, l, h * d).reshape(b, l, r, h * d // r).permute(0, 2, 1, 3)
-
-
-def ref_attention_fp64(q_s, k_s, q_t, k_t, mask, kind, relation_heads):
-    """Per sequence, keep only the unpadded tokens (index select, no masking tricks), in float64."""
-    q_s, k_s, q_t, k_t = (x.double() for x in (q_s, k_s, q_t, k_t))
-    if relation_heads:
-        q_s, k_s, q_t, k_t = (ref_split_heads(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
-    heads = q_s.shape[1]
-    total = q_s.new_zeros(())
-    norm = 0.0
-    for b in range(q_s.shape[0]):
-        idx = mask[b].nonzero().flatten().to(q_s.device)
-        n = idx.numel()
-        norm += n if kind == "kl" else n * n
-        if n == 0:
-            continue
-        s_s = q_s[b][:, idx] @ k_s[b][:, idx].transpose(-1, -2) / q_s.shape[-1] ** 0.5
-        s_t = q_t[b][:, idx] @ k_t[b][:, idx].transpose(-1, -2) / q_t.shape[-1] ** 0.5
-        if kind == "kl":
-            logp_t = torch.log_softmax(s_t, -1)  # not log(softmax): p_t may underflow to 0
-            total = total + (logp_t.exp() * (logp_t - torch.log_softmax(s_s, -1))).sum()
-        else:
-            total = total + ((s_s - s_t) ** 2).sum()
-    return total / max(norm * heads, 1.0)
-
-
-def ref_soft_label_fp64(s, t, temperature):
-    s = s.double().reshape(-1, s.shape[-1]) / temperature
-    t = t.double().reshape(-1, t.shape[-1]) / temperature
-    logp_t = torch.log_softmax(t, -1)
-    return (logp_t.exp() * (logp_t - torch.log_softmax(s, -1))).sum(-1).mean() * temperature ** 2
-
-
-# --------------------------------------------------------------------------- inputs
-def random_mask(batch: int, length: int) -> torch.Tensor:
-    """Mixed padding: one full row, right padding, a random hole pattern, one fully padded sequence."""
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if batch > 1:
-        mask[1, torch.randint(2, length - 1, ()).item():] = 0
-    if batch > 2:
-        mask[2] = (torch.rand(length) > 0.3).long()
-        mask[2, 0] = 1
-    if batch > 3:
-        mask[3] = 0
-    return mask.to(DEVICE)
-
-
-def qk(batch, heads, length, d, dtype, grad, hf_layout=False):
-    """Q and K [B, H, L, d]; hf_layout: non-contiguous views of [B, L, H, d] as attention layers make them."""
-    if hf_layout:
-        return [(torch.randn(batch, length, heads, d, device=DEVICE) * 1.5).to(dtype).transpose(1, 2)
-                for _ in range(2)]
-    return [(torch.randn(batch, heads, length, d, device=DEVICE) * 1.5).to(dtype).requires_grad_(grad)
-            for _ in range(2)]
 
 
 def check_attention(kind, length, hs, ds, ht, dt, relation_heads=None, dtype=torch.float32,
@@ -107,15 +41,8 @@ def check_attention(kind, length, hs, ds, ht, dt, relation_heads=None, dtype=tor
     assert out.dtype == torch.float32 and out.dim() == 0
     assert q_s.grad.dtype == dtype and k_s.grad.dtype == dtype
 
-    leaves = [x.detach().double().requires_grad_() for x in (q_s, k_s)]
-    want = ref_attention_fp64(*leaves, q_t, k_t, mask, kind, relation_heads)
-    want.backward()
     tol = TOL[dtype]
-    assert abs(out.item() - want.item()) <= tol * abs(want.item()), (out.item(), want.item())
-    assert rel(q_s.grad, leaves[0].grad) <= tol
-    assert rel(k_s.grad, leaves[1].grad) <= tol
-    # padded keys/queries of the fully padded sequence get no gradient
-    assert q_s.grad[3].abs().max() == 0 and k_s.grad[3].abs().max() == 0
+    assert_matches_reference(out, q_s, k_s, q_t, k_t, mask, kind, relation_heads, tol)
     # the package reference (float32 math) agrees too
     ref32 = losses.attention_transfer_loss(q_s.detach(), k_s.detach(), q_t, k_t, mask, kind, relation_heads)
     assert abs(out.item() - ref32.item()) <= tol * abs(ref32.item())
@@ -218,19 +145,20 @@ def test_soft_label_bad_input_errors():
 
 
 # --------------------------------------------------------------------------- dispatch and torch path
-def test_dispatch_auto_on_cpu_is_the_torch_reference():
+def test_dispatch_auto_on_cpu_is_the_torch_path():
+    from ernie_tiny_ds.kernels.attention_transfer_torch import attention_transfer_torch
     q_s, k_s = qk(2, 2, 9, 4, torch.float32, False)
     mask = random_mask(2, 9)
     logits = torch.randn(5, 4, device=DEVICE)
     if DEVICE == "cpu":
         assert dispatch.select_backend("auto", q_s, k_s) == "torch"
-        want = losses.attention_transfer_loss(q_s, k_s, q_s.flip(0), k_s, mask)
+        want = attention_transfer_torch(q_s, k_s, q_s.flip(0), k_s, mask)
         assert torch.equal(dispatch.attention_transfer(q_s, k_s, q_s.flip(0), k_s, mask), want)
         assert torch.equal(dispatch.soft_label(logits, logits.flip(0), 2.0),
                            losses.soft_label_loss(logits, logits.flip(0), 2.0))
     else:
         assert dispatch.select_backend("auto", q_s, k_s) == "triton"
-    # float64 is not a kernel dtype: auto keeps the reference, on any device
+    # float64 is not a kernel dtype: auto keeps the torch path, on any device
     assert dispatch.select_backend("auto", logits.double()) == "torch"
     assert dispatch.select_backend("torch", logits) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):

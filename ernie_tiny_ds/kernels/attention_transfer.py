@@ -353,7 +353,7 @@ def attention_transfer_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.T
     """Same value and student gradients as ``losses.attention_transfer_loss``; fp32 scalar."""
     if kind not in _ref.ATTENTION_KINDS:
         raise ValueError(f"attention kind must be one of {_ref.ATTENTION_KINDS}, got {kind!r}")
-    _ref._check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
+    _ref.check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
     devices = {x.device for x in (q_s, k_s, q_t, k_t, attention_mask)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")

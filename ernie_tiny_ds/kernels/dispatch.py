@@ -1,12 +1,13 @@
 """Backend choice for the loss kernels: the fused Triton kernels or the torch reference.
 
 backend "auto":   Triton when every tensor is on CUDA, its dtype is one the kernels take and
-                  triton imports; otherwise the torch reference (``query_chunk`` bounds each
-                  step's score maps to [B, H, chunk, L]; under autograd the tensors saved for
-                  backward still add up over chunks, see bench/RESULTS_kernels.md).
+                  triton imports; otherwise the torch path.
 backend "triton": the kernels; on CPU only under the Triton interpreter (TRITON_INTERPRET=1
                   set before triton is first imported); anything else is a clear error.
-backend "torch":  the reference in ``ernie_tiny_ds.losses``.
+backend "torch":  attention transfer in torch with a closed-form backward
+                  (``attention_transfer_torch``; ``query_chunk`` bounds its score maps to
+                  [B, H, chunk, L], forward and backward); the soft-label loss from the reference
+                  in ``ernie_tiny_ds.losses``, which defines what every path must return.
 """
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ def attention_transfer(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
     if select_backend(backend, q_s, k_s, q_t, k_t) == "triton":
         from . import attention_transfer as fused
         return fused(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads)
-    return _ref.attention_transfer_loss(q_s, k_s, q_t, k_t, attention_mask, kind=kind,
-                                        relation_heads=relation_heads, query_chunk=query_chunk)
+    from .attention_transfer_torch import attention_transfer_torch
+    return attention_transfer_torch(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads,
+                                    query_chunk=query_chunk)
 
 
 def soft_label(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
