@@ -167,3 +167,23 @@ def load(engine, root: Path, tag: str, rank: int) -> dict:
     if not state_file.is_file():
         raise RuntimeError(f"{state_file} is missing: the checkpoint was written by a run with fewer ranks")
     return torch.load(state_file, weights_only=True)
+
+
+def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str) -> int:
+    """Restore the newest intact checkpoint under `root` (engine, data position, RNG) and return its
+    step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0."""
+    tag = find_resumable(root, log=lambda m: print(f"[rank {rank}] {m}", flush=True))
+    if tag is None:
+        torch.manual_seed(seed + rank)
+        return 0
+    state = load(engine, root, tag, rank)
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    if rank == 0:
+        print(f"resumed {what} from {root / tag} at step {int(state['step'])}", flush=True)
+    return int(state["step"])
+
+
+def trainer_state(step: int, loader) -> dict:
+    """What a checkpoint keeps beside the engine: the step, the data position and every RNG."""
+    return {"step": step, "loader": loader.state_dict(), "rng": rng_state()}

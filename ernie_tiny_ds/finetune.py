@@ -6,8 +6,9 @@ and is trained on the task's train split under DeepSpeed data parallelism on eve
 process group (ZeRO stage from deepspeed.config), with the recipe's finetune settings. Rank 0
 writes a Hugging Face folder (config, model.safetensors, tokenizer) loadable with
 AutoModelForSequenceClassification, scores it on the dev split and renames it into place with a
-done marker inside: a finished output is reused by a re-run. The job is short, so it keeps no
-checkpoints: an interrupted run starts over.
+done marker inside: a finished output is reused by a re-run. Checkpoints (every train.save_every
+steps, and on a stop request: STOP file or SIGUSR1) go to OUTPUT.checkpoints; the same command run
+again resumes from the newest intact one, and they are removed once the output is in place.
     deepspeed --num_gpus 2 --module ernie_tiny_ds.cli finetune-teacher --config R [--output DIR]
 """
 from __future__ import annotations
@@ -117,11 +118,14 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
     return metrics
 
 
-def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None) -> Path:
-    """Collective: every rank calls it; returns the finetuned teacher folder."""
+def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None) -> Path | None:
+    """Collective: every rank calls it; returns the finetuned teacher folder, or None when a stop
+    request ended the run at a checkpoint (the same call resumes it)."""
+    from . import checkpoint
     from .engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
     from .losses import hard_label_loss
     from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+    from .stop import StopRequest
     from .train import all_ranks_finite, global_mean
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
@@ -142,16 +146,19 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     r = finetune_recipe(recipe, total)
     ds_config = build_ds_config(r, world)
     engine = build_student_engine(model, r, ds_config)
-    torch.manual_seed(ft.seed + rank)  # dropout differs by rank, reproducibly
     if rank == 0:
         print(f"finetuning the teacher on {task.name} ({task.type}, {task.num_labels} output(s)): "
               f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
               f"ZeRO-{zero_stage(ds_config)}", flush=True)
 
+    ckpt_root = output.with_name(output.name + ".checkpoints")
+    start = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, ft.seed, what="finetuning")
+
     dev, batches, loss = device(), iter(loader), float("nan")
     log_every = max(1, total // 10)
+    stop_request = StopRequest(recipe.output_dir)
     engine.train()
-    for step in range(1, total + 1):
+    for step in range(start + 1, total + 1):
         batch = {k: v.to(dev) for k, v in next(batches).items()}
         labels = batch.pop("labels")
         # the loss in fp32 whatever the training precision (cross-entropy, or MSE for one output)
@@ -163,12 +170,24 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
         loss = global_mean({"loss": step_loss.detach()}, world)["loss"]
         if rank == 0 and (step % log_every == 0 or step == total):
             print(f"finetune step {step}/{total} loss {loss:.4f}", flush=True)
+        requested = stop_request.requested(world)
+        if requested or (step % recipe.train.save_every == 0 and step < total):
+            checkpoint.save(engine, ckpt_root, step, checkpoint.trainer_state(step, loader),
+                            keep=recipe.train.keep_checkpoints)
+        if requested:
+            if rank == 0:
+                stop_request.clear()
+                print(f"finetune: stopped at step {step} of {total} (stop requested: STOP file or SIGUSR1); "
+                      f"checkpoint saved; run the same command again to continue", flush=True)
+            engine.destroy()
+            return None
 
     state = full_state_dict(engine, zero_stage(ds_config), rank)
     if rank == 0:
         summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
                    "epochs": ft.epochs, "final_loss": loss, "world_size": world}
         metrics = save_finetuned(model.config, state, tokenizer, task, output, summary)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
         print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}", flush=True)
     if world > 1:
         dist.barrier()

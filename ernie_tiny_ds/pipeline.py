@@ -58,14 +58,16 @@ def initial_student(recipe: Recipe, out: Path, first: int) -> str | None:
     return recipe.student.path
 
 
-def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allowed: bool) -> str | None:
+def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allowed: bool) -> tuple[str | None, bool]:
+    """(finetuned teacher path or None when no stage needs one, True when a stop request ended finetuning)."""
     if recipe.teacher.finetuned_path or not any(STAGE_SPECS[s].finetuned_teacher for s in stages):
-        return recipe.teacher.finetuned_path
+        return recipe.teacher.finetuned_path, False
     if not allowed:
         raise ConfigError("teacher.finetuned_path: these stages need a finetuned teacher; set it, or include "
                           "stage 0 (finetune) in the range")
     from .finetune import finetune_teacher
-    return str(finetune_teacher(recipe, out / "teacher_finetuned"))
+    path = finetune_teacher(recipe, out / "teacher_finetuned")
+    return (str(path) if path is not None else None), path is None
 
 
 def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
@@ -77,7 +79,11 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
     rank, world = init_distributed(recipe.train.dist_timeout_s)
     out = Path(recipe.output_dir)
     stages = list(STAGES[max(first, 1) - 1:last])
-    finetuned = ensure_finetuned_teacher(recipe, out, stages, allowed=first == 0)
+    finetuned, stopped = ensure_finetuned_teacher(recipe, out, stages, allowed=first == 0)
+    if stopped:
+        if rank == 0:
+            print("pipeline: stopped during finetune; run the same command to resume", flush=True)
+        return False
     student = initial_student(recipe, out, max(first, 1))
     results = []
     for stage in stages:

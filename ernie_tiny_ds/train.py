@@ -158,20 +158,10 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     engine, loader = parts.engine, parts.loader
 
     # --- resume from the newest intact checkpoint
-    step = 0
-    tag = checkpoint.find_resumable(ckpt_root, log=lambda m: print(f"[rank {rank}] {m}", flush=True))
-    if tag is not None:
-        state = checkpoint.load(engine, ckpt_root, tag, rank)
-        step = int(state["step"])
-        loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        if rank == 0:
-            print(f"resumed {stage} from {ckpt_root / tag} at step {step}", flush=True)
-    else:
-        torch.manual_seed(r.train.seed + rank)  # dropout differs by rank, reproducibly
+    step = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, r.train.seed, what=stage)
 
     def save(at_step: int) -> Path:
-        state = {"step": at_step, "loader": loader.state_dict(), "rng": checkpoint.rng_state()}
+        state = checkpoint.trainer_state(at_step, loader)
         return checkpoint.save(engine, ckpt_root, at_step, state, extra_files=lambda f: save_student_files(parts, f),
                                keep=r.train.keep_checkpoints)
 

@@ -130,3 +130,34 @@ def test_a_pretrained_masked_lm_folder_gives_its_encoder_to_the_classifier(tmp_p
         if not name.startswith("pooler."):
             assert torch.equal(value, encoder[name]), name
     assert model.classifier.out_features == 2 and model.dtype == torch.float32
+
+
+def test_a_stopped_finetune_resumes_to_the_uninterrupted_weights(tmp_path, tokenizer_dir, vocab_size):
+    """STOP file -> checkpoint at step 1 and exit; the same command resumes and ends on the weights
+    of a run that was never stopped (2 ranks, dropout on, periodic checkpoints every 3 steps)."""
+    from safetensors.torch import load_file
+
+    path = recipe(tmp_path, tokenizer_dir, vocab_size)
+    common = ["finetune-teacher", "--config", str(path), "finetune.epochs=1", "train.save_every=3",
+              "teacher.config.hidden_dropout_prob=0.1"]  # dropout: the resumed run needs the saved RNG state
+    run_ranks(common + ["--output", str(tmp_path / "straight")])
+
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "STOP").touch()
+    first = run_ranks(common + ["--output", str(tmp_path / "resumed")])
+    assert "stopped at step 1 of 8" in first.stdout
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoints").is_dir()
+    assert not (tmp_path / "out" / "STOP").exists()  # the request is consumed
+    second = run_ranks(common + ["--output", str(tmp_path / "resumed")])
+    assert "resumed finetuning from" in second.stdout and "at step 1" in second.stdout
+    assert not (tmp_path / "resumed.checkpoints").exists()  # removed once the output is in place
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, value in straight.items():
+        assert torch.allclose(resumed[name], value, rtol=1e-5, atol=1e-6), name
+    # and finetuning moved the weights: the comparison is not between two untouched models
+    encoder = build_classifier(load_recipe(path), load_task(load_recipe(path).task)).state_dict()
+    assert not torch.allclose(straight["bert.encoder.layer.0.attention.self.query.weight"],
+                              encoder["bert.encoder.layer.0.attention.self.query.weight"])

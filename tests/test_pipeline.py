@@ -103,3 +103,16 @@ def test_pipeline_runs_all_stages_and_survives_a_kill_in_stage_3(tmp_path, token
         assert section in md
     for stage in STAGES:
         assert (out / f"loss_{stage}.png").stat().st_size > 1000
+
+
+def test_a_stop_request_during_teacher_finetuning_stops_the_pipeline_at_a_checkpoint(tmp_path, tokenizer_dir,
+                                                                                      vocab_size):
+    recipe = pipeline_recipe(tmp_path, tokenizer_dir, vocab_size)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "STOP").touch()  # what Slurm's USR1 handler writes
+    proc = run_ranks(["pipeline", "--config", str(recipe)], timeout=600)
+    assert "finetune: stopped at step 1" in proc.stdout
+    assert "pipeline: stopped during finetune; run the same command to resume" in proc.stdout
+    assert (out / "teacher_finetuned.checkpoints").is_dir() and not (out / "teacher_finetuned").exists()
+    assert not any((out / stage).exists() for stage in STAGES)  # no stage ran on a missing teacher
