@@ -158,6 +158,18 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float):
     return factor
 
 
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm gains/shifts (the 1-D parameters) get
+    none, as in BERT's and TinyBERT's recipes. Empty groups are left out."""
+    def is_matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2  # ds_shape: the full shape of a ZeRO-3 shard
+
+    decay = [p for p in module.parameters() if p.requires_grad and is_matrix(p)]
+    no_decay = [p for p in module.parameters() if p.requires_grad and not is_matrix(p)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
     """DeepSpeed engine over the student and its projections, with warm-up + linear decay."""
     import deepspeed
@@ -166,8 +178,9 @@ def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dic
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_linear_decay(recipe.train.max_steps, recipe.optim.warmup_ratio))
 
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
-                                           config=ds_config, lr_scheduler=scheduler)
+    groups = parameter_groups(module, recipe.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config,
+                                           lr_scheduler=scheduler)
     safe_load.install_on_engine(engine)
     return engine
 

@@ -110,3 +110,25 @@ def test_bundled_deepspeed_configs_get_the_fused_torch_adamw(zero, tmp_path):
                                             "deepspeed.overrides.optimizer.params.foreach=true"])
     params = build_ds_config(r, world_size=2)["optimizer"]["params"]
     assert "fused" not in params and params["foreach"] is True
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+    import transformers
+
+    from ernie_tiny_ds.engine import parameter_groups
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32)
+    model = transformers.BertModel(config)
+    model.pooler.requires_grad_(False)  # frozen parameters are not the optimizer's
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "embeddings.word_embeddings.weight" in decayed
+    assert "encoder.layer.0.attention.self.query.weight" in decayed
+    assert "encoder.layer.1.output.LayerNorm.weight" in kept and "encoder.layer.0.attention.self.query.bias" in kept
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in kept)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | kept == trainable and not decayed & kept and not any(n.startswith("pooler") for n in trainable)
