@@ -11,7 +11,8 @@ baseline  the same weights as Hugging Face models run with output_attentions=Tru
           output_hidden_states=True (eager attention), the same latent loss computed on the
           materialised attention maps, a plain torch AdamW.
 
-Both sides get the same batches; steps are timed alternately in this process (rounds of --steps
+Both sides get the same batches (with --batch auto, on GPU, each side runs the largest power-of-two
+batch it fits, and tokens/s is the comparison); steps are timed alternately in this process (rounds of --steps
 each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; on CPU each side
 runs again in its own subprocess and reports its peak resident set during the steps (VmHWM, reset
 just before) above the resident set before them.
@@ -55,7 +56,8 @@ def recipe_for(args, max_positions: int):
         "student": {"hidden_size": sh, "num_hidden_layers": sl, "num_attention_heads": sH, "intermediate_size": sf},
         "data": {"max_seq_len": args.seq_len},
         "losses": {"kernels": "auto"},
-        "train": {"max_steps": 10 ** 6, "micro_batch_size": args.batch, "precision": args.precision,
+        "train": {"max_steps": 10 ** 6, "micro_batch_size": 8 if args.batch == "auto" else int(args.batch),
+                  "precision": args.precision,
                   "progress_bar": False},
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
         "deepspeed": {"config": args.zero_config},
@@ -96,7 +98,10 @@ class Ours:
         total, _ = p.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out, None)
         p.engine.backward(total)
         p.engine.step()
-        return float(total)
+        return float(total.detach())
+
+    def zero_grad(self) -> None:
+        self.parts.engine.optimizer.zero_grad()
 
 
 class Baseline:
@@ -152,6 +157,9 @@ class Baseline:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def sync(device: torch.device) -> None:
@@ -221,7 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", default="8",
+                        help="sequences per step, or 'auto' (GPU): each side at the largest power of two it fits")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--zero-config", default="zero0",
                         help="ds_configs/ name for our side; one process has nothing to partition, so zero0")
@@ -231,18 +240,28 @@ def main() -> None:
     parser.add_argument("--max-seq", action="store_true", help="GPU: longest sequence each side fits")
     parser.add_argument("--memory-side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch != "auto" and not args.batch.isdigit():
+        parser.error(f"--batch must be a positive integer or 'auto', got {args.batch!r}")
     torch.manual_seed(0)
 
     max_positions = 32768 if args.max_seq else max(512, args.seq_len)
     ours = Ours(args, max_positions)
     device = next(ours.parts.student.parameters()).device
     baseline = Baseline(ours, args)
-    batches = random_batches(args.steps, args.batch, args.seq_len, device, seed=1)
+    if args.batch == "auto":
+        if device.type != "cuda":
+            raise SystemExit("--batch auto searches for the largest batch before running out of GPU memory: CUDA only")
+        batch_of = {"ours": largest_batch(ours, args, device), "baseline": largest_batch(baseline, args, device)}
+    else:
+        batch_of = {"ours": int(args.batch), "baseline": int(args.batch)}
+    # the same seed: at equal batch sizes both sides see the same sequences
+    batches_of = {name: random_batches(args.steps, b, args.seq_len, device, seed=1) for name, b in batch_of.items()}
 
     if args.memory_side:  # child process: one side only, peak RSS above the built models
         side = ours if args.memory_side == "ours" else baseline
         other = baseline if side is ours else ours
         del other
+        batches = batches_of[args.memory_side]
         time_steps(side, batches[:1], device)  # optimizer state and allocator warm, as in the timed runs
         before = rss_mb()
         with open("/proc/self/clear_refs", "w") as f:
@@ -251,21 +270,23 @@ def main() -> None:
         print(json.dumps({"peak_mb": max(0.0, vm_hwm_mb() - before)}))
         return
 
-    for side in (ours, baseline):  # warm-up (allocator, kernels, optimizer state)
-        time_steps(side, batches[:2], device)
+    sides = (("ours", ours), ("baseline", baseline))
+    for name, side in sides:  # warm-up (allocator, kernels, optimizer state)
+        time_steps(side, batches_of[name][:2], device)
     times = {"ours": [], "baseline": []}
     peaks = {}
     for _ in range(args.rounds):
-        for name, side in (("ours", ours), ("baseline", baseline)):
+        for name, side in sides:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times[name].append(time_steps(side, batches, device))
+            times[name].append(time_steps(side, batches_of[name], device))
             if device.type == "cuda":
                 peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 20
     if device.type != "cuda":
         peaks = {name: memory_in_subprocess(args, name) for name in ("ours", "baseline")}
 
-    tokens = args.batch * args.seq_len * args.steps
+    tokens = {name: b * args.seq_len * args.steps for name, b in batch_of.items()}
+    tokens_per_s = {name: tokens[name] / statistics.median(times[name]) for name in tokens}
     median = {k: statistics.median(v) for k, v in times.items()}
     # the MFU denominator is the matmul rate in the step's precision (bf16 also on CPUs with native bf16)
     rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
@@ -273,20 +294,42 @@ def main() -> None:
     print(f"\n{args.size} teacher {SIZES[args.size][0]} -> student {SIZES[args.size][1]}, L={args.seq_len}, "
           f"batch {args.batch}, {args.precision}, {name}, torch threads {torch.get_num_threads()}; "
           f"median of {args.rounds} alternating rounds of {args.steps} steps\n")
-    print("| side | step (ms) | tokens/s | peak memory (MiB) | MFU |")
-    print("|---|---|---|---|---|")
+    print("| side | batch | step (ms) | tokens/s | peak memory (MiB) | MFU |")
+    print("|---|---|---|---|---|---|")
     for side in ("ours", "baseline"):
         seconds = median[side] / args.steps
-        mfu = step_flops(args, args.batch * args.seq_len) / seconds / rate
-        print(f"| {side} | {seconds * 1000:.1f} | {tokens / median[side]:,.0f} | {peaks[side]:.0f} | {mfu:.1%} |")
+        mfu = step_flops(args, batch_of[side] * args.seq_len) / seconds / rate
+        print(f"| {side} | {batch_of[side]} | {seconds * 1000:.1f} | {tokens_per_s[side]:,.0f} | {peaks[side]:.0f} "
+              f"| {mfu:.1%} |")
     per_round = sorted(o / b for o, b in zip(times["ours"], times["baseline"]))
     print(f"\nratio ours/baseline step time: {median['ours'] / median['baseline']:.3f} "
           f"(per round {per_round[0]:.2f}-{per_round[-1]:.2f}); "
-          f"tokens/s ratio: {median['baseline'] / median['ours']:.2f}x; "
+          f"tokens/s ratio: {tokens_per_s['ours'] / tokens_per_s['baseline']:.2f}x; "
           f"peak memory ratio: {peaks['ours'] / max(peaks['baseline'], 1e-9):.2f}; "
           f"matmul rate {rate / 1e12:.2f} TFLOP/s")
     if args.max_seq and device.type == "cuda":
         print(json.dumps(max_sequence(args, ours, baseline, device, budget=peaks["baseline"])))
+
+
+def largest_batch(side, args, device, start: int = 8, limit: int = 4096) -> int:
+    """Largest power-of-two batch (from `start`) for which one step of `side` runs without running
+    out of GPU memory at --seq-len. A step cut short by the error leaves partial gradients behind:
+    they are dropped before the next try."""
+    best, batch = None, start
+    while batch <= limit:
+        try:
+            torch.cuda.empty_cache()
+            side.step(random_batches(1, batch, args.seq_len, device, seed=3)[0])
+            sync(device)
+            best = batch
+        except torch.OutOfMemoryError:
+            side.zero_grad()
+            break
+        batch *= 2
+    torch.cuda.empty_cache()
+    if best is None:
+        raise SystemExit(f"not even a batch of {start} fits at L={args.seq_len}")
+    return best
 
 
 def max_sequence(args, ours: Ours, baseline: Baseline, device, budget: float) -> dict:
@@ -303,6 +346,7 @@ def max_sequence(args, ours: Ours, baseline: Baseline, device, budget: float) ->
                     break
                 best = length
             except torch.OutOfMemoryError:
+                side.zero_grad()
                 break
             length *= 2
         found[name] = best
