@@ -123,7 +123,7 @@ def render_markdown(r: dict) -> str:
               f"| teacher | {t['params']:,} | {t['latency_ms_batch1']:.2f} | {t['throughput_batch32']:.1f} |",
               f"| student | {s['params']:,} | {s['latency_ms_batch1']:.2f} | {s['throughput_batch32']:.1f} |",
               "", f"Size ratio {t['params'] / s['params']:.2f}×, speed-up {r['speedup']:.2f}× (batch 1), "
-              f"sequence length {r['machine']['seq_len']}, measured one after the other in one process on "
+              f"sequence length {r['machine']['seq_len']}, measured in turns (teacher, student, …) in one process on "
               f"{r['machine']['processor']} ({r['machine']['platform']}), {r['machine']['torch_threads']} torch "
               "threads.", ""]
     return "\n".join(lines)

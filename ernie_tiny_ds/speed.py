@@ -3,7 +3,8 @@
 Both numbers are medians over several timed repetitions after warm-up runs, in eval mode under
 torch.no_grad, on fixed random token ids of a fixed length (a dense encoder's cost does not
 depend on which tokens it reads). Compare two models only under the same thread count and device:
-`compare_inference` measures both under one setting and reports speedup = teacher / student latency.
+`compare_inference` measures both under one setting, their repetitions taking turns, and reports
+speedup = teacher / student latency.
 """
 from __future__ import annotations
 
@@ -44,51 +45,69 @@ def _inputs(config, batch: int, seq_len: int, device: torch.device, seed: int) -
             "token_type_ids": torch.zeros_like(ids, device=device)}
 
 
-def _median_seconds(model: nn.Module, inputs: dict, warmup: int, repeats: int) -> float:
-    sync = torch.cuda.synchronize if inputs["input_ids"].is_cuda else (lambda: None)
-    for _ in range(warmup):
-        model(**inputs)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**inputs)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure_inference(model: str | os.PathLike | nn.Module, seq_len: int = 128, repeats: int = 10, warmup: int = 3,
-                      threads: int | None = None, device: str | torch.device = "cpu", seed: int = 0) -> dict:
-    """{latency_ms_batch1, throughput_batch32 (sequences/s), params, seq_len, threads, repeats}."""
+def _check_settings(module: nn.Module, seq_len: int, repeats: int, warmup: int) -> None:
     if repeats < 1 or warmup < 0 or seq_len < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0 and seq_len >= 1 (got {repeats}, {warmup}, {seq_len})")
-    module = _load(model)
-    config = module.config
-    if seq_len > config.max_position_embeddings:
+    if seq_len > module.config.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-                         f"({config.max_position_embeddings})")
-    device = torch.device(device)
-    was_training = module.training
-    module.eval().to(device)
+                         f"({module.config.max_position_embeddings})")
+
+
+def _alternating_medians(modules: list[nn.Module], batch: int, seq_len: int, device: torch.device, seed: int,
+                         warmup: int, repeats: int) -> list[float]:
+    """Median seconds per forward of each module. Repetitions take turns (A, B, A, B, ...), so a slow
+    spell of a shared machine falls on every model alike instead of on whichever ran during it."""
+    inputs = [_inputs(m.config, batch, seq_len, device, seed) for m in modules]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for module, x in zip(modules, inputs):
+            module(**x)
+    sync()
+    times: list[list[float]] = [[] for _ in modules]
+    for _ in range(repeats):
+        for i, (module, x) in enumerate(zip(modules, inputs)):
+            start = time.perf_counter()
+            module(**x)
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def measure_models(models: list, seq_len: int = 128, repeats: int = 10, warmup: int = 3, threads: int | None = None,
+                   device: str | torch.device = "cpu", seed: int = 0) -> list[dict]:
+    """Per model {latency_ms_batch1, throughput_batch32 (sequences/s), params, seq_len, threads, repeats},
+    all measured in turns under one thread count and device."""
     from .models import count_parameters
+
+    modules = [_load(m) for m in models]
+    for module in modules:
+        _check_settings(module, seq_len, repeats, warmup)
+    device = torch.device(device)
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval().to(device)
     try:
         with _threads(threads) as used, torch.no_grad():
-            latency = _median_seconds(module, _inputs(config, 1, seq_len, device, seed), warmup, repeats)
-            batch = _median_seconds(module, _inputs(config, THROUGHPUT_BATCH, seq_len, device, seed), warmup,
-                                    repeats)
+            latency = _alternating_medians(modules, 1, seq_len, device, seed, warmup, repeats)
+            batch = _alternating_medians(modules, THROUGHPUT_BATCH, seq_len, device, seed, warmup, repeats)
     finally:
-        module.train(was_training)
-    return {"latency_ms_batch1": latency * 1000.0, "throughput_batch32": THROUGHPUT_BATCH / batch,
-            "params": count_parameters(module), "seq_len": seq_len, "threads": used, "repeats": repeats}
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+    return [{"latency_ms_batch1": lat * 1000.0, "throughput_batch32": THROUGHPUT_BATCH / b,
+             "params": count_parameters(m), "seq_len": seq_len, "threads": used, "repeats": repeats}
+            for m, lat, b in zip(modules, latency, batch)]
+
+
+def measure_inference(model: str | os.PathLike | nn.Module, **settings) -> dict:
+    """One model: {latency_ms_batch1, throughput_batch32, params, seq_len, threads, repeats}."""
+    return measure_models([model], **settings)[0]
 
 
 def compare_inference(teacher: str | os.PathLike | nn.Module, student: str | os.PathLike | nn.Module,
                       **settings) -> dict:
-    """Both models measured under the same settings (threads default: the current count, shared)."""
+    """Both models measured in turns under the same settings (threads default: the current count, shared)."""
     settings.setdefault("threads", torch.get_num_threads())
-    t = measure_inference(teacher, **settings)
-    s = measure_inference(student, **settings)
+    t, s = measure_models([teacher, student], **settings)
     return {"teacher": t, "student": s,
             "speedup_latency": t["latency_ms_batch1"] / s["latency_ms_batch1"],
             "speedup_throughput": s["throughput_batch32"] / t["throughput_batch32"],

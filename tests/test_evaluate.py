@@ -193,3 +193,18 @@ def test_speed_measurement_reports_sane_numbers_and_restores_state(tmp_path, tok
     assert report["teacher"]["threads"] == report["student"]["threads"] == threads
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         measure_inference(small, seq_len=65)
+
+
+def test_teacher_and_student_are_timed_in_turns(tokenizer):
+    """A slow spell of a shared machine must hit both models alike: their repetitions alternate."""
+    def tiny(layers):
+        return transformers.BertModel(transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                                              num_hidden_layers=layers, num_attention_heads=2,
+                                                              intermediate_size=32, max_position_embeddings=32))
+    teacher, student = tiny(2), tiny(1)
+    order = []
+    teacher.register_forward_hook(lambda *_: order.append("t"))
+    student.register_forward_hook(lambda *_: order.append("s"))
+    report = compare_inference(teacher, student, seq_len=8, repeats=4, warmup=1)
+    assert order == ["t", "s"] * (2 * (1 + 4))  # latency then throughput: warm-up and repeats, alternating
+    assert report["speedup_latency"] > 0 and report["speedup_throughput"] > 0
