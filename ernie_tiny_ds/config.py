@@ -127,6 +127,9 @@ class DeepSpeedSection:
     overrides: dict = field(default_factory=dict)  # merged into the JSON (nested keys)
 
 
+STAGE_SECTIONS = ("train", "optim", "losses", "data")  # what stages.<name> may override
+
+
 @dataclass
 class StageOverride:
     train: dict = field(default_factory=dict)
@@ -148,19 +151,34 @@ class Recipe:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     stages: dict[str, StageOverride] = field(default_factory=dict)
+    # set by load_recipe, not a recipe key: the command-line overrides of the sections a stage can
+    # override, so that for_stage lets them win over the recipe file's stages.<name> too
+    command_line: list[str] = field(default_factory=list)
 
     def for_stage(self, stage: str) -> "Recipe":
-        """This recipe with the stage's overrides applied (validated like the rest)."""
+        """This recipe with the stage's overrides applied (validated like the rest).
+
+        Precedence, lowest first: the recipe's sections, its stages.<stage>, the command line's
+        section keys (train.max_steps=20 shortens every stage), the command line's stages.<stage>."""
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
         merged = to_dict(self)
         override = self.stages.get(stage)
         if override is not None:
-            for section in ("train", "optim", "losses", "data"):
+            for section in STAGE_SECTIONS:
                 merged[section].update(getattr(override, section))
+        general, this_stage = [], []
+        for text in self.command_line:
+            path, _ = parse_override(text)
+            if path[0] in STAGE_SECTIONS:
+                general.append(text)
+            elif path[:2] == ["stages", stage] and len(path) > 3:
+                this_stage.append(text.split(".", 2)[2])  # stages.<stage>.train.x=v -> train.x=v
+        merged = apply_overrides(merged, general + this_stage)
         merged["stages"] = {}
         out = from_dict(merged, source=f"stages.{stage}")
         out.stages = self.stages
+        out.command_line = self.command_line
         return out
 
 
@@ -324,8 +342,15 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping of sections")
         values = _resolve_relative_paths(values, p.parent)
+    if "command_line" in values:
+        raise ConfigError("unknown key 'command_line': it is not a recipe setting")
     values = apply_overrides(values, overrides or [])
-    return from_dict(values, source=str(path or "overrides"))
+    if "command_line" in values:
+        raise ConfigError("unknown key 'command_line': it is not a recipe setting")
+    recipe = from_dict(values, source=str(path or "overrides"))
+    recipe.command_line = [o for o in overrides or []
+                           if parse_override(o)[0][0] in (*STAGE_SECTIONS, "stages")]
+    return recipe
 
 
 # Paths written in a recipe are relative to the recipe file, so a recipe folder can move as a whole.

@@ -81,6 +81,24 @@ def test_stage_overrides_apply_to_that_stage_only(tmp_path):
     assert r.for_stage("general").train.max_steps == r.train.max_steps
 
 
+def test_the_command_line_wins_over_the_recipes_stage_overrides(tmp_path):
+    path = write(tmp_path, {**BASE, "stages": {"task_specific": {"train": {"max_steps": 3, "save_every": 2},
+                                                                 "optim": {"lr": 5e-4}}}})
+    r = load_recipe(path, ["train.max_steps=20", "optim.warmup_ratio=0.2"])
+    ts = r.for_stage("task_specific")
+    assert ts.train.max_steps == 20 and ts.train.save_every == 2  # only the keys given on the command line
+    assert ts.optim.lr == pytest.approx(5e-4) and ts.optim.warmup_ratio == pytest.approx(0.2)
+    assert r.for_stage("general").train.max_steps == 20
+    # a stage key on the command line is the most specific: it wins over the general one, for its stage only
+    r = load_recipe(path, ["train.max_steps=20", "stages.task_specific.train.max_steps=7"])
+    assert r.for_stage("task_specific").train.max_steps == 7 and r.for_stage("general").train.max_steps == 20
+    # survives the copies the pipeline makes, and is not a recipe key
+    import dataclasses
+    assert dataclasses.replace(r, output_dir="x").for_stage("general").train.max_steps == 20
+    with pytest.raises(ConfigError, match="'command_line': it is not a recipe setting"):
+        load_recipe(path, ["command_line=[train.max_steps=1]"])
+
+
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
     (tmp_path / "corpus").mkdir()
     r = load_recipe(write(tmp_path, {**BASE, "data": {"corpus": "corpus"}}))
