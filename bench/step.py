@@ -259,8 +259,6 @@ def main() -> None:
 
     if args.memory_side:  # child process: one side only, peak RSS above the built models
         side = ours if args.memory_side == "ours" else baseline
-        other = baseline if side is ours else ours
-        del other
         batches = batches_of[args.memory_side]
         time_steps(side, batches[:1], device)  # optimizer state and allocator warm, as in the timed runs
         before = rss_mb()
@@ -285,9 +283,8 @@ def main() -> None:
     if device.type != "cuda":
         peaks = {name: memory_in_subprocess(args, name) for name in ("ours", "baseline")}
 
-    tokens = {name: b * args.seq_len * args.steps for name, b in batch_of.items()}
-    tokens_per_s = {name: tokens[name] / statistics.median(times[name]) for name in tokens}
     median = {k: statistics.median(v) for k, v in times.items()}
+    tokens_per_s = {name: b * args.seq_len * args.steps / median[name] for name, b in batch_of.items()}
     # the MFU denominator is the matmul rate in the step's precision (bf16 also on CPUs with native bf16)
     rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())

@@ -342,10 +342,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping of sections")
         values = _resolve_relative_paths(values, p.parent)
-    if "command_line" in values:
-        raise ConfigError("unknown key 'command_line': it is not a recipe setting")
     values = apply_overrides(values, overrides or [])
-    if "command_line" in values:
+    if "command_line" in values:  # from the file or the command line
         raise ConfigError("unknown key 'command_line': it is not a recipe setting")
     recipe = from_dict(values, source=str(path or "overrides"))
     recipe.command_line = [o for o in overrides or []

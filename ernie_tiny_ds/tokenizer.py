@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import ConfigError
 
+
 def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
     """The recipe's tokenizer, else the teacher's own (pretrained, then finetuned when allowed),
     else (inline test teachers) the bundled one."""
