@@ -19,11 +19,12 @@ stamp="$VENV/.ernie-tiny-ds-installed"
 want="$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml"; echo "$TORCH_SPEC")"
 # the extras installed so far (one per line): asking for a subset of them installs nothing
 have_extras="$(cat "$VENV/.ernie-tiny-ds-extras" 2>/dev/null || true)"
+extras="${EXTRAS:-}"
 missing=""
-for extra in ${EXTRAS//,/ }; do grep -qx "$extra" <<<"$have_extras" || missing="$missing $extra"; done
+for extra in ${extras//,/ }; do grep -qx "$extra" <<<"$have_extras" || missing="$missing $extra"; done
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ -n "$missing" ]; then
   [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && have_extras=""
-  all_extras="$(printf '%s\n' $have_extras ${EXTRAS//,/ } | sort -u | paste -sd, -)"
+  all_extras="$(printf '%s\n' $have_extras ${extras//,/ } | sort -u | paste -sd, -)"
   python -m pip install -q --upgrade pip
   # torch in the same command as deepspeed, else deepspeed's own requirement pulls a CUDA build
   spec="$REPO"; [ -n "$all_extras" ] && spec="$REPO[$all_extras]"
