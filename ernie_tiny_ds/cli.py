@@ -77,17 +77,6 @@ COMMAND_MODULES = (
 )
 
 
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
-
-
-def lost_a_peer(exc: BaseException) -> bool:
-    """A collective failed because another rank is gone (gloo/NCCL), not because of this rank."""
-    import torch.distributed as dist
-
-    backend_error = getattr(dist, "DistBackendError", ())
-    return isinstance(exc, backend_error) or any(text in str(exc) for text in PEER_LOST)
-
-
 def _shutdown() -> None:
     """Leave the process group in order: a barrier first, so no rank exits while another still talks."""
     import torch.distributed as dist
@@ -102,21 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     try:
         code = args.func(args)
     except UserError as exc:
+        rank = os.environ.get("RANK")  # set by the launcher, or by init_distributed during the call
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # other ranks may be blocked in a collective: do not wait for them
     except RuntimeError as exc:
-        if not lost_a_peer(exc):
-            raise
         # another rank failed first (its own message says why); this one only saw its connection drop
-        from .rank_registry import gone_ranks
-        who = ", ".join(gone_ranks(int(rank or 0))) or "another rank"
-        print(f"[rank {rank}] error: {who} left the job during a collective operation "
-              f"({str(exc).splitlines()[0][:160]}); see its own message, if any", file=sys.stderr, flush=True)
+        from .rank_registry import describe_peer_loss
+        line = describe_peer_loss(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
         os._exit(1)
     _shutdown()
     return code
