@@ -22,12 +22,11 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+from triton.runtime.interpreter import InterpretedFunction
 
 from .. import losses as _ref
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# read when the kernels below are decorated: that moment decides interpreted vs compiled
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -239,6 +238,11 @@ def _attention_transfer_bwd_dk(
 
 
 # --------------------------------------------------------------------------- launchers
+# triton decided interpreted vs compiled when it decorated the kernels above (triton.knobs, which
+# says it too, only exists in recent triton releases)
+_INTERPRETED = isinstance(_attention_transfer_fwd, InterpretedFunction)
+
+
 def _block_d(d: int) -> int:
     # tl.arange needs a power of 2 and tl.dot a K of at least 16
     return max(16, triton.next_power_of_2(d))
@@ -374,9 +378,4 @@ def attention_transfer_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.T
     mask = attention_mask.bool()
     rows = AttentionTransferRows.apply(q_s, k_s, q_t, k_t, mask.to(torch.int32).contiguous(),
                                        kind == "kl", tiling)
-    heads = q_s.shape[1]
-    if kind == "kl":
-        denom = mask.sum().to(torch.float32) * heads
-    else:
-        denom = (mask.sum(dim=1).to(torch.float32) ** 2).sum() * heads
-    return rows.sum() / denom.clamp_min(1.0)
+    return rows.sum() / _ref.attention_denominator(mask, q_s.shape[1], kind)

@@ -21,42 +21,49 @@ import torch
 from .. import losses as _ref
 
 
-def _chunk_grad_map(q_s, k_s, q_t, k_t, key_bias, row_valid, is_kl: bool):
-    """(summed loss of these query rows, d loss / d scores of the student) for one chunk of rows.
+def _chunk(q_s, k_s, q_t, k_t, keys, row_valid, is_kl: bool, want_loss: bool, want_grad: bool):
+    """(summed loss of these query rows or None, map G or None) for one chunk of query rows.
 
     q_* are the chunk's query rows [B, H, C, d], already scaled by 1/sqrt(d); k_* all keys.
-    key_bias is [B, 1, 1, L], 0 on keys and -inf on padded keys, or None (no padding);
-    row_valid is [B, 1, C, 1] (1 = token) or None.
+    keys is `_key_term(...)` [B, 1, 1, L], or None without padding; row_valid is [B, 1, C, 1]
+    (1 = token) or None. G is d loss / d s_s up to a constant (2 for mse, applied by the caller);
+    its padded query rows are left for the caller to zero on the [.., C, d] factors.
     """
     s_s = torch.matmul(q_s, k_s.transpose(-1, -2))
     s_t = torch.matmul(q_t, k_t.transpose(-1, -2))
+    loss = grad = None
     if is_kl:
         # KL(p_t || p_s) per row = sum_k p_t (s_t - s_s) + lse(s_s) - lse(s_t): the raw difference is
         # finite on padded keys, where p_t = 0, so no map needs a masked log-probability. An additive
         # -inf bias (not masked_fill) and softmax keep exp() off huge negative numbers, which is slow.
-        diff = s_t - s_s
-        if key_bias is not None:
-            s_s += key_bias
-            s_t += key_bias
+        diff = s_t - s_s if want_loss else None
+        if keys is not None:
+            s_s += keys
+            s_t += keys
         p_t = torch.softmax(s_t, dim=-1)
-        row_kl = (p_t * diff).sum(dim=-1, keepdim=True)
-        row_kl += torch.logsumexp(s_s, dim=-1, keepdim=True) - torch.logsumexp(s_t, dim=-1, keepdim=True)
-        if row_valid is not None:
-            row_kl = row_kl * row_valid
-        # the caller zeroes padded query rows on [.., C, d] factors, not on this map
-        grad = torch.softmax(s_s, dim=-1).sub_(p_t)
-        return row_kl.sum(), grad
+        if want_loss:
+            row_kl = (p_t * diff).sum(dim=-1, keepdim=True)
+            row_kl += torch.logsumexp(s_s, dim=-1, keepdim=True) - torch.logsumexp(s_t, dim=-1, keepdim=True)
+            loss = (row_kl * row_valid if row_valid is not None else row_kl).sum()
+        if want_grad:
+            grad = torch.softmax(s_s, dim=-1).sub_(p_t)
+        return loss, grad
     diff = s_s.sub_(s_t)
-    if key_bias is not None:  # only valid (query, key) pairs count
-        diff.mul_(torch.isfinite(key_bias).to(diff.dtype)).mul_(row_valid)
-    return diff.pow(2).sum(), diff.mul_(2.0)
+    if keys is not None:  # only valid keys count; padded rows drop out of the row sums below
+        diff.mul_(keys)
+    if want_loss:
+        row_sq = diff.pow(2).sum(dim=-1, keepdim=True)
+        loss = (row_sq * row_valid if row_valid is not None else row_sq).sum()
+    return loss, diff if want_grad else None
 
 
-def _key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, 1, L]: 0 on tokens, -inf on padding. A sequence with no token at all keeps 0
-    everywhere (its rows are masked out anyway), so no softmax row is all -inf."""
-    empty = ~mask.any(dim=1, keepdim=True)
-    keep = mask | empty
+def _key_term(mask: torch.Tensor, dtype: torch.dtype, is_kl: bool) -> torch.Tensor:
+    """[B, 1, 1, L] for the padded keys. kl: an additive bias, 0 on tokens and -inf on padding (a
+    sequence with no token keeps 0 everywhere: its rows are masked out anyway, and no softmax row
+    is all -inf). mse: a factor, 1 on tokens and 0 on padding."""
+    if not is_kl:
+        return mask.to(dtype)[:, None, None, :]
+    keep = mask | ~mask.any(dim=1, keepdim=True)
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, float("-inf"))
     return bias[:, None, None, :]
 
@@ -71,20 +78,20 @@ class _AttentionTransferSum(torch.autograd.Function):
         qs, ks = (q_s.to(dtype) * scale_s), k_s.to(dtype)
         qt, kt = (q_t.to(dtype) * scale_t), k_t.to(dtype)
         padded = not bool(mask.all())
-        key_bias = _key_bias(mask, dtype) if padded else None
+        keys = _key_term(mask, dtype, is_kl) if padded else None
         length = q_s.shape[2]
-        total, grads = qs.new_zeros(()), []
+        whole = chunk >= length  # one chunk: keep its map, and the backward is two products
+        total, grad = qs.new_zeros(()), None
         for start in range(0, length, chunk):
             rows = slice(start, min(start + chunk, length))
             row_valid = mask[:, None, rows, None].to(dtype) if padded else None
-            part, grad = _chunk_grad_map(qs[:, :, rows], ks, qt[:, :, rows], kt, key_bias, row_valid, is_kl)
+            part, grad = _chunk(qs[:, :, rows], ks, qt[:, :, rows], kt, keys, row_valid, is_kl,
+                                want_loss=True, want_grad=whole)
             total = total + part
-            if chunk >= length:
-                grads.append(grad)  # one chunk: keep its map, the backward is two products
         ctx.is_kl, ctx.chunk, ctx.padded, ctx.scale_s = is_kl, chunk, padded, scale_s
         ctx.dtypes = (q_s.dtype, k_s.dtype)
-        if grads:
-            ctx.save_for_backward(qs, ks, mask, grads[0])
+        if whole:
+            ctx.save_for_backward(qs, ks, mask, grad)
         else:
             ctx.save_for_backward(qs, ks, mask, qt, kt)
         return total
@@ -94,7 +101,8 @@ class _AttentionTransferSum(torch.autograd.Function):
         qs, ks, mask, *rest = ctx.saved_tensors
         length = qs.shape[2]
         row_valid = mask[:, None, :, None].to(qs.dtype) if ctx.padded else None
-        key_bias = _key_bias(mask, qs.dtype) if ctx.padded else None
+        recompute = len(rest) == 2
+        keys = _key_term(mask, qs.dtype, ctx.is_kl) if ctx.padded and recompute else None
         # d loss / d q = (G k) * scale, d loss / d k = (G^T q) * scale; padded query rows carry no
         # loss, so they are zeroed on the [.., L, d] factors instead of on the L x L map
         q_rows = qs * row_valid if row_valid is not None else qs
@@ -102,21 +110,20 @@ class _AttentionTransferSum(torch.autograd.Function):
         d_k = torch.zeros_like(ks)
         for start in range(0, length, ctx.chunk):
             rows = slice(start, min(start + ctx.chunk, length))
-            if len(rest) == 1:
-                grad_map = rest[0]
-            else:
+            if recompute:
                 qt, kt = rest
-                chunk_rows = row_valid[:, :, rows] if row_valid is not None else None
-                _, grad_map = _chunk_grad_map(qs[:, :, rows], ks, qt[:, :, rows], kt, key_bias, chunk_rows,
-                                              ctx.is_kl)
+                _, grad_map = _chunk(qs[:, :, rows], ks, qt[:, :, rows], kt, keys, None, ctx.is_kl,
+                                     want_loss=False, want_grad=True)
+            else:
+                grad_map = rest[0]
             d_q[:, :, rows] = torch.matmul(grad_map, ks)
             d_k += torch.matmul(grad_map.transpose(-1, -2), q_rows[:, :, rows])
         # q was scaled by scale_s before the product, so dq picks up scale_s (chain rule) and dk
-        # has it already through the scaled q
-        factor = grad_total * ctx.scale_s
+        # has it already through the scaled q; mse's maps leave out the 2 of d(x^2)/dx
+        grad_total = grad_total * (1.0 if ctx.is_kl else 2.0)
         if row_valid is not None:
             d_q = d_q * row_valid
-        d_q = (d_q * factor).to(ctx.dtypes[0])
+        d_q = (d_q * (grad_total * ctx.scale_s)).to(ctx.dtypes[0])
         d_k = (d_k * grad_total).to(ctx.dtypes[1])
         return d_q, d_k, None, None, None, None, None
 
