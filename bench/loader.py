@@ -43,6 +43,7 @@ def write_corpus(path: Path, megabytes: int, lines: list[str]) -> Path:
     if path.exists() and path.stat().st_size >= target:
         return path
     rng = random.Random(megabytes)
+    lines = list(lines)  # shuffled below: the caller's list (reused for every corpus) stays as given
     with open(path, "w", encoding="utf-8") as out:
         written = 0
         while written < target:
