@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .packing import batch_from
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -128,6 +129,12 @@ class TokenShards:
         return ends - begins
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """What shards and the loader reading them must agree on (written to meta.json by preprocess)."""
+    return {"vocab_size": len(tokenizer), "cls_token_id": tokenizer.cls_token_id,
+            "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
 class ShardLoader:
     def __init__(self, folder: str, tokenizer, batch_size: int, rank: int, world_size: int, seed: int,
                  max_seq_len: int):
@@ -136,9 +143,8 @@ class ShardLoader:
         if meta["max_seq_len"] > max_seq_len:
             raise DataError(f"data.max_seq_len={max_seq_len} but the shards in {folder} hold sequences of up to "
                             f"{meta['max_seq_len']} tokens; preprocess again with --max-seq-len {max_seq_len}")
-        theirs = {k: meta["tokenizer"][k] for k in ("vocab_size", "cls_token_id", "sep_token_id", "pad_token_id")}
-        ours = {"vocab_size": len(tokenizer), "cls_token_id": tokenizer.cls_token_id,
-                "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
+        ours = tokenizer_identity(tokenizer)
+        theirs = {k: meta["tokenizer"][k] for k in ours}
         if theirs != ours:
             raise DataError(f"data.tokenizer does not match the one the shards in {folder} were made with "
                             f"({meta['tokenizer'].get('path')}): {theirs} vs {ours}")
@@ -173,9 +179,7 @@ class ShardLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         input_ids = np.empty((self.batch_size, self.max_seq_len), dtype=np.int64)
         lengths = self.shards.gather(self._next_indices(), input_ids, self.pad_id)
-        mask = (np.arange(self.max_seq_len)[None, :] < lengths[:, None]).astype(np.int64)
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                "token_type_ids": torch.zeros((self.batch_size, self.max_seq_len), dtype=torch.long)}
+        return batch_from(input_ids, lengths)
 
     def __iter__(self):
         while True:

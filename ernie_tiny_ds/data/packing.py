@@ -106,6 +106,11 @@ def collate(sequences: Sequence[Sequence[int]], max_seq_len: int, pad_id: int) -
     for row, seq in enumerate(sequences):
         input_ids[row, :len(seq)] = seq
         lengths[row] = len(seq)
-    attention_mask = (np.arange(max_seq_len)[None, :] < lengths[:, None]).astype(np.int64)
+    return batch_from(input_ids, lengths)
+
+
+def batch_from(input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
+    """The model inputs of right-padded [B, L] int64 ids whose rows hold `lengths` tokens."""
+    attention_mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
-            "token_type_ids": torch.zeros((len(sequences), max_seq_len), dtype=torch.long)}
+            "token_type_ids": torch.zeros(input_ids.shape, dtype=torch.long)}

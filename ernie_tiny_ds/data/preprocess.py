@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import DataError
-from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype
+from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype, tokenizer_identity
 from .packing import TokenEncoder, pack_pieces
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
@@ -154,8 +154,7 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
             "sequences": sum(r["shard"]["sequences"] for r in results),
             "max_seq_len": cfg.max_seq_len,
             "dtype": dtype,
-            "tokenizer": {"path": tokenizer_path, "vocab_size": len(tokenizer), "cls_token_id": tokenizer.cls_token_id,
-                          "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id},
+            "tokenizer": {"path": tokenizer_path, **tokenizer_identity(tokenizer)},
             "sources": sources,
             "skipped_binary_files": stats.skipped_binary,
             "invalid_utf8_lines": invalid,

@@ -95,9 +95,7 @@ def looks_binary(path: str) -> bool:
     try:
         with open_decompressed(path) as stream:
             head = stream.read(SNIFF_BYTES)
-    except (OSError, EOFError, ValueError) as exc:  # corrupt gzip/bz2/zstd
-        raise DataError(f"data.corpus: cannot decompress {path}: {exc}") from None
-    except Exception as exc:  # zstandard raises its own ZstdError
+    except Exception as exc:  # corrupt gzip/bz2 (OSError, EOFError), zstandard's own ZstdError
         raise DataError(f"data.corpus: cannot decompress {path}: {exc}") from None
     return b"\x00" in head
 
