@@ -18,7 +18,8 @@ runs again in its own subprocess and reports its peak resident set during the st
 just before) above the resident set before them.
 MFU counts the teacher forward and the student forward + backward matrix products against the
 measured dense matmul rate of this device. --max-seq also searches, on GPU, the longest sequence
-each side fits at batch 8 within the memory the baseline needs at --seq-len.
+each side fits at batch 8 within the memory the baseline needs at --seq-len. --phases adds, per
+side, the median time of each phase of a step and the profiler's time in matrix products.
 """
 from __future__ import annotations
 
@@ -90,14 +91,18 @@ class Ours:
         init_distributed(600)
         self.parts = build_parts(self.recipe, STAGE_SPECS["general"], rank=0, world=1)
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict, mark=lambda phase: None) -> float:
         from ernie_tiny_ds.train import teacher_forward
 
         p = self.parts
         teacher_out = teacher_forward(p.teacher, p.teacher_capture, batch)
+        mark("teacher forward")
         total, _ = p.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out, None)
+        mark("student forward + loss")
         p.engine.backward(total)
+        mark("backward")
         p.engine.step()
+        mark("optimizer")
         return float(total.detach())
 
     def zero_grad(self) -> None:
@@ -132,11 +137,12 @@ class Baseline:
         clone.load_state_dict(model.state_dict())
         return clone
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict, mark=lambda phase: None) -> float:
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       token_type_ids=batch["token_type_ids"], output_attentions=True, output_hidden_states=True)
         with torch.no_grad():
             t = self.teacher(**kwargs)
+        mark("teacher forward")
         autocast = torch.autocast(batch["input_ids"].device.type, dtype=self.dtype, enabled=self.dtype is not None)
         with autocast:
             s = self.student(**kwargs)
@@ -152,10 +158,13 @@ class Baseline:
             p_t, p_s = t.attentions[g - 1].float(), s.attentions[i - 1].float()
             kl = torch.where(key_valid, p_t * (torch.log(p_t + 1e-12) - torch.log(p_s + 1e-12)), 0.0)
             loss = loss + (kl * mask[:, None, :, None]).sum() / rows
+        mark("student forward + loss")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
         return float(loss)
 
     def zero_grad(self) -> None:
@@ -174,6 +183,43 @@ def time_steps(side, batches: list[dict], device) -> float:
         side.step(batch)
     sync(device)
     return time.perf_counter() - start
+
+
+PHASES = ("teacher forward", "student forward + loss", "backward", "optimizer")
+
+
+def phase_medians(side, batches: list[dict], device, rounds: int) -> dict[str, float]:
+    """Median ms of each phase of a step over rounds x batches (synchronised at every phase end)."""
+    durations: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for _ in range(rounds):
+        for batch in batches:
+            sync(device)
+            last = [time.perf_counter()]
+
+            def mark(phase: str) -> None:
+                sync(device)
+                now = time.perf_counter()
+                durations[phase].append((now - last[0]) * 1000)
+                last[0] = now
+            side.step(batch, mark)
+    return {phase: statistics.median(values) for phase, values in durations.items()}
+
+
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "scaled_dot_product")  # SDPA: its own QK^T and PV
+
+
+def matmul_share(side, batches: list[dict], device) -> tuple[float, float]:
+    """(ms in matrix products incl. SDPA, ms in all ops) per step, from torch.profiler self times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        time_steps(side, batches, device)
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, field) for e in events)
+    matmul = sum(getattr(e, field) for e in events if any(op in e.key for op in MATMUL_OPS))
+    return matmul / 1000 / len(batches), total / 1000 / len(batches)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -238,6 +284,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", default="/tmp/ernie-tiny-ds-bench-step")
     parser.add_argument("--max-seq", action="store_true", help="GPU: longest sequence each side fits")
+    parser.add_argument("--phases", action="store_true",
+                        help="also: median ms of each phase of a step, and the time in matrix products (profiler)")
     parser.add_argument("--memory-side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.batch != "auto" and not args.batch.isdigit():
@@ -304,8 +352,20 @@ def main() -> None:
           f"tokens/s ratio: {tokens_per_s['ours'] / tokens_per_s['baseline']:.2f}x; "
           f"peak memory ratio: {peaks['ours'] / max(peaks['baseline'], 1e-9):.2f}; "
           f"matmul rate {rate / 1e12:.2f} TFLOP/s")
+    if args.phases:
+        print_phases(sides, batches_of, device, args.rounds)
     if args.max_seq and device.type == "cuda":
         print(json.dumps(max_sequence(args, ours, baseline, device, budget=peaks["baseline"])))
+
+
+def print_phases(sides, batches_of: dict, device, rounds: int) -> None:
+    print("\n| side | " + " | ".join(PHASES) + " | matrix products | all ops (profiler) |")
+    print("|---|" + "---|" * (len(PHASES) + 2))
+    for name, side in sides:
+        medians = phase_medians(side, batches_of[name], device, rounds)
+        matmul, total = matmul_share(side, batches_of[name], device)
+        print(f"| {name} | " + " | ".join(f"{medians[p]:.1f}" for p in PHASES) + f" | {matmul:.1f} | {total:.1f} |")
+    print("(ms per step: phase medians, then profiler self time of addmm/mm/bmm/SDPA and of every op)")
 
 
 def largest_batch(side, args, device, start: int = 8, limit: int = 4096) -> int:
