@@ -121,7 +121,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
 def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None) -> Path | None:
     """Collective: every rank calls it; returns the finetuned teacher folder, or None when a stop
     request ended the run at a checkpoint (the same call resumes it)."""
-    from . import checkpoint
+    from . import checkpoint, rank_registry
     from .engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
     from .losses import hard_label_loss
     from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
@@ -135,6 +135,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
             print(f"finetuned teacher already in {output} ({DONE_FILE}); reusing it", flush=True)
         return output
     rank, world = init_distributed(recipe.train.dist_timeout_s)
+    ckpt_root = output.with_name(output.name + ".checkpoints")
+    rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
 
     ft = recipe.finetune
     tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)  # finetuning starts from the pretrained teacher
@@ -151,7 +153,6 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
               f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
               f"ZeRO-{zero_stage(ds_config)}", flush=True)
 
-    ckpt_root = output.with_name(output.name + ".checkpoints")
     start = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, ft.seed, what="finetuning")
 
     dev, batches, loss = device(), iter(loader), float("nan")

@@ -7,6 +7,7 @@ The job checkpoints and requeues itself before its time limit; the requeued job 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .launch import parse_subcommand, strip_separator
-from .slurm import DEFAULT_TEMPLATE, LOG_NAME, SlurmJob, partition_has_gpus, render, sbatch_command, submit
+from .slurm import (DEFAULT_TEMPLATE, LOG_NAME, SlurmJob, partition_has_gpus, render, sbatch_command, submit,
+                    validate)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,11 +63,12 @@ def build_job(args: argparse.Namespace) -> SlurmJob:
     if args.log_dir is None and output_dir is None:
         raise UserError(f"'{command[0]}' has no recipe output_dir to keep the job logs in: give --log-dir")
     log_dir = Path(args.log_dir).absolute() if args.log_dir else output_dir / "slurm"
-    return SlurmJob(command=command, nodes=args.nodes, ranks_per_node=args.gpus_per_node,
-                    request_gpus=wants_gpus(args.gpu_request, args.partition), python=sys.executable,
-                    log_dir=log_dir, output_dir=output_dir, job_name=args.job_name or f"ernie-tiny-ds-{command[0]}",
-                    partition=args.partition, time=args.time, account=args.account,
-                    signal_seconds=args.signal_seconds)
+    job = SlurmJob(command=command, nodes=args.nodes, ranks_per_node=args.gpus_per_node, request_gpus=True,
+                   python=sys.executable, log_dir=log_dir, output_dir=output_dir,
+                   job_name=args.job_name or f"ernie-tiny-ds-{command[0]}", partition=args.partition,
+                   time=args.time, account=args.account, signal_seconds=args.signal_seconds)
+    validate(job)  # before sinfo is asked about a partition name that may be malformed
+    return dataclasses.replace(job, request_gpus=wants_gpus(args.gpu_request, args.partition))
 
 
 def run(args: argparse.Namespace) -> int:

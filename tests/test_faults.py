@@ -1,4 +1,5 @@
 """Faults on real processes: a dead rank, a damaged checkpoint, a diverging loss, bad input."""
+import json
 import os
 import re
 import signal
@@ -27,20 +28,36 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_dead_rank_ends_the_job_quickly_and_names_it(tmp_path, tokenizer_dir, vocab_size):
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 100000, "save_every": 100000,
-                                                                      "dist_timeout_s": 30})
+# each command with the file that shows it is past start-up and inside its training loop, and the
+# folder where its ranks record their pids
+DEAD_RANK_CASES = {
+    "distill": (["distill", "--stage", "general"], {"train": {"max_steps": 100000, "save_every": 100000}},
+                "general/metrics.jsonl", "general/.ranks"),
+    "finetune-teacher": (["finetune-teacher"], {"task": {"name": "sentiment", "max_seq_len": 32},
+                                                "finetune": {"epochs": 100, "micro_batch_size": 8},
+                                                "train": {"save_every": 2}},
+                         "teacher_finetuned.checkpoints/latest", "teacher_finetuned.checkpoints/.ranks"),
+}
+
+
+@pytest.mark.parametrize("command", DEAD_RANK_CASES)
+def test_a_dead_rank_ends_the_job_quickly_and_names_it(command, tmp_path, tokenizer_dir, vocab_size):
+    args, sections, progress_file, ranks_dir = DEAD_RANK_CASES[command]
+    sections = dict(sections, train={**sections["train"], "dist_timeout_s": 30})
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, **sections)
     log = open(tmp_path / "log.txt", "w+")
-    proc = subprocess.Popen(deepspeed_cmd(["distill", "--config", str(recipe), "--stage", "general"]), env=env(),
+    proc = subprocess.Popen(deepspeed_cmd([args[0], "--config", str(recipe), *args[1:]]), env=env(),
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180
-        metrics = tmp_path / "out/general/metrics.jsonl"
-        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        progress = tmp_path / "out" / progress_file
+        while time.time() < deadline and not progress.is_file():
             assert proc.poll() is None, open(tmp_path / "log.txt").read()[-4000:]
             time.sleep(0.5)
-        pids = dict(re.findall(r"\[rank (\d)\] pid (\d+)", open(tmp_path / "log.txt").read()))
-        assert set(pids) == {"0", "1"}, open(tmp_path / "log.txt").read()[-4000:]
+        time.sleep(1)  # a step or two further, inside the loop's collectives
+        registry = tmp_path / "out" / ranks_dir
+        pids = {str(r): str(json.loads((registry / f"rank{r}.json").read_text())["pid"]) for r in (0, 1)}
+        assert {int(p) for p in pids.values()} <= set(_descendants(proc.pid))  # really the launcher's ranks
         os.kill(int(pids["1"]), signal.SIGKILL)
         killed_at = time.time()
         code = proc.wait(timeout=90)

@@ -284,6 +284,25 @@ def test_submit_bad_input_is_a_clear_error(hostile, args, message):
     assert message in user_error(["submit", "slurm", "--dry-run", *flat, "--", "distill", "--config", str(recipe)])
 
 
+def test_submit_checks_its_arguments_before_asking_sinfo(hostile, tmp_path, monkeypatch, capsys):
+    """A malformed partition is refused before it reaches any Slurm command."""
+    recipe, _ = hostile
+    bin_dir, asked = tmp_path / "bin", tmp_path / "sinfo_was_asked"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text(f"#!/bin/sh\ntouch {shlex.quote(str(asked))}\necho gpu:2\n")
+    (bin_dir / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    message = user_error(["submit", "slurm", "--dry-run", "--nodes", "1", "--gpus-per-node", "1", "--partition",
+                          "gpu\n#SBATCH --exclusive", "--", "distill", "--config", str(recipe)])
+    assert "--partition" in message and not asked.exists()
+    user_error(["submit", "slurm", "--dry-run", "--nodes", "1", "--gpus-per-node", "1", "--partition", "gpu",
+                "--", "distill", "--config", str(tmp_path / "missing.yaml")])
+    assert not asked.exists()  # nor is it asked for a job whose recipe is missing
+    script, _ = render_dry_run(["--nodes", "1", "--gpus-per-node", "2", "--partition", "gpu", "--", "distill",
+                                "--config", str(recipe)], capsys)
+    assert asked.exists() and "#SBATCH --gpus-per-node=2" in script  # a valid job does ask, and gets GPUs
+
+
 def test_submit_without_a_recipe_needs_a_log_dir():
     message = user_error(["submit", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--dry-run", "--", "export",
                           "--checkpoint", "c", "--output", "o"])
