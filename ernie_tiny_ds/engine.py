@@ -19,8 +19,9 @@ import torch
 from . import safe_load
 from .config import Recipe
 from .errors import ConfigError
+from .shipped_files import shipped
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = shipped("ds_configs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .shipped_files import shipped
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "launcher" / "slurm" / "job.sbatch"
+DEFAULT_TEMPLATE = shipped("launcher/slurm/job.sbatch")
 LOG_NAME = "slurm-%j.out"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _NAME = re.compile(r"[\w.-]+")
