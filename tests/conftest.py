@@ -17,3 +17,16 @@ def tokenizer_dir() -> str:
 def vocab_size(tokenizer_dir) -> int:
     from transformers import AutoTokenizer
     return len(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def wordpiece_dir(tmp_path_factory) -> str:
+    """A WordPiece tokenizer trained on the id corpus of corpus_fixtures (each token one known word)."""
+    from corpus_fixtures import train_wordpiece
+    return train_wordpiece(tmp_path_factory.mktemp("wp"))
+
+
+@pytest.fixture(scope="session")
+def wordpiece(wordpiece_dir):
+    from corpus_fixtures import load
+    return load(wordpiece_dir)

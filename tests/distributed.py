@@ -87,10 +87,11 @@ def run_ranks(args: list[str], ranks: int = 2, timeout: int = 300, check: bool =
     return proc
 
 
-def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """One process, no launcher."""
-    return subprocess.run([sys.executable, "-m", "ernie_tiny_ds.cli", *args], env=env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(args: list[str], timeout: int = 300, cwd: Path = REPO,
+            extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """One process, no launcher (`launch` sub-commands start their own)."""
+    return subprocess.run([sys.executable, "-m", "ernie_tiny_ds.cli", *args], env={**env(), **(extra_env or {})},
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(path: Path) -> list[dict]:

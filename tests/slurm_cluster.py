@@ -42,7 +42,8 @@ class LocalSlurm:
             raise AssertionError(f"scontrol show job {job_id}: {out.stderr.strip()}")
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
-    def wait_for(self, job_id: str, condition, what: str, timeout: float, log: Path | None = None) -> dict:
+    def wait_for(self, job_id: str, condition, what: str, timeout: float, log: Path | None = None,
+                 poll_s: float = 1.0) -> dict:
         """Poll the job until condition(job) holds; fail with the log's tail at the deadline."""
         deadline = time.monotonic() + timeout
         while True:
@@ -55,7 +56,7 @@ class LocalSlurm:
                 when = "(it cannot run)" if hopeless else f"within {timeout:.0f} s"
                 raise AssertionError(f"job {job_id}: {what} not seen {when}; now {job.get('JobState')} "
                                      f"({job.get('Reason')})\n--- log\n{tail}")
-            time.sleep(1)
+            time.sleep(poll_s)
 
     def wait_finished(self, job_id: str, timeout: float, log: Path | None = None) -> dict:
         return self.wait_for(job_id, lambda j: j.get("JobState") in FINAL_STATES, "the end", timeout, log)

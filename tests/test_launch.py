@@ -12,16 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from distributed import REPO, env, free_port, read_metrics, tiny_recipe
+from distributed import REPO, env, free_port, read_metrics, run_cli, tiny_recipe
 
 HOSTILE = "we ird $HOME `touch pwned`; 'q\" %j"
-
-
-def cli(args: list[str], cwd: Path = REPO, extra_env: dict | None = None, timeout: int = 120):
-    e = env()
-    e.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "ernie_tiny_ds.cli", *args], env=e, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def in_process(args: list[str], capsys) -> str:
@@ -109,8 +102,8 @@ def test_launch_bad_input_is_a_clear_error(args, message):
 def test_hostfile_errors_name_the_line_and_the_cli_exits_2(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b slots two\n")
-    proc = cli(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c", "--output",
-                "o"])
+    proc = run_cli(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c", "--output",
+                    "o"])
     assert proc.returncode == 2, proc.stdout
     assert proc.stderr == f"error: {hostfile} line 3: expected 'HOST slots=N', got 'node-b slots two'\n"
 
@@ -149,8 +142,8 @@ done
     workdir.mkdir()
     (workdir / ".deepspeed_env").write_text("ETS_FROM_FILE=kept\nOMP_NUM_THREADS=5\n")  # the user's own file
     spaced = str(tmp_path / "a recipe.yaml")
-    proc = cli(["launch", "--hostfile", str(hostfile), "--num_gpus", "1", "--master_addr", "node-a",
-                "--env", "ETS_PROBE=two words, one=sign", "--", "distill", "--config", spaced],
+    proc = run_cli(["launch", "--hostfile", str(hostfile), "--num_gpus", "1", "--master_addr", "node-a",
+                    "--env", "ETS_PROBE=two words, one=sign", "--", "distill", "--config", spaced],
                cwd=workdir, extra_env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for node in (0, 1):
@@ -312,8 +305,8 @@ def test_submit_without_a_recipe_needs_a_log_dir():
 # --------------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_launch_exits_with_the_jobs_code(tmp_path):
-    proc = cli(["launch", "--num_gpus", "1", "--master_port", str(free_port()), "--", "distill", "--config",
-                str(tmp_path / "missing.yaml")], timeout=300)
+    proc = run_cli(["launch", "--num_gpus", "1", "--master_port", str(free_port()), "--", "distill", "--config",
+                    str(tmp_path / "missing.yaml")], timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"error: recipe file not found: {tmp_path / 'missing.yaml'}" in proc.stdout + proc.stderr
 
@@ -350,8 +343,8 @@ def test_two_nodes_without_ssh_train_as_one_job(tmp_path, tokenizer_dir, vocab_s
 
     # the same recipe on one node with two ranks, through `launch` as well
     single = tiny_recipe(tmp_path / "single", tokenizer_dir, vocab_size)
-    proc = cli(["launch", "--num_gpus", "2", "--master_port", str(free_port()), "--", "distill", "--config",
-                str(single), "--stage", "general"], timeout=400)
+    proc = run_cli(["launch", "--num_gpus", "2", "--master_port", str(free_port()), "--", "distill", "--config",
+                    str(single), "--stage", "general"], timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     one_node = read_metrics(tmp_path / "single/out/general/metrics.jsonl")
     assert [m["step"] for m in two_nodes] == list(range(1, 7))

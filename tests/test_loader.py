@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from corpus_fixtures import (batch_sequences, decoded_counts, document, load, sentence_counts, train_sentencepiece,
-                             train_wordpiece, write_id_corpus)
+                             write_id_corpus)
 from ernie_tiny_ds.config import DataConfig
 from ernie_tiny_ds.data import sources
 from ernie_tiny_ds.data.corpus import build_general_loader
@@ -24,11 +24,6 @@ from ernie_tiny_ds.data.sharding import Consumer
 from ernie_tiny_ds.data.sources import DataWarning, ReadStats, corpus_sources
 from ernie_tiny_ds.data.stream import SequenceStream
 from ernie_tiny_ds.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def wordpiece(tmp_path_factory):
-    return load(train_wordpiece(tmp_path_factory.mktemp("wp")))
 
 
 @pytest.fixture(scope="module")

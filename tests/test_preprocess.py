@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_fixtures import batch_sequences, decoded_counts, load, sentence_counts, train_wordpiece, write_id_corpus
+from corpus_fixtures import batch_sequences, decoded_counts, load, sentence_counts, write_id_corpus
 from ernie_tiny_ds.config import DataConfig
 from ernie_tiny_ds.data import indexed
 from ernie_tiny_ds.data.corpus import build_general_loader
@@ -28,16 +28,6 @@ from ernie_tiny_ds.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def wordpiece_dir(tmp_path_factory) -> str:
-    return train_wordpiece(tmp_path_factory.mktemp("wp"))
-
-
-@pytest.fixture(scope="module")
-def wordpiece(wordpiece_dir):
-    return load(wordpiece_dir)
 
 
 @pytest.fixture(scope="module")

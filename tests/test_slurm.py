@@ -4,13 +4,12 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from distributed import REPO, read_metrics, tiny_recipe
-from slurm_cluster import SlurmUnavailable, start_cluster, stop_cluster
+from slurm_cluster import FINAL_STATES, SlurmUnavailable, start_cluster, stop_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +34,6 @@ def submit(slurm, args: list[str]) -> tuple[str, Path]:
     job_id = re.search(r"^submitted batch job (\d+)$", proc.stdout, re.M)[1]
     log = Path(re.search(r"^log: (.*)$", proc.stdout, re.M)[1])
     return job_id, log
-
-
-def wait_until(condition, what: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout:.0f} s\n--- log\n"
-                                 f"{log.read_text()[-6000:] if log.is_file() else '(no log yet)'}")
-        time.sleep(0.5)
 
 
 def test_submitted_job_trains_on_two_ranks_and_exports(slurm, tmp_path, tokenizer_dir, vocab_size):
@@ -76,7 +66,9 @@ def test_stop_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tokenizer
     job_id, log = submit(slurm, ["--nodes", "1", "--gpus-per-node", "2", "--", "distill", "--config", str(recipe),
                                  "--stage", "general"])
     metrics = out / "general/metrics.jsonl"
-    wait_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, "training steps", 300, log)
+    job = slurm.wait_for(job_id, lambda j: j.get("JobState") in FINAL_STATES or (
+        metrics.is_file() and metrics.read_text().count("\n") >= 2), "training steps", 300, log, poll_s=0.5)
+    assert job["JobState"] == "RUNNING", log.read_text()[-6000:]  # not ended before it could be stopped
     # what Slurm sends --signal-seconds before the time limit: USR1 to the batch shell
     sent = slurm.run(["scancel", "--signal=USR1", "--batch", job_id])
     assert sent.returncode == 0, sent.stderr

@@ -3,31 +3,39 @@
 #   launcher/slurm/local_cluster.sh start STATE_DIR   install if missing (Debian, root), start, wait until usable;
 #                                                     prints the line to eval: export SLURM_CONF=STATE_DIR/slurm.conf
 #   launcher/slurm/local_cluster.sh stop STATE_DIR    stop the daemons this script started
+#   launcher/slurm/local_cluster.sh install           only install slurm-wlm and munge if missing (CI does this)
 # Everything (config, munge key and socket, spool, logs) lives in STATE_DIR, so a system Slurm is left alone.
 # Made for containers: no cgroups (proctrack/linuxproc, task/none), root runs the daemons and the jobs.
 #   SLURMCTLD_PORT / SLURMD_PORT   ports (default 6817 / 6818)
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop STATE_DIR" >&2; exit 2; }
-[ $# -eq 2 ] || usage
-action=$1
-mkdir -p "$2"
-state=$(cd "$2" && pwd)
-conf=$state/slurm.conf
+usage() { echo "usage: $0 start|stop STATE_DIR, or $0 install" >&2; exit 2; }
 
 install_if_missing() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
      && command -v munged >/dev/null; then
     return
   fi
-  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"  # non-interactive: fail rather than wait for a password
+  if ! command -v apt-get >/dev/null || { [ -n "$sudo" ] && ! sudo -n true 2>/dev/null; }; then
     echo "error: Slurm is not installed; install slurm-wlm and munge (Debian: apt-get install slurm-wlm munge)" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  $sudo apt-get update -qq >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
 }
+
+if [ "${1:-}" = install ] && [ $# -eq 1 ]; then
+  install_if_missing
+  exit 0
+fi
+[ $# -eq 2 ] || usage
+action=$1
+mkdir -p "$2"
+state=$(cd "$2" && pwd)
+conf=$state/slurm.conf
 
 write_config() {
   local host cpus mem
