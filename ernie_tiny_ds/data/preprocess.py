@@ -26,7 +26,7 @@ from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype, tokenizer_i
 from .packing import TokenEncoder, pack_pieces
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
-from .stream import GROUP_CHARS, GROUP_PIECES, Position, owned_pieces
+from .stream import Position, next_group, owned_pieces
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,18 +52,10 @@ def _worker(sources, cfg, tokenizer, worker: int, workers: int, folder: Path, dt
         encoder = TokenEncoder(tokenizer)
         documents = content = 0
         pieces = owned_pieces(sources, cfg, Consumer(0, 1, worker, workers), 0, Position(), stats)
-        while True:
-            group, chars, started = [], 0, 0
-            for text, after in pieces:
-                group.append(text)
-                chars += len(text)
-                started += after.piece == 1  # a document's first piece
-                if chars >= GROUP_CHARS or len(group) >= GROUP_PIECES:
-                    break
-            if not group:
-                break
+        while group := next_group(pieces):
+            started = sum(after.piece == 1 for _, after in group)  # documents whose first piece is here
             before = content
-            for sequences in pack_pieces(group, encoder, cfg.max_seq_len):
+            for sequences in pack_pieces([text for text, _ in group], encoder, cfg.max_seq_len):
                 for seq in sequences:
                     writer.add(seq)
                     content += len(seq) - 2

@@ -62,13 +62,20 @@ def resolve_files(pattern: str, key: str = "data.corpus") -> list[str]:
     return sorted(files)
 
 
-def compression_of(path: str) -> Optional[str]:
+def _raw_head(path: str, size: int) -> bytes:
     with open(path, "rb") as handle:
-        head = handle.read(4)
+        return handle.read(size)
+
+
+def _compression(head: bytes) -> Optional[str]:
     for magic, name in _MAGIC.items():
         if head.startswith(magic):
             return name
     return None
+
+
+def compression_of(path: str) -> Optional[str]:
+    return _compression(_raw_head(path, 4))
 
 
 def open_decompressed(path: str) -> BinaryIO:
@@ -85,13 +92,11 @@ def open_decompressed(path: str) -> BinaryIO:
     return open(path, "rb")
 
 
-def is_parquet(path: str) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"PAR1"
-
-
-def looks_binary(path: str) -> bool:
-    """NUL bytes in the first 8 KiB of the (decompressed) content: no text corpus has them."""
+def looks_binary(path: str, head: Optional[bytes] = None) -> bool:
+    """NUL bytes in the first 8 KiB of the (decompressed) content: no text corpus has them.
+    `head`: the file's first raw bytes when the caller has read them (spares an uncompressed file a read)."""
+    if head is not None and _compression(head) is None:
+        return b"\x00" in head[:SNIFF_BYTES]
     try:
         with open_decompressed(path) as stream:
             head = stream.read(SNIFF_BYTES)
@@ -100,11 +105,11 @@ def looks_binary(path: str) -> bool:
     return b"\x00" in head
 
 
-def format_of(path: str, configured: str) -> str:
+def format_of(path: str, configured: str, head: Optional[bytes] = None) -> str:
     """The reader for one file: the configured format, or for `auto` Parquet/JSON lines/text by content and name."""
     if configured != "auto":
         return configured
-    if is_parquet(path):
+    if (head if head is not None else _raw_head(path, 4)).startswith(b"PAR1"):
         return "parquet"
     name = path.lower()
     for suffix in (".gz", ".bz2", ".zst", ".zstd"):
@@ -120,7 +125,8 @@ def check_files(files: list[str], data_cfg, stats: ReadStats) -> list[str]:
         if os.path.getsize(path) == 0:  # nothing to read; kept out so no consumer owns only empty files
             stats.empty_files.append(path)
             continue
-        if format_of(path, data_cfg.format) != "parquet" and looks_binary(path):
+        head = _raw_head(path, SNIFF_BYTES)  # one read for the Parquet, compression and NUL checks
+        if format_of(path, data_cfg.format, head) != "parquet" and looks_binary(path, head):
             if data_cfg.on_binary_file == "error":
                 raise DataError(f"data.corpus: {path} is a binary file, not text; remove it from the corpus "
                                 f"or set data.on_binary_file=skip")

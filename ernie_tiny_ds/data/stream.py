@@ -53,6 +53,18 @@ def owned_pieces(sources: list[str], data_cfg, consumer: Consumer, seed: int, po
             record += 1
 
 
+def next_group(pieces: Iterator[tuple[str, Position]]) -> list[tuple[str, Position]]:
+    """The next pieces for one batched tokenizer call: about GROUP_CHARS characters, at most GROUP_PIECES
+    ([] when `pieces` is exhausted). The iterator is left right after the group's last piece."""
+    group, chars = [], 0
+    for text, after in pieces:
+        group.append((text, after))
+        chars += len(text)
+        if chars >= GROUP_CHARS or len(group) >= GROUP_PIECES:
+            break
+    return group
+
+
 class SequenceStream:
     def __init__(self, sources: list[str], data_cfg, tokenizer, consumer: Consumer, seed: int,
                  stats: Optional[ReadStats] = None):
@@ -69,7 +81,6 @@ class SequenceStream:
         self._emitted = 0
         self._cursor = Position()                 # after the window's last piece
         self._pieces: Optional[Iterator[tuple[str, Position]]] = None
-        self._built = False                       # False after load_state_dict: rebuild the window lazily
 
     # --- reading -----------------------------------------------------------------------------
     def _pieces_from(self, pos: Position) -> Iterator[tuple[str, Position]]:
@@ -82,16 +93,11 @@ class SequenceStream:
         sequences: list[list[int]] = []
         end = start
         while len(sequences) < self.cfg.shuffle_buffer:
-            group, chars = [], 0
-            for text, after in self._pieces:
-                group.append(text)
-                chars += len(text)
-                end = after
-                if chars >= GROUP_CHARS or len(group) >= GROUP_PIECES:
-                    break
+            group = next_group(self._pieces)
             if not group:
                 break
-            for piece_sequences in pack_pieces(group, self.encoder, self.cfg.max_seq_len):
+            end = group[-1][1]
+            for piece_sequences in pack_pieces([text for text, _ in group], self.encoder, self.cfg.max_seq_len):
                 sequences.extend(piece_sequences)
         return sequences, end
 
@@ -103,7 +109,7 @@ class SequenceStream:
                 raise DataError(f"data.corpus: {self.consumer} of {self.consumer.count} consumer(s) got no document "
                                 f"from {len(self.sources)} source(s); use more text or fewer ranks/workers")
             start = Position(epoch=start.epoch + 1)
-            self._cursor, self._pieces = start, None
+            self._pieces = None
             sequences, end = self._read_window(start)
             if not sequences:
                 raise DataError(f"data.corpus: {self.consumer} got no document in epoch {start.epoch}")
@@ -116,15 +122,12 @@ class SequenceStream:
         rng.shuffle(order)
         self._window_start, self._window, self._order, self._emitted = start, sequences, order, 0
         self._cursor = end
-        self._built = True
 
     # --- handing out ---------------------------------------------------------------------------
     def next_sequence(self) -> list[int]:
-        if not self._built:
-            emitted = self._emitted
-            self._cursor, self._pieces = self._window_start, None
-            sequences, end = self._read_window(self._window_start)
-            self._set_window(self._window_start, sequences, end)
+        if not self._window:  # a new stream, or one restored by load_state_dict: build its window
+            emitted, self._pieces = self._emitted, None
+            self._set_window(self._window_start, *self._read_window(self._window_start))
             self._emitted = emitted
         while self._emitted >= len(self._window):
             self._next_window()
@@ -147,5 +150,4 @@ class SequenceStream:
     def load_state_dict(self, state: dict) -> None:
         self._window_start = Position(**state["window_start"])
         self._emitted = int(state["emitted"])
-        self._window, self._order, self._built = [], [], False
-        self._pieces = None
+        self._window, self._order, self._pieces = [], [], None  # rebuilt from window_start on first use
