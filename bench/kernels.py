@@ -1,7 +1,7 @@
 """Benchmark: attention-transfer loss, forward + backward, fused Triton kernel vs the torch paths.
 
 Methods
-  fused     ernie_tiny_ds.kernels.attention_transfer (Triton; CUDA only, the CPU interpreter is not timed)
+  fused     ernie_tiny_ds.kernels.attention_transfer_triton (Triton; CUDA only, the CPU interpreter is not timed)
   eager     losses.attention_transfer_loss without chunking (materialises every [B, H, L, L] map)
   chunked   the same with query_chunk=C (maps of [B, H, C, L] at a time)
   torch     kernels.attention_transfer_torch: the torch path training uses off CUDA (closed-form

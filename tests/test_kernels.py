@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from ernie_tiny_ds import losses  # noqa: E402
 from ernie_tiny_ds import kernels  # noqa: E402
 from ernie_tiny_ds.kernels import dispatch  # noqa: E402
-from ernie_tiny_ds.kernels.attention_transfer import attention_transfer_triton  # noqa: E402
+from ernie_tiny_ds.kernels.attention_transfer_triton import attention_transfer_triton  # noqa: E402
 from attention_reference import DEVICE, assert_matches_reference, qk, random_mask, ref_attention_fp64, ref_soft_label_fp64, rel  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -189,7 +189,7 @@ def test_dispatch_triton_when_interpreter_was_set_too_late():
     # kernels decorated before TRITON_INTERPRET was set are compiled code: dispatch must say so, not crash later
     code = ("import os, torch\n"
             "from ernie_tiny_ds.kernels import dispatch\n"
-            "import ernie_tiny_ds.kernels.soft_label\n"
+            "import ernie_tiny_ds.kernels.soft_label_triton\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "x = torch.randn(3, 4)\n"
             "try:\n"
@@ -223,8 +223,8 @@ GPU_COMPILE = r'''
 import importlib, os, re, subprocess, torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-at = importlib.import_module("ernie_tiny_ds.kernels.attention_transfer")
-sl = importlib.import_module("ernie_tiny_ds.kernels.soft_label")
+at = importlib.import_module("ernie_tiny_ds.kernels.attention_transfer_triton")
+sl = importlib.import_module("ernie_tiny_ds.kernels.soft_label_triton")
 assert not at._INTERPRETED
 TY = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -8,9 +8,6 @@ so TRITON_INTERPRET=1 (CPU) must be set before it.
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
 __all__ = ["attention_transfer", "soft_label"]
@@ -23,25 +20,11 @@ def attention_transfer(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
 
     Memory is O(B*H*L) beyond the inputs (no L x L map). Gradients reach q_s and k_s only.
     """
-    from .attention_transfer import attention_transfer_triton
+    from .attention_transfer_triton import attention_transfer_triton
     return attention_transfer_triton(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads)
 
 
 def soft_label(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Fused ``losses.soft_label_loss``: batch-mean KL(teacher_T || student_T) * T^2; fp32 scalar."""
-    from .soft_label import soft_label_triton
+    from .soft_label_triton import soft_label_triton
     return soft_label_triton(student_logits, teacher_logits, temperature)
-
-
-class _KernelsPackage(types.ModuleType):
-    """Importing a submodule binds it as an attribute of its package, and the submodules share the
-    public functions' names: keep ``kernels.attention_transfer`` the function after that import
-    (the modules stay reachable via ``sys.modules`` / ``from ...attention_transfer import x``)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in __all__ and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage

@@ -38,7 +38,7 @@ def interpreter_active() -> bool:
     kernel modules were first imported (triton decides interpreted vs compiled at decoration)."""
     if os.environ.get("TRITON_INTERPRET", "0").lower() not in _TRUE:
         return False
-    from .soft_label import _soft_label_fwd
+    from .soft_label_triton import _soft_label_fwd
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(_soft_label_fwd, InterpretedFunction)
 
