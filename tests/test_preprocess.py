@@ -133,6 +133,34 @@ def test_shard_reader_resumes_exactly(shards, wordpiece):
             assert all(torch.equal(expected[k], got[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
+def test_shard_order_is_the_same_whatever_block_of_it_is_computed_at_once(shards, wordpiece, monkeypatch):
+    def first_two_epochs(block: int, rank: int) -> list[np.ndarray]:
+        monkeypatch.setattr(indexed, "ORDER_BLOCK", block)
+        loader = ShardLoader(str(shards[0]), wordpiece, 1, rank, 2, seed=5, max_seq_len=SEQ)
+        epochs = [[], []]
+        while True:
+            index = loader._next_indices()[0]  # batch size 1: the epoch it came from is the loader's
+            if loader.epoch == 2:
+                return [np.array(e) for e in epochs]
+            epochs[loader.epoch].append(index)
+
+    n = len(indexed.TokenShards(str(shards[0])))
+    for rank in (0, 1):
+        whole = first_two_epochs(8192, rank)
+        assert all(np.array_equal(a, b) for a, b in zip(first_two_epochs(5, rank), whole))  # blocks of 5 slots
+    for epoch in (0, 1):
+        both = np.concatenate([first_two_epochs(5, rank)[epoch] for rank in (0, 1)])
+        assert np.array_equal(np.sort(both), np.arange(n))
+
+
+def test_shard_reader_refuses_a_position_saved_under_another_order(shards, wordpiece):
+    loader = build_general_loader(_shard_cfg(shards[0]), wordpiece, 4, 0, 2, seed=8)
+    state = loader.state_dict()
+    del state["order"]  # as saved by the reader that materialised its permutation
+    with pytest.raises(DataError, match="saved with order=None, this run has order=feistel"):
+        loader.load_state_dict(state)
+
+
 def test_shards_refuse_a_foreign_tokenizer_a_shorter_length_and_truncation(shards, tmp_path, wordpiece):
     from corpus_fixtures import train_sentencepiece
     other = load(train_sentencepiece(tmp_path / "sp"))

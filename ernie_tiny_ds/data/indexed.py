@@ -4,9 +4,9 @@ A shard folder (written by `ernie-tiny-ds preprocess`) holds, per shard k,
   shard-k.bin  every sequence's token ids ([CLS] ... [SEP], no padding), back to back (meta dtype)
   shard-k.idx  int64 offsets into .bin: sequence i is tokens[idx[i]:idx[i+1]]
 and meta.json (counts, dtype, tokenizer ids, shard list), written last.
-The reader shuffles all sequences with a permutation seeded by (seed, epoch) and gives rank r every
-world_size-th one: each sequence once per epoch, a new order each epoch, and a position that is
-two integers (epoch, sequences taken).
+The reader shuffles all sequences with a permutation seeded by (seed, epoch), evaluated where it is
+needed rather than stored (permutation.py), and gives rank r every world_size-th one: each sequence
+once per epoch, a new order each epoch, and a position that is two integers (epoch, sequences taken).
 """
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ import torch
 
 from ..errors import DataError
 from .packing import batch_from
+from .permutation import Permutation
 
 META = "meta.json"
 FORMAT_VERSION = 1
+ORDER_BLOCK = 8192  # share slots whose sequence numbers are computed together (64 KiB)
+ORDER = "feistel-6"  # how an epoch's order is drawn: a saved position only means something under the same one
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -154,23 +157,27 @@ class ShardLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.max_seq_len, self.pad_id = max_seq_len, tokenizer.pad_token_id
         self.epoch, self.taken = 0, 0
-        self._share_epoch, self._share = -1, np.zeros(0, dtype=np.int64)
+        # this rank's share of an epoch: positions rank, rank + world_size, ... of that epoch's order
+        self.share_size = (len(self.shards) - rank + world_size - 1) // world_size
+        self._block_key, self._block = (-1, -1), np.zeros(0, dtype=np.int64)
 
-    def _my_share(self) -> np.ndarray:
-        if self._share_epoch != self.epoch:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-            self._share, self._share_epoch = order[self.rank::self.world_size], self.epoch
-        return self._share
+    def _share_block(self, epoch: int, block: int) -> np.ndarray:
+        """Sequence numbers of share slots [block * ORDER_BLOCK, +ORDER_BLOCK) of `epoch`, computed in
+        one call: point-wise per batch, numpy's per-call overhead would cost more than reading the tokens."""
+        if self._block_key != (epoch, block):
+            slots = np.arange(block * ORDER_BLOCK, min((block + 1) * ORDER_BLOCK, self.share_size), dtype=np.int64)
+            order = Permutation(len(self.shards), [self.seed, epoch])
+            self._block_key, self._block = (epoch, block), order(self.rank + self.world_size * slots)
+        return self._block
 
     def _next_indices(self) -> np.ndarray:
         """The next batch_size sequence numbers of this rank's share, crossing into the next epoch."""
         parts, wanted = [], self.batch_size
         while wanted:
-            share = self._my_share()
-            if self.taken == len(share):
+            if self.taken == self.share_size:
                 self.epoch, self.taken = self.epoch + 1, 0
-                continue
-            part = share[self.taken:self.taken + wanted]
+            block, offset = divmod(self.taken, ORDER_BLOCK)
+            part = self._share_block(self.epoch, block)[offset:offset + wanted]
             parts.append(part)
             self.taken += len(part)
             wanted -= len(part)
@@ -188,9 +195,11 @@ class ShardLoader:
     def state_dict(self) -> dict:
         from .corpus import STATE_VERSION
         return {"version": STATE_VERSION, "source": "shards", "rank": self.rank, "world_size": self.world_size,
-                "seed": self.seed, "sequences": len(self.shards), "epoch": self.epoch, "taken": self.taken}
+                "seed": self.seed, "sequences": len(self.shards), "order": ORDER, "epoch": self.epoch,
+                "taken": self.taken}
 
     def load_state_dict(self, state: dict) -> None:
         from .corpus import check_state
-        check_state(state, "shards", self.world_size, self.seed, rank=self.rank, sequences=len(self.shards))
+        check_state(state, "shards", self.world_size, self.seed, rank=self.rank, sequences=len(self.shards),
+                    order=ORDER)
         self.epoch, self.taken = int(state["epoch"]), int(state["taken"])
