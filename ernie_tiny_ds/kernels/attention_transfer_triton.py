@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import losses as _ref
+from .online_kl_triton import online_kl_finish, online_kl_start, online_kl_update
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,11 +101,7 @@ def _attention_transfer_fwd(
     q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
     row_valid = tl.load(MASK + b * L + offs_m, mask=offs_m < L, other=0) != 0
 
-    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_s = tl.zeros([BLOCK_M], tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M], tl.float32)
+    m_s, m_t, l_s, l_t, acc = online_kl_start(BLOCK_M)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = (tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0)[None, :]
@@ -113,37 +110,17 @@ def _attention_transfer_fwd(
         s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
         s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
         if IS_KL:
-            x_s = tl.where(key_valid, s_s, float("-inf"))
-            x_t = tl.where(key_valid, s_t, float("-inf"))
-            new_m_s = tl.maximum(m_s, tl.max(x_s, 1))
-            new_m_t = tl.maximum(m_t, tl.max(x_t, 1))
-            # a row that has seen no valid key yet keeps max -inf: shift by 0 so exp never sees -inf - -inf
-            ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
-            ref_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
-            alpha_t = tl.exp(m_t - ref_t)
-            p_t = tl.exp(x_t - ref_t[:, None])
-            l_s = l_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(x_s - ref_s[:, None]), 1)
-            l_t = l_t * alpha_t + tl.sum(p_t, 1)
-            acc = acc * alpha_t + tl.sum(p_t * tl.where(key_valid, s_t - s_s, 0.0), 1)
-            m_s = new_m_s
-            m_t = new_m_t
+            m_s, m_t, l_s, l_t, acc = online_kl_update(
+                m_s, m_t, l_s, l_t, acc, tl.where(key_valid, s_s, float("-inf")),
+                tl.where(key_valid, s_t, float("-inf")), tl.where(key_valid, s_t - s_s, 0.0))
         else:
             diff = tl.where(key_valid, s_s - s_t, 0.0)
             acc += tl.sum(diff * diff, 1)
 
     in_range = offs_m < L
     if IS_KL:
-        # padded rows get finite placeholders (a fully padded sequence saw no valid key: m = -inf,
-        # l = 0); their loss is zeroed below and the backward masks them
-        m_s = tl.where(row_valid, m_s, 0.0)
-        m_t = tl.where(row_valid, m_t, 0.0)
-        safe_l_s = tl.where(l_s > 0, l_s, 1.0)
-        safe_l_t = tl.where(l_t > 0, l_t, 1.0)
-        lse_s = m_s + tl.log(safe_l_s)
-        lse_t = m_t + tl.log(safe_l_t)
-        # lse_s - lse_t as (m_s - m_t) + log(l_s / l_t): rounding each lse (ulp of ~10) swamps a
-        # small KL (near-converged student); this form keeps it at the fp32 reference's accuracy
-        row = acc / safe_l_t + (m_s - m_t) + tl.log(safe_l_s / safe_l_t)
+        # padded rows (a fully padded sequence saw no valid key) are zeroed below; the backward masks them
+        row, lse_s, lse_t = online_kl_finish(m_s, m_t, l_s, l_t, acc, row_valid)
         tl.store(LSE_S + bh * L + offs_m, lse_s, mask=in_range)
         tl.store(LSE_T + bh * L + offs_m, lse_t, mask=in_range)
     else:

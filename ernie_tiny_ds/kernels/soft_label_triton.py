@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .online_kl_triton import online_kl_finish, online_kl_start, online_kl_update
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # elements per program and step, sized so the sm_90 cubins do not spill registers (checked with
 # cuobjdump -res-usage): one row of up to 4096 classes, or rows x classes <= 1024 for short rows
@@ -33,37 +35,17 @@ def _soft_label_fwd(S, T, ROWS, LSE_S, LSE_T, N, C, stride_s, stride_t, temperat
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < N
-    m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_s = tl.zeros([BLOCK_R], tl.float32)
-    l_t = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R], tl.float32)
+    m_s, m_t, l_s, l_t, acc = online_kl_start(BLOCK_R)
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
         valid = row_ok[:, None] & (offs_c[None, :] < C)
         s = _load_scaled(S, offs_r, offs_c, stride_s, valid, temperature)
         t = _load_scaled(T, offs_r, offs_c, stride_t, valid, temperature)
-        new_m_s = tl.maximum(m_s, tl.max(s, 1))
-        new_m_t = tl.maximum(m_t, tl.max(t, 1))
-        # rows past N stay at -inf: shift them by 0 so exp never sees -inf - -inf
-        ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
-        ref_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
-        alpha_t = tl.exp(m_t - ref_t)
-        p_t = tl.exp(t - ref_t[:, None])
-        l_s = l_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(s - ref_s[:, None]), 1)
-        l_t = l_t * alpha_t + tl.sum(p_t, 1)
-        acc = acc * alpha_t + tl.sum(p_t * (tl.where(valid, t, 0.0) - tl.where(valid, s, 0.0)), 1)
-        m_s = new_m_s
-        m_t = new_m_t
-    # rows past N (max -inf, sum 0) get finite placeholders; they are never stored
-    m_s = tl.where(row_ok, m_s, 0.0)
-    m_t = tl.where(row_ok, m_t, 0.0)
-    safe_l_s = tl.where(row_ok, l_s, 1.0)
-    safe_l_t = tl.where(row_ok, l_t, 1.0)
-    lse_s = m_s + tl.log(safe_l_s)  # for the backward
-    lse_t = m_t + tl.log(safe_l_t)
-    # lse_s - lse_t as (m_s - m_t) + log(l_s / l_t): rounding each lse would swamp a small KL
-    row = acc / safe_l_t + (m_s - m_t) + tl.log(safe_l_s / safe_l_t)
+        # t - s where valid, taken apart: padding is -inf on both sides
+        t_minus_s = tl.where(valid, t, 0.0) - tl.where(valid, s, 0.0)
+        m_s, m_t, l_s, l_t, acc = online_kl_update(m_s, m_t, l_s, l_t, acc, s, t, t_minus_s)
+    # rows past N get finite placeholders; they are never stored
+    row, lse_s, lse_t = online_kl_finish(m_s, m_t, l_s, l_t, acc, row_ok)
     tl.store(ROWS + offs_r, row, mask=row_ok)
     tl.store(LSE_S + offs_r, lse_s, mask=row_ok)
     tl.store(LSE_T + offs_r, lse_t, mask=row_ok)
