@@ -60,7 +60,7 @@ def test_submitted_job_trains_on_two_ranks_and_exports(slurm, tmp_path, tokenize
 
 
 def test_stop_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tokenizer_dir, vocab_size):
-    steps = 60
+    steps = 200  # ~40 ms each here: seconds of training left after the first two, for USR1 to land in
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": steps, "save_every": 1000})
     out = tmp_path / "out"
     job_id, log = submit(slurm, ["--nodes", "1", "--gpus-per-node", "2", "--", "distill", "--config", str(recipe),
