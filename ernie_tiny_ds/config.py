@@ -346,8 +346,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     if "command_line" in values:  # from the file or the command line
         raise ConfigError("unknown key 'command_line': it is not a recipe setting")
     recipe = from_dict(values, source=str(path or "overrides"))
-    recipe.command_line = [o for o in overrides or []
-                           if parse_override(o)[0][0] in (*STAGE_SECTIONS, "stages")]
+    recipe.command_line = list(overrides or [])  # for_stage picks the ones a stage can override
     return recipe
 
 
