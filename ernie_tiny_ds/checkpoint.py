@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .runtime.collectives import all_gather_objects, broadcast_object
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -169,14 +171,26 @@ def load(engine, root: Path, tag: str, rank: int) -> dict:
     return torch.load(state_file, weights_only=True)
 
 
+def agreed_tag(tag: str | None) -> str | None:
+    """Rank 0's choice on every rank: on a shared filesystem ranks could otherwise see different
+    checkpoints (a save in flight, a slow cache) and resume from different steps."""
+    return broadcast_object(tag, src=0)
+
+
 def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str) -> int:
     """Restore the newest intact checkpoint under `root` (engine, data position, RNG) and return its
-    step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0."""
-    tag = find_resumable(root, log=lambda m: print(f"[rank {rank}] {m}", flush=True))
+    step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0.
+    Collective: rank 0 chooses (and alone reads the checksums), every rank loads that one."""
+    tag = find_resumable(root, log=lambda m: print(m, flush=True)) if rank == 0 else None
+    tag = agreed_tag(tag)
     if tag is None:
         torch.manual_seed(seed + rank)
         return 0
     state = load(engine, root, tag, rank)
+    steps = set(all_gather_objects(int(state["step"])))
+    if steps != {int(state["step"])} or int(state["step"]) != int(tag.split("_")[-1]):
+        raise RuntimeError(f"ranks loaded different steps {sorted(steps)} from {root / tag}: the checkpoint's "
+                           "trainer states disagree")
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     if rank == 0:

@@ -80,6 +80,9 @@ COMMAND_MODULES = (
 def _shutdown() -> None:
     """Leave the process group in order: a barrier first, so no rank exits while another still talks."""
     import torch.distributed as dist
+
+    from .rank_registry import stop_watch
+    stop_watch()  # from here on, ranks may leave at their own pace
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
@@ -96,16 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         rank = os.environ.get("RANK")  # set by the launcher, or by init_distributed during the call
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
-        os._exit(2)  # other ranks may be blocked in a collective: do not wait for them
+        from .rank_registry import report_and_exit
+        report_and_exit(f"{prefix}error: {exc}", code=2)  # other ranks may be blocked in a collective: do not wait
     except RuntimeError as exc:
         # another rank failed first (its own message says why); this one only saw its connection drop
-        from .rank_registry import describe_peer_loss
+        from .rank_registry import describe_peer_loss, report_and_exit
         line = describe_peer_loss(exc)
         if line is None:
             raise
-        print(line, file=sys.stderr, flush=True)
-        os._exit(1)
+        report_and_exit(line)
     _shutdown()
     return code
 

@@ -105,6 +105,8 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     dist_timeout_s: int = 1800        # collective timeout: a dead rank ends the job after this
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU;
+                                      # gloo on CUDA lets ranks share one GPU (tensors go through the host)
     max_nonfinite_steps: int = 5      # consecutive NaN/inf steps before the run stops
     progress_bar: bool = True
     stop_at_step: Optional[int] = None  # end this run (checkpointed) at this step: time-sliced jobs

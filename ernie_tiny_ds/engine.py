@@ -6,6 +6,7 @@ GPU, so sharding it only adds communication) or a ZeRO-3 inference engine (large
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
@@ -32,19 +33,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: int) -> tuple[int, int]:
-    """Join (or, run without a launcher, create) the process group; returns (rank, world_size)."""
+def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
+    """Join (or, run without a launcher, create) the process group; returns (rank, world_size).
+
+    backend "auto" is the accelerator's own (NCCL on CUDA, gloo on CPU); "gloo" on CUDA lets
+    several ranks share one GPU (tensors cross through the host: slow, but every code path runs)."""
     import deepspeed
     import torch.distributed as dist
+
+    from .runtime.collectives import control_group
 
     if "RANK" not in os.environ:  # a plain `ernie-tiny-ds …` run: one process, no launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+        dist_backend = process_group_backend(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device_index())
+        deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+        control_group()  # made here, at the same point on every rank (creating a group is collective)
         release_shm_buffer_names()
     return dist.get_rank(), dist.get_world_size()
+
+
+def process_group_backend(backend: str) -> str | None:
+    """The torch backend for train.dist_backend (None: DeepSpeed's choice for the accelerator)."""
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        return None
+    if backend == "nccl":
+        if not cuda:
+            raise ConfigError("train.dist_backend: 'nccl' needs CUDA devices and none is visible; use 'auto' or 'gloo'")
+        local_size, count = int(os.environ.get("LOCAL_SIZE", "1")), torch.cuda.device_count()
+        if local_size > count:
+            raise ConfigError(f"train.dist_backend: NCCL refuses two ranks on one GPU ({local_size} ranks on this "
+                              f"node, {count} GPU(s)); use train.dist_backend=gloo to share a GPU, or fewer ranks")
+        return "nccl"
+    return "gloo"
+
+
+def device_index() -> int:
+    """This rank's CUDA device: LOCAL_RANK, wrapped round when ranks share GPUs (gloo backend)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return local_rank % count if count else local_rank
 
 
 def release_shm_buffer_names() -> None:
@@ -70,7 +103,7 @@ def device() -> torch.device:
     acc = get_accelerator()
     if acc.device_name() == "cpu":
         return torch.device("cpu")
-    return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(acc.device_name(), device_index())
 
 
 # --------------------------------------------------------------------------- DeepSpeed JSON
@@ -171,6 +204,12 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]
     return [g for g in groups if g["params"]]
 
 
+def engine_args() -> argparse.Namespace:
+    """DeepSpeed places an engine on cuda:LOCAL_RANK unless told otherwise; ranks that share a GPU
+    (gloo backend) all sit on device_index()."""
+    return argparse.Namespace(device_rank=device_index())
+
+
 def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
     """DeepSpeed engine over the student and its projections, with warm-up + linear decay."""
     import deepspeed
@@ -180,8 +219,8 @@ def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dic
             optimizer, warmup_linear_decay(recipe.train.max_steps, recipe.optim.warmup_ratio))
 
     groups = parameter_groups(module, recipe.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config,
-                                           lr_scheduler=scheduler)
+    engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, model_parameters=groups,
+                                           config=ds_config, lr_scheduler=scheduler)
     safe_load.install_on_engine(engine)
     return engine
 
@@ -200,6 +239,6 @@ def prepare_teacher(teacher: torch.nn.Module, recipe: Recipe, micro_batch_size: 
     config = read_ds_config("teacher_zero3_inference")
     config = _fill_auto(config, {"train_micro_batch_size_per_gpu": micro_batch_size,
                                  "bf16.enabled": dtype == torch.bfloat16, "fp16.enabled": dtype == torch.float16})
-    engine, _, _, _ = deepspeed.initialize(model=teacher, config=config)
+    engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=teacher, config=config)
     engine.eval()
     return engine

@@ -126,7 +126,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from .losses import hard_label_loss
     from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
     from .stop import StopRequest
-    from .train import all_ranks_finite, global_mean
+    from .train import all_ranks_finite, batch_to_device, global_mean
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)
@@ -134,7 +134,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
         if os.environ.get("RANK", "0") == "0":
             print(f"finetuned teacher already in {output} ({DONE_FILE}); reusing it", flush=True)
         return output
-    rank, world = init_distributed(recipe.train.dist_timeout_s)
+    rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     ckpt_root = output.with_name(output.name + ".checkpoints")
     rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
 
@@ -160,7 +160,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     stop_request = StopRequest(recipe.output_dir)
     engine.train()
     for step in range(start + 1, total + 1):
-        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        batch = batch_to_device(next(batches), dev)
         labels = batch.pop("labels")
         # the loss in fp32 whatever the training precision (cross-entropy, or MSE for one output)
         step_loss = hard_label_loss(engine(**batch).logits, labels)
@@ -171,7 +171,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
         loss = global_mean({"loss": step_loss.detach()}, world)["loss"]
         if rank == 0 and (step % log_every == 0 or step == total):
             print(f"finetune step {step}/{total} loss {loss:.4f}", flush=True)
-        requested = stop_request.requested(world)
+        requested = stop_request.requested()
         if requested or (step % recipe.train.save_every == 0 and step < total):
             checkpoint.save(engine, ckpt_root, step, checkpoint.trainer_state(step, loader),
                             keep=recipe.train.keep_checkpoints)

@@ -76,7 +76,7 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
 
     if first > last:
         raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
-    rank, world = init_distributed(recipe.train.dist_timeout_s)
+    rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     out = Path(recipe.output_dir)
     stages = list(STAGES[max(first, 1) - 1:last])
     finetuned, stopped = ensure_finetuned_teacher(recipe, out, stages, allowed=first == 0)

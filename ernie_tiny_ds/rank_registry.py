@@ -3,12 +3,19 @@
 The deepspeed launcher cannot: it reports the return code of whichever child it polls first,
 under the command line of the last one it started. Each rank records its pid and host at start;
 a survivor checks which ranks on its own host are gone (processes on other nodes it cannot see).
+
+Two ways a survivor learns of a dead peer: a collective fails (gloo: "Connection closed by peer")
+and `describe_peer_loss` turns the error into one line; or, where no error ever comes (NCCL waits
+for a dead peer until its timeout, then its watchdog aborts the process with no word of which rank
+died), a watch thread sees the peer's process gone and ends this rank with the same line.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,14 +23,52 @@ from .checkpoint import atomic_write_text
 
 _folder: Path | None = None
 _world = 0
+_rank = 0
+_watch_stop = threading.Event()
+_watch: threading.Thread | None = None
+_report_lock = threading.Lock()  # one line per rank, from the watch or from the failed collective
 
 
-def register(folder: Path, rank: int, world: int) -> None:
-    global _folder, _world
-    _folder, _world = Path(folder), world
+def register(folder: Path, rank: int, world: int, watch: bool = True) -> None:
+    """Record this rank's pid under `folder`; with `watch`, also start the peer watch (multi-rank jobs)."""
+    global _folder, _world, _rank
+    _folder, _world, _rank = Path(folder), world, rank
     _folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(_folder / f"rank{rank}.json",
                       json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}))
+    if watch and world > 1:
+        start_watch()
+
+
+def start_watch(interval_s: float = 1.0) -> None:
+    """A daemon thread that ends this rank, with one line naming the peer, once a rank of this host
+    has died. Stopped by stop_watch() before the clean shutdown, where ranks leave at their own pace."""
+    global _watch
+    _watch_stop.clear()
+    if _watch is not None and _watch.is_alive():
+        return
+
+    def loop() -> None:
+        while not _watch_stop.wait(interval_s):
+            gone = gone_ranks(_rank, wait_s=0.0)
+            if gone and not _watch_stop.is_set():
+                report_and_exit(f"[rank {_rank}] error: {', '.join(gone)} left the job (its process ended while "
+                                "this rank was still working); see its own message, if any")
+
+    _watch = threading.Thread(target=loop, name="peer-watch", daemon=True)
+    _watch.start()
+
+
+def stop_watch() -> None:
+    _watch_stop.set()
+
+
+def report_and_exit(line: str, code: int = 1) -> None:
+    """Print one line and end the process at once (a peer may hold this rank in a collective forever)."""
+    if _report_lock.acquire(blocking=False):
+        print(line, file=sys.stderr, flush=True)
+        os._exit(code)
+    threading.Event().wait()  # the other reporter is already ending the process
 
 
 def _alive(pid: int) -> bool:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from .runtime.collectives import all_reduce_values
 
 STOP_FILE = "STOP"
 
@@ -24,12 +23,10 @@ class StopRequest:
     def _on_signal(self, _signum, _frame) -> None:
         self._signalled = True
 
-    def requested(self, world: int) -> bool:
+    def requested(self) -> bool:
         """Collective: True on every rank if any rank saw the file or the signal."""
-        flag = torch.tensor([1.0 if (self._signalled or self.path.exists()) else 0.0])
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        (flag,) = all_reduce_values([1.0 if (self._signalled or self.path.exists()) else 0.0], "max")
+        return bool(flag)
 
     def clear(self) -> None:
         """Consume the request so the next run is not stopped by it."""

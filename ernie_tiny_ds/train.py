@@ -20,6 +20,7 @@ from .metrics import MetricsLogger
 from .models import FeatureCapture, Features, build_student, count_parameters, load_teacher, weights_fingerprint
 from .objective import DistillationObjective, TeacherOutput
 from .stages import STAGE_SPECS
+from .runtime.collectives import all_reduce_values
 from .stop import StopRequest
 from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 
@@ -48,6 +49,11 @@ def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
                              with_labels=spec.labels)
 
 
+def batch_to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a batch (labels too) on this rank's device; pinned host memory copies asynchronously."""
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
 def teacher_forward(teacher, capture: FeatureCapture, batch: dict) -> TeacherOutput:
     with torch.no_grad():
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -56,20 +62,16 @@ def teacher_forward(teacher, capture: FeatureCapture, batch: dict) -> TeacherOut
 
 
 def global_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
-    """Loss terms averaged over ranks: the log shows one global loss."""
+    """Loss terms averaged over ranks: the log shows one global loss (a control-plane collective)."""
     names = sorted(values)
-    stacked = torch.stack([values[n].float().reshape(()) for n in names]).cpu()
-    if world > 1:
-        dist.all_reduce(stacked)
-        stacked /= world
-    return {n: float(v) for n, v in zip(names, stacked)}
+    sums = all_reduce_values([float(values[n].detach().float().reshape(())) for n in names], "sum")
+    return {n: v / max(world, 1) for n, v in zip(names, sums)}
 
 
 def all_ranks_finite(total: torch.Tensor, world: int) -> bool:
-    flag = torch.tensor([1.0 if torch.isfinite(total).item() else 0.0])
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    """True on every rank when no rank's loss is NaN or inf (a control-plane collective)."""
+    (flag,) = all_reduce_values([1.0 if torch.isfinite(total).item() else 0.0], "min")
+    return bool(flag)
 
 
 def engine_student_outputs(engine, student, batch: dict, stage: int) -> torch.Tensor:
@@ -149,7 +151,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
 def run_stage(recipe: Recipe, stage: str) -> StageResult:
     r = recipe.for_stage(stage)
     spec = STAGE_SPECS[stage]
-    rank, world = init_distributed(r.train.dist_timeout_s)
+    rank, world = init_distributed(r.train.dist_timeout_s, r.train.dist_backend)
     out_dir = Path(r.output_dir) / stage
     rank_registry.register(out_dir / ".ranks", rank, world)  # lets a survivor name a rank that dies
     ckpt_root = out_dir / "checkpoints"
@@ -172,7 +174,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     nonfinite = skipped = 0
     last, batch, requested = {"loss": float("nan")}, None, False
     while step < r.train.max_steps:
-        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        batch = batch_to_device(next(batches), dev)
         teacher_out = teacher_forward(parts.teacher, parts.teacher_capture, batch)
         total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out,
                               batch.get("labels"))
@@ -196,7 +198,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
         if skipped:
             last["skipped_nonfinite"] = skipped
         logger.step(step, last, tokens=int(batch["attention_mask"].sum()) * world * r.train.grad_accum)
-        requested = stop_request.requested(world)
+        requested = stop_request.requested()
         stopping = requested or step == r.train.stop_at_step
         if step % r.train.save_every == 0 or step == r.train.max_steps or stopping:
             save(step)

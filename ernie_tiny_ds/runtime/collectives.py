@@ -1,0 +1,73 @@
+"""Control-plane collectives: the tiny values all ranks must agree on (finite-loss flags, loss means
+for the log, stop requests, the checkpoint every rank resumes from).
+
+Gradients and parameters move on the accelerator's backend (NCCL on CUDA). Under NCCL the default
+process group has no CPU backend, and torch refuses a collective on a CPU tensor there ("No backend
+type associated with device type cpu"). These values live on the host (they end in `.item()` or a
+Python object), so they get a gloo group of their own when the default group cannot carry CPU
+tensors. Why not move them to the GPU instead: every one of them is read on the host right after
+the collective, a gloo group also serves a job whose ranks share one GPU, and a CPU-only test can
+build the NCCL situation (a "cuda:gloo" default group) and exercise exactly the code a GPU job runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_CPU_CAPABLE = ("gloo", "mpi", "ucc")  # backends that take CPU tensors when named without a device
+_control: dict[int, Any] = {}          # id(default group) -> its control group (None: the default one)
+
+
+def _serves_cpu(config: str) -> bool:
+    """Whether a backend config such as "nccl", "gloo", "cuda:gloo" or "cpu:gloo,cuda:nccl" takes CPU tensors."""
+    for part in config.lower().split(","):
+        device, _, backend = part.strip().rpartition(":")
+        if device == "cpu" or (device == "" and backend in _CPU_CAPABLE):
+            return True
+    return False
+
+
+def control_group():
+    """The process group for control-plane collectives: the default one when it serves CPU tensors,
+    else a gloo group created once (collective: every rank calls this at the same point; the trainer
+    does so right after the process group is made)."""
+    default = dist.group.WORLD
+    key = id(default)
+    if key not in _control:
+        _control.clear()  # a new default group (tests create several in one process)
+        _control[key] = None if _serves_cpu(dist.get_backend_config()) else dist.new_group(backend="gloo")
+    return _control[key]
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_values(values: list[float], op: str = "sum") -> list[float]:
+    """Host numbers reduced over every rank ("sum", "min" or "max"); unchanged in a one-rank job."""
+    if not _active():
+        return [float(v) for v in values]
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    flat = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(flat, op=ops[op], group=control_group())
+    return flat.tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` as rank `src` has it, on every rank (any picklable value)."""
+    if not _active():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=control_group(), device=torch.device("cpu"))
+    return holder[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
