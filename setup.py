@@ -1,6 +1,6 @@
 """The metadata is in setup.cfg. This file only ships the top-level ds_configs/ and the Slurm template
 inside built wheels (as ernie_tiny_ds/shipped/), so that an installed package finds what a source
-checkout has; `ernie_tiny_ds.shipped_files` looks there first, then in the checkout."""
+checkout has; `ernie_tiny_ds.assets.shipped` looks there first, then in the checkout."""
 import shutil
 from pathlib import Path
 

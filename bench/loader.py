@@ -61,7 +61,7 @@ def write_corpus(path: Path, megabytes: int, lines: list[str]) -> Path:
 
 def tokenizer():
     from ernie_tiny_ds.assets import DEFAULT_TOKENIZER
-    from ernie_tiny_ds.tokenizer import load_tokenizer
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
     return load_tokenizer(str(DEFAULT_TOKENIZER))
 
 

@@ -56,7 +56,7 @@ def main() -> None:
 
     from ernie_tiny_ds.config import STAGES, load_recipe
     from ernie_tiny_ds.data.tasks import load_task
-    from ernie_tiny_ds.evaluate import evaluate_model
+    from ernie_tiny_ds.workflows.evaluate import evaluate_model
 
     recipe = load_recipe(args.config, common[2:])
     # the same compute as the whole pipeline: stage 4 alone for the sum of all stages' steps

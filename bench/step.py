@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 SIZES = {  # teacher, student (hidden, layers, heads, ffn)
     "tiny": ((256, 4, 4, 1024), (128, 2, 4, 512)),
@@ -83,16 +82,16 @@ def random_batches(n: int, batch: int, seq_len: int, device, seed: int) -> list[
 class Ours:
     def __init__(self, args, max_positions: int):
         from ernie_tiny_ds.config import STAGES  # noqa: F401  (ensures the package imports cleanly)
-        from ernie_tiny_ds.engine import init_distributed
-        from ernie_tiny_ds.stages import STAGE_SPECS
-        from ernie_tiny_ds.train import build_parts
+        from ernie_tiny_ds.runtime.engine import init_distributed
+        from ernie_tiny_ds.distill.stages import STAGE_SPECS
+        from ernie_tiny_ds.runtime.loop import build_parts
 
         self.recipe = recipe_for(args, max_positions)
         init_distributed(600)
         self.parts = build_parts(self.recipe, STAGE_SPECS["general"], rank=0, world=1)
 
     def step(self, batch: dict, mark=lambda phase: None) -> float:
-        from ernie_tiny_ds.train import teacher_forward
+        from ernie_tiny_ds.runtime.loop import teacher_forward
 
         p = self.parts
         teacher_out = teacher_forward(p.teacher, p.teacher_capture, batch)

@@ -20,13 +20,13 @@ def _recipe(args):
 
 
 def cmd_distill(args) -> int:
-    from .train import run_stage
+    from .runtime.loop import run_stage
     run_stage(_recipe(args), args.stage)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from .runtime.export import export_checkpoint
     out = export_checkpoint(args.checkpoint, args.output)
     print(f"exported student to {out}")
     return 0
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ernie-tiny-ds", description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # launch/submit check the sub-command they will start with this very parser
+    parser.set_defaults(build_parser=build_parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_recipe(p):
@@ -69,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMAND_MODULES = (
     ("preprocess", ".data.preprocess", "tokenize a corpus into memory-mapped token shards"),
-    ("finetune-teacher", ".finetune", "finetune the teacher on the task"),
-    ("pipeline", ".pipeline", "run the four stages in order (and teacher finetuning)"),
-    ("evaluate", ".evaluate", "task metrics of an exported model"),
-    ("launch", ".launch", "run a sub-command under the deepspeed runner (hostfile, multi-node)"),
-    ("submit", ".submit", "submit a sub-command as a cluster job (Slurm)"),
+    ("finetune-teacher", ".workflows.finetune", "finetune the teacher on the task"),
+    ("pipeline", ".workflows.pipeline", "run the four stages in order (and teacher finetuning)"),
+    ("evaluate", ".workflows.evaluate", "task metrics of an exported model"),
+    ("launch", ".launch.runner", "run a sub-command under the deepspeed runner (hostfile, multi-node)"),
+    ("submit", ".launch.submit", "submit a sub-command as a cluster job (Slurm)"),
 )
 
 
@@ -81,7 +83,7 @@ def _shutdown() -> None:
     """Leave the process group in order: a barrier first, so no rank exits while another still talks."""
     import torch.distributed as dist
 
-    from .rank_registry import stop_watch
+    from .runtime.rank_registry import stop_watch
     stop_watch()  # from here on, ranks may leave at their own pace
     if dist.is_available() and dist.is_initialized():
         try:
@@ -99,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         rank = os.environ.get("RANK")  # set by the launcher, or by init_distributed during the call
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        from .rank_registry import report_and_exit
+        from .runtime.rank_registry import report_and_exit
         report_and_exit(f"{prefix}error: {exc}", code=2)  # other ranks may be blocked in a collective: do not wait
     except RuntimeError as exc:
         # another rank failed first (its own message says why); this one only saw its connection drop
-        from .rank_registry import describe_peer_loss, report_and_exit
+        from .runtime.rank_registry import describe_peer_loss, report_and_exit
         line = describe_peer_loss(exc)
         if line is None:
             raise

@@ -17,9 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .distill.stages import STAGES  # the stage names, defined once beside what each stage is
 from .errors import ConfigError
-
-STAGES = ("general", "general_enhanced", "task_adaptive", "task_specific")
 
 
 @dataclass
@@ -285,6 +284,13 @@ def _build(cls: type, values: dict, key: str) -> Any:
             raise _unknown_key(key, str(name), names)
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}" if key else name)
     return cls(**kwargs)
+
+
+def load_section(cls: type, values: dict, key: str) -> Any:
+    """One recipe section (e.g. TaskConfig) from a mapping, with the recipe's key-naming errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(values).__name__} {values!r}")
+    return _build(cls, values, key)
 
 
 def from_dict(values: dict, source: str = "recipe") -> Recipe:

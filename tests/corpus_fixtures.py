@@ -110,7 +110,7 @@ def train_sentencepiece(folder: Path) -> str:
 
 def load(path: str):
     """Through the project's loader, which refuses a tokenizer that maps English to [UNK] only."""
-    from ernie_tiny_ds.tokenizer import load_tokenizer
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
     tok = load_tokenizer(path)
     ids = tok("doc7 the river town", add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)

@@ -9,8 +9,8 @@ import transformers
 from distributed import run_cli
 from ernie_tiny_ds.config import TaskConfig
 from ernie_tiny_ds.errors import ConfigError, UserError
-from ernie_tiny_ds.evaluate import compute_metrics, evaluate_model
-from ernie_tiny_ds.speed import compare_inference, measure_inference
+from ernie_tiny_ds.workflows.evaluate import compute_metrics, evaluate_model
+from ernie_tiny_ds.workflows.speed import compare_inference, measure_inference
 
 
 # --------------------------------------------------------------------------- metrics by hand
@@ -79,7 +79,7 @@ SENTENCES = ["the old bridge was built near the river.", "children play in the g
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from ernie_tiny_ds.tokenizer import load_tokenizer
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
     return load_tokenizer(tokenizer_dir)
 
 

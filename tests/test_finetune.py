@@ -11,8 +11,8 @@ from distributed import WORDS, run_cli, run_ranks, tiny_teacher
 from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.data.tasks import load_task
 from ernie_tiny_ds.errors import ConfigError
-from ernie_tiny_ds.evaluate import evaluate_model
-from ernie_tiny_ds.finetune import DONE_FILE, _reusable, build_classifier
+from ernie_tiny_ds.workflows.evaluate import evaluate_model
+from ernie_tiny_ds.workflows.finetune import DONE_FILE, _reusable, build_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_two_ranks_finetune_a_teacher_that_learns_and_is_reused(tmp_path, tokeni
 
 
 def test_the_classifier_starts_from_the_pretrained_encoder(tmp_path, tokenizer_dir, vocab_size):
-    from ernie_tiny_ds.models import load_teacher
+    from ernie_tiny_ds.distill.models import load_teacher
 
     r = load_recipe(recipe(tmp_path, tokenizer_dir, vocab_size))
     task = load_task(r.task)

@@ -39,7 +39,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -56,11 +55,11 @@ from distributed import REPO, env, read_metrics, run_ranks, tiny_recipe
 def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     import json
 
-    from ernie_tiny_ds import checkpoint
-    from ernie_tiny_ds.rank_registry import describe_peer_loss
+    from ernie_tiny_ds.runtime import checkpoint
+    from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
     from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group
-    from ernie_tiny_ds.stop import StopRequest
-    from ernie_tiny_ds.train import all_ranks_finite, global_mean
+    from ernie_tiny_ds.runtime.stop import StopRequest
+    from ernie_tiny_ds.runtime.loop import all_ranks_finite, global_mean
 
     dist.init_process_group("cuda:gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     results = {}
@@ -120,7 +119,7 @@ def _fake_cuda(monkeypatch, count: int) -> None:
 
 @pytest.mark.parametrize("local_rank,count,expected", [(0, 8, 0), (5, 8, 5), (1, 1, 0), (3, 2, 1)])
 def test_local_rank_picks_the_cuda_device(monkeypatch, local_rank, count, expected):
-    from ernie_tiny_ds import engine
+    from ernie_tiny_ds.runtime import engine
     from ernie_tiny_ds.errors import ConfigError
 
     _fake_cuda(monkeypatch, count)
@@ -138,7 +137,7 @@ def test_local_rank_picks_the_cuda_device(monkeypatch, local_rank, count, expect
 
 
 def test_nccl_without_cuda_is_one_clear_error(monkeypatch):
-    from ernie_tiny_ds import engine
+    from ernie_tiny_ds.runtime import engine
     from ernie_tiny_ds.errors import ConfigError
 
     _fake_cuda(monkeypatch, 0)
@@ -150,7 +149,7 @@ def test_nccl_without_cuda_is_one_clear_error(monkeypatch):
 STUCK_RANK = """
 import sys, time
 from pathlib import Path
-from ernie_tiny_ds import rank_registry
+from ernie_tiny_ds.runtime import rank_registry
 rank_registry.register(Path(sys.argv[1]), int(sys.argv[2]), 2)
 print("registered", flush=True)
 time.sleep(600)  # where NCCL leaves a rank whose peer died: waiting, no error ever raised
@@ -177,7 +176,7 @@ def test_a_rank_stuck_where_nccl_leaves_it_is_ended_with_one_line(tmp_path):
 
 
 def test_nccl_error_texts_are_a_lost_peer(monkeypatch):
-    from ernie_tiny_ds import rank_registry
+    from ernie_tiny_ds.runtime import rank_registry
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
@@ -213,7 +212,7 @@ def _batch(n: int = 3, length: int = 16) -> dict:
 
 
 def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
-    from ernie_tiny_ds import engine, train
+    from ernie_tiny_ds.runtime import engine, loop as train
     from ernie_tiny_ds.config import load_recipe
 
     recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", "teacher.dtype=bf16"])
@@ -233,8 +232,8 @@ def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
 
 def test_bf16_teacher_with_fp32_and_bf16_student():
     from ernie_tiny_ds.config import LossConfig
-    from ernie_tiny_ds.models import FeatureCapture
-    from ernie_tiny_ds.objective import DistillationObjective, TeacherOutput
+    from ernie_tiny_ds.distill.models import FeatureCapture
+    from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput
 
     teacher = _tiny_bert(64, 4, labels=3).eval()
     capture = FeatureCapture(teacher, layers=[2, 4])
@@ -278,7 +277,7 @@ def test_dispatch_picks_triton_for_cuda_tensors_of_each_precision(monkeypatch, d
 
 
 def test_capture_leaves_sdpa_in_charge():
-    from ernie_tiny_ds.models import FeatureCapture
+    from ernie_tiny_ds.distill.models import FeatureCapture
 
     model = _tiny_bert(32, 2)
     capture = FeatureCapture(model, layers=[1, 2])
@@ -303,7 +302,7 @@ def test_capture_leaves_sdpa_in_charge():
 
 
 def test_cuda_rng_state_round_trips(monkeypatch, tmp_path):
-    from ernie_tiny_ds import checkpoint
+    from ernie_tiny_ds.runtime import checkpoint
 
     state = {"cuda": torch.randint(0, 255, (16,), dtype=torch.uint8)}
     restored = {}

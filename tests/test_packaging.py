@@ -37,7 +37,9 @@ def test_an_installed_wheel_finds_its_configs_template_recipes_and_assets(tmp_pa
         import json, sys
         from pathlib import Path
         import ernie_tiny_ds
-        from ernie_tiny_ds import assets, engine, slurm
+        from ernie_tiny_ds import assets
+        from ernie_tiny_ds.launch import slurm
+        from ernie_tiny_ds.runtime import engine
         from ernie_tiny_ds.config import load_recipe
         site = Path({str(site)!r})
         assert Path(ernie_tiny_ds.__file__).is_relative_to(site), ernie_tiny_ds.__file__

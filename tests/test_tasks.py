@@ -16,7 +16,7 @@ PAIRS = [("a man eats bread.", "a person eats.", "entailment"),
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from ernie_tiny_ds.tokenizer import load_tokenizer
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
     return load_tokenizer(tokenizer_dir)
 
 
@@ -195,7 +195,7 @@ def test_resume_continues_with_the_next_batch(tmp_path, tokenizer):
     second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert labels_of(second, 4) == straight[5:]
     wrong = TaskLoader(task, tokenizer, 4, 0, 1, seed=0, with_labels=True)
-    with pytest.raises(DataError, match="saved with world_size = 2, this run has 1"):
+    with pytest.raises(DataError, match="saved with world_size=2, this run has world_size=1"):
         wrong.load_state_dict(first.state_dict())
 
 

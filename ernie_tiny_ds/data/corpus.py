@@ -1,11 +1,5 @@
 """The general-corpus loader (stages 1-2): streaming from text sources, or from pre-tokenized shards.
-
-The loader contract (what the training loop relies on):
-  * iterating yields endless batches {input_ids, attention_mask, token_type_ids} of [B, L] int64,
-    epoch after epoch, padding only at the end;
-  * each rank (and each dataloader worker) reads a disjoint share of the documents;
-  * state_dict() / load_state_dict() restore the exact position, so a restarted run continues
-    with the batch it would have seen next. The state is plain python (ints, str, lists, dicts).
+Both keep the loader contract of data.contract (endless batches, disjoint shares, exact resume).
 
 With data.num_workers = W > 0 the rank's share is split again over W torch DataLoader workers, each
 a SequenceStream that yields whole batches. The DataLoader asks its workers in a fixed round-robin
@@ -20,12 +14,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError, UserError
+from .contract import check_state, loader_state
+from .indexed import ShardLoader
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import SequenceStream
-
-STATE_VERSION = 1
-
 
 class _WorkerBatches(IterableDataset):
     """Runs inside a DataLoader worker: the endless batches of one SequenceStream, state attached."""
@@ -81,12 +74,12 @@ class StreamingCorpusLoader:
 
     def state_dict(self) -> dict:
         streams = [self._inline.state_dict()] if self._inline is not None else list(self._states)
-        return {"version": STATE_VERSION, "source": "streaming", "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "seed": self.seed, "next_worker": self._next_worker,
-                "streams": streams}
+        return loader_state("streaming", rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
+                            seed=self.seed, next_worker=self._next_worker, streams=streams)
 
     def load_state_dict(self, state: dict) -> None:
-        check_state(state, "streaming", self.world_size, self.seed, rank=self.rank, num_workers=self.num_workers)
+        check_state(state, "streaming", world_size=self.world_size, seed=self.seed, rank=self.rank,
+                    num_workers=self.num_workers)
         if self._inline is not None:
             self._inline.load_state_dict(state["streams"][0])
         else:
@@ -94,24 +87,9 @@ class StreamingCorpusLoader:
             self._next_worker = int(state["next_worker"])
 
 
-def check_state(state: dict, source: str, world_size: int, seed: int, **same) -> None:
-    """A saved position only fits a loader reading the same way; say which setting differs."""
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise DataError("the checkpoint's data position is from another loader version; it cannot be resumed")
-    if state.get("source") != source:
-        raise DataError(f"the checkpoint's data position is for data.source={state.get('source')}, "
-                        f"this run has data.source={source}")
-    expected = {"world_size": world_size, "seed": seed, **same}
-    for key, value in expected.items():
-        if state.get(key) != value:
-            raise DataError(f"the checkpoint's data position was saved with {key}={state.get(key)}, "
-                            f"this run has {key}={value}; resume with the same setting")
-
-
 def build_general_loader(data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
     """The general-corpus loader named by the recipe's data section."""
     if data_cfg.source == "shards":
-        from .indexed import ShardLoader
         if data_cfg.corpus is None:
             raise DataError("data.corpus: data.source=shards needs the folder written by `ernie-tiny-ds preprocess`")
         return ShardLoader(data_cfg.corpus, tokenizer, batch_size, rank, world_size, seed, data_cfg.max_seq_len)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .contract import check_state, loader_state
 from .packing import batch_from
 from .permutation import Permutation
 
@@ -193,13 +194,10 @@ class ShardLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        from .corpus import STATE_VERSION
-        return {"version": STATE_VERSION, "source": "shards", "rank": self.rank, "world_size": self.world_size,
-                "seed": self.seed, "sequences": len(self.shards), "order": ORDER, "epoch": self.epoch,
-                "taken": self.taken}
+        return loader_state("shards", rank=self.rank, world_size=self.world_size, seed=self.seed,
+                            sequences=len(self.shards), order=ORDER, epoch=self.epoch, taken=self.taken)
 
     def load_state_dict(self, state: dict) -> None:
-        from .corpus import check_state
-        check_state(state, "shards", self.world_size, self.seed, rank=self.rank, sequences=len(self.shards),
-                    order=ORDER)
+        check_state(state, "shards", world_size=self.world_size, seed=self.seed, rank=self.rank,
+                    sequences=len(self.shards), order=ORDER)
         self.epoch, self.taken = int(state["epoch"]), int(state["taken"])

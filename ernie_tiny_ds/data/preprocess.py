@@ -167,7 +167,7 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = replace(DataConfig(), corpus=args.input, format=args.format, text_field=args.text_field,
                   document_separator=args.document_separator, on_binary_file=args.on_binary_file,

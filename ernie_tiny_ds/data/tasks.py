@@ -30,6 +30,7 @@ import torch
 
 from ..config import TaskConfig
 from ..errors import ConfigError, DataError
+from .contract import check_state, loader_state
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
 MAIN_METRIC = {"classification": "accuracy", "regression": "pearson"}
@@ -263,7 +264,7 @@ def iter_dev_batches(task: TaskData, tokenizer, batch_size: int) -> Iterator[dic
 
 
 class TaskLoader:
-    """Endless shuffled train batches of one rank; see the module doc for the contract."""
+    """Endless shuffled train batches of one rank (the loader contract of data.contract)."""
 
     def __init__(self, task: TaskData, tokenizer, batch_size: int, rank: int, world_size: int, seed: int,
                  with_labels: bool):
@@ -301,16 +302,13 @@ class TaskLoader:
             self._batches_in_epoch = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_in_epoch": self._batches_in_epoch, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
-                "num_examples": len(self.task.train)}
+        return loader_state("task", epoch=self._epoch, batches_in_epoch=self._batches_in_epoch, rank=self.rank,
+                            world_size=self.world_size, batch_size=self.batch_size, seed=self.seed,
+                            num_examples=len(self.task.train))
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size),
-                          ("num_examples", len(self.task.train)), ("seed", self.seed)):
-            if state.get(key) != mine:
-                raise DataError(f"the checkpoint's task-data position was saved with {key} = {state.get(key)}, "
-                                f"this run has {mine}; resume with the same task file and settings")
+        check_state(state, "task", world_size=self.world_size, batch_size=self.batch_size,
+                    num_examples=len(self.task.train), seed=self.seed)
         self._epoch = int(state["epoch"])
         self._batches_in_epoch = int(state["batches_in_epoch"])
 

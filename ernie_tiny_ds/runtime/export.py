@@ -14,7 +14,8 @@ import transformers
 
 from . import safe_load
 from .checkpoint import LATEST, verify
-from .errors import UserError
+from ..errors import UserError
+from ..files import replace_dir, temp_dir_beside
 
 STUDENT_PREFIX = "student."
 STUDENT_DIR = "student_hf"  # inside each checkpoint: config + tokenizer of the student
@@ -63,17 +64,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) 
 
 
 def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer=None) -> Path:
-    """Write model (safetensors) + tokenizer to `output` atomically: a temp folder renamed at the end."""
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is None and tokenizer_dir is not None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
-    return output
+    """Write model (safetensors) + tokenizer to `output` durably: a temp folder, synced, renamed at the end."""
+    tmp = temp_dir_beside(output)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is None and tokenizer_dir is not None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        return replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_outputs(model, batch: dict) -> torch.Tensor:

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import Recipe, load_recipe
-from .data.tasks import TaskData, build_task_loader, load_task
-from .errors import ConfigError, UserError
+from ..config import Recipe, load_recipe
+from ..data.tasks import TaskData, build_task_loader, load_task
+from ..errors import ConfigError, UserError
+from ..files import atomic_write_text, replace_dir, temp_dir_beside
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
@@ -38,7 +39,7 @@ def build_classifier(recipe: Recipe, task: TaskData):
     """The pretrained teacher encoder under a fresh task head (same weights on every rank)."""
     import transformers
 
-    from .models import base_model, load_teacher
+    from ..distill.models import base_model, load_teacher
 
     if recipe.teacher.path is None and recipe.teacher.config is None:
         raise ConfigError("teacher.path: finetuning needs the pretrained teacher (teacher.path or teacher.config)")
@@ -105,28 +106,29 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
 
     model = transformers.AutoModelForSequenceClassification.from_config(model_config, dtype=torch.float32)
     model.load_state_dict(state, strict=True)
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp)  # score what was written
-    metrics = evaluate_on_task(saved, tokenizer, task) if task.dev else {}
-    from .checkpoint import atomic_write_text
-    atomic_write_text(tmp / DONE_FILE, json.dumps({**summary, "dev_metrics": metrics}, indent=1))
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
+    tmp = temp_dir_beside(output)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp)  # score what was written
+        metrics = evaluate_on_task(saved, tokenizer, task) if task.dev else {}
+        atomic_write_text(tmp / DONE_FILE, json.dumps({**summary, "dev_metrics": metrics}, indent=1))
+        replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return metrics
 
 
 def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None) -> Path | None:
     """Collective: every rank calls it; returns the finetuned teacher folder, or None when a stop
     request ended the run at a checkpoint (the same call resumes it)."""
-    from . import checkpoint, rank_registry
-    from .engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
-    from .losses import hard_label_loss
-    from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
-    from .stop import StopRequest
-    from .train import all_ranks_finite, batch_to_device, global_mean
+    from ..runtime import checkpoint
+    from ..runtime import rank_registry
+    from ..runtime.engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
+    from ..losses import hard_label_loss
+    from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+    from ..runtime.stop import StopRequest
+    from ..runtime.loop import all_ranks_finite, batch_to_device, global_mean
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)

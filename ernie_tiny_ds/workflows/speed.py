@@ -34,7 +34,7 @@ def _threads(count: int | None) -> Iterator[int]:
 def _load(model: str | os.PathLike | nn.Module) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    from .export import load_exported
+    from ..runtime.export import load_exported
     return load_exported(model)
 
 
@@ -77,7 +77,7 @@ def measure_models(models: list, seq_len: int = 128, repeats: int = 10, warmup: 
                    device: str | torch.device = "cpu", seed: int = 0) -> list[dict]:
     """Per model {latency_ms_batch1, throughput_batch32 (sequences/s), params, seq_len, threads, repeats},
     all measured in turns under one thread count and device."""
-    from .models import count_parameters
+    from ..distill.models import count_parameters
 
     modules = [_load(m) for m in models]
     for module in modules:

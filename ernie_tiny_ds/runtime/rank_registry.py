@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from ..files import atomic_write_text
 
 _folder: Path | None = None
 _world = 0

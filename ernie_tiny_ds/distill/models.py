@@ -14,8 +14,8 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .config import StudentConfig, TeacherConfig
-from .errors import ConfigError, UserError
+from ..config import StudentConfig, TeacherConfig
+from ..errors import ConfigError, UserError
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "ernie", "xlm-roberta")
 

@@ -3,14 +3,13 @@ faster it runs, measured side by side on this machine."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
-from .config import STAGES, Recipe
-from .stages import STAGE_SPECS
-from .train import DONE_FILE
+from ..files import atomic_write_text, write_atomic
+from ..config import STAGES, Recipe
+from ..distill.stages import STAGE_SPECS
+from ..runtime.loop import DONE_FILE
 
 
 def read_curve(stage_dir: Path) -> list[dict]:
@@ -36,10 +35,8 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def stage_section(out: Path) -> list[dict]:
@@ -63,7 +60,7 @@ def stage_section(out: Path) -> list[dict]:
 
 def build_report(recipe: Recipe, out: Path) -> dict:
     """Evaluate the finetuned teacher and the final student on the task's dev split, time both, write the report."""
-    from .data.tasks import load_task
+    from ..data.tasks import load_task
 
     task = load_task(recipe.task)
     seq_len = recipe.task.max_seq_len

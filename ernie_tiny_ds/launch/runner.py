@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 # What every rank needs to behave like the launching shell; PYTHON* is exported by deepspeed itself.
 FORWARDED_ENV = ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
@@ -75,10 +75,9 @@ def strip_separator(command: list[str]) -> list[str]:
     return command[1:] if command[:1] == ["--"] else command
 
 
-def parse_subcommand(command: list[str]) -> argparse.Namespace:
-    """Check the sub-command here, before any node starts; its argparse message becomes our error."""
-    from .cli import build_parser
-
+def parse_subcommand(command: list[str], build_parser) -> argparse.Namespace:
+    """Check the sub-command here, before any node starts; its argparse message becomes our error.
+    `build_parser` is the CLI's own (handed down by the CLI, which sits above this layer)."""
     if not command:
         raise UserError("no sub-command to run: add it after '--', e.g. -- distill --config recipe.yaml")
     if command[0] in NOT_LAUNCHABLE:
@@ -177,7 +176,7 @@ def check_ssh_safe(command: list[str], env: dict[str, str]) -> None:
 
 def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None) -> LaunchPlan:
     command = strip_separator(list(args.command))
-    parse_subcommand(command)
+    parse_subcommand(command, args.build_parser)
     hosts = read_hostfile(args.hostfile) if args.hostfile else []
     num_nodes = args.num_nodes if args.num_nodes is not None else (len(hosts) or 1)
     if num_nodes < 1:

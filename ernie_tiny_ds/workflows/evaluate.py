@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TaskConfig, _build, apply_overrides, load_recipe
-from .data.tasks import TaskData, iter_dev_batches, load_task
-from .errors import ConfigError, UserError
+from ..config import TaskConfig, apply_overrides, load_recipe, load_section
+from ..data.tasks import TaskData, iter_dev_batches, load_task
+from ..errors import ConfigError, UserError
 
 _GENERIC_LABEL = re.compile(r"LABEL_\d+")
 
@@ -96,7 +96,7 @@ def load_classifier(model_dir: str | os.PathLike, task: TaskData):
     """(model, tokenizer) of an exported folder, checked against the task; never runs remote code."""
     import transformers
 
-    from .tokenizer import check_vocab_matches, load_tokenizer
+    from ..data.tokenizer import check_vocab_matches, load_tokenizer
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
@@ -134,7 +134,7 @@ def task_from_args(args) -> TaskConfig:
     others = sorted(set(values) - {"task"})
     if others:
         raise ConfigError(f"with --task only task.* overrides apply, got {', '.join(others)}")
-    return _build(TaskConfig, values["task"], "task")
+    return load_section(TaskConfig, values["task"], "task")
 
 
 def run(args) -> int:
@@ -146,7 +146,7 @@ def run(args) -> int:
     text = json.dumps(metrics, indent=1)
     print(text, flush=True)
     if args.output:
-        from .checkpoint import atomic_write_text
+        from ..files import atomic_write_text
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.output), text + "\n")
     return 0

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .runtime.collectives import all_gather_objects, broadcast_object
+from ..files import atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree
+from .collectives import all_gather_objects, broadcast_object
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -32,15 +33,6 @@ PARTIAL = ".partial"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -115,15 +107,16 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, k
     _barrier()
     engine.save_checkpoint(str(root), tag=tag + PARTIAL, client_state={"step": step}, save_latest=False)
     state_file = partial / f"trainer_state_rank{rank}.pt"
-    torch.save(trainer_state, state_file.with_suffix(".tmp"))
-    os.replace(state_file.with_suffix(".tmp"), state_file)
+    atomic_torch_save(trainer_state, state_file)
     _barrier()
     if rank == 0:
         if extra_files is not None:
             extra_files(partial)  # student config + tokenizer, so one folder is enough to export
         write_manifest(partial)
+        fsync_tree(partial)  # DeepSpeed's files too: `latest` must never name a folder a power loss can truncate
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        fsync_dir(root)
         atomic_write_text(root / LATEST, tag)
         _prune(root, keep)
     _barrier()

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import losses as L
-from .config import LossConfig
-from .kernels import dispatch
+from .. import losses as L
+from ..config import LossConfig
+from ..kernels import dispatch
 from .models import Features, FeatureCapture
 
 

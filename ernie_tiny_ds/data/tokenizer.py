@@ -5,7 +5,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
@@ -15,7 +15,7 @@ def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
     for candidate in (recipe.data.tokenizer, *teachers):
         if candidate:
             return candidate
-    from .assets import DEFAULT_TOKENIZER
+    from ..assets import DEFAULT_TOKENIZER
     return str(DEFAULT_TOKENIZER)
 
 

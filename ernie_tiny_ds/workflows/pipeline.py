@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import STAGES, Recipe, load_recipe
-from .errors import ConfigError
-from .stages import STAGE_SPECS
-from .train import DONE_FILE, run_stage
+from ..config import STAGES, Recipe, load_recipe
+from ..errors import ConfigError
+from ..distill.stages import STAGE_SPECS
+from ..runtime.loop import DONE_FILE, run_stage
 
 FINETUNE = "finetune"
 PIPELINE_DONE = "pipeline_done.json"
@@ -72,7 +72,7 @@ def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allow
 
 def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
     """Runs stages first..last (0 = finetuning); True when the range finished, False when stopped."""
-    from .engine import init_distributed
+    from ..runtime.engine import init_distributed
 
     if first > last:
         raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
@@ -109,7 +109,7 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
     if world > 1:
         dist.barrier()
     if rank == 0:
-        from .checkpoint import atomic_write_text
+        from ..files import atomic_write_text
         atomic_write_text(out / PIPELINE_DONE, json.dumps({"range": [first, last], "stages": results, "student": student}))
         print(f"pipeline: done ({', '.join(results) or 'nothing to run'}); student in {student}", flush=True)
     return True

@@ -10,19 +10,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, rank_registry
-from .config import Recipe
+from . import checkpoint
+from . import rank_registry
+from ..config import Recipe
+from ..files import atomic_write_text
 from .engine import build_ds_config, build_student_engine, device, init_distributed, prepare_teacher, zero_stage
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
-from .losses import layer_map
+from ..losses import layer_map
 from .metrics import MetricsLogger
-from .models import FeatureCapture, Features, build_student, count_parameters, load_teacher, weights_fingerprint
-from .objective import DistillationObjective, TeacherOutput
-from .stages import STAGE_SPECS
-from .runtime.collectives import all_reduce_values
+from ..distill.models import FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
+from ..distill.objective import DistillationObjective, TeacherOutput
+from ..distill.stages import STAGE_SPECS
+from .collectives import all_reduce_values
 from .stop import StopRequest
-from .tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 
 DONE_FILE = "stage_done.json"
 
@@ -42,9 +44,9 @@ class NonFiniteLoss(UserError):
 
 def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
     if spec.data == "general":
-        from .data.corpus import build_general_loader
+        from ..data.corpus import build_general_loader
         return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed)
-    from .data.tasks import build_task_loader
+    from ..data.tasks import build_task_loader
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
                              with_labels=spec.labels)
 
@@ -251,7 +253,7 @@ def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, f
             if done["export_max_abs_diff"] > tolerance:
                 raise RuntimeError(f"the export in {student_dir} differs from the trained student by "
                                    f"{done['export_max_abs_diff']:.3g} (> {tolerance})")
-        checkpoint.atomic_write_text(done_file, json.dumps(done))
+        atomic_write_text(done_file, json.dumps(done))
         print(f"{spec.title} done: {step} steps, final loss {final_loss:.6g}; student exported to {student_dir}",
               flush=True)
     if world > 1:

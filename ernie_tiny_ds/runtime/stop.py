@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from .runtime.collectives import all_reduce_values
+from .collectives import all_reduce_values
 
 STOP_FILE = "STOP"
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from . import safe_load
-from .config import Recipe
-from .errors import ConfigError
-from .shipped_files import shipped
+from ..config import Recipe
+from ..errors import ConfigError
+from ..assets.shipped import shipped
 
 DS_CONFIG_DIR = shipped("ds_configs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,7 +41,7 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
-    from .runtime.collectives import control_group
+    from .collectives import control_group
 
     if "RANK" not in os.environ:  # a plain `ernie-tiny-ds …` run: one process, no launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",

@@ -19,3 +19,5 @@ STAGE_SPECS = {
     "task_adaptive": StageSpec("task_adaptive", "Task-Adaptive Distillation", True, "task", False),
     "task_specific": StageSpec("task_specific", "Task-Specific Distillation", True, "task", True),
 }
+
+STAGES = tuple(STAGE_SPECS)  # in pipeline order

@@ -1,0 +1,90 @@
+"""Durable writes: anything a later run trusts (checkpoint, export, marker, report) is written to a
+temporary name, fsynced, renamed into place, and its folder fsynced, so that after a crash or a
+power loss the name holds either the old content or the complete new one.
+
+Temporary names are made exclusively (O_EXCL, random suffix, never following a planted symlink) in
+the destination's own folder, so the final rename stays on one filesystem.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, IO
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new entry in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder` (what a library wrote without syncing)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write `path` through `write(handle)` on an exclusive temporary file, then fsync and rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    import torch
+
+    return write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new, exclusively created folder next to `path`, for building what will replace it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a finished folder into place durably: its files synced, the old folder (if any) set
+    aside and removed only after the new one is in place, the parent synced."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = temp_dir_beside(final)
+        os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
