@@ -177,6 +177,15 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl.mean() * temperature ** 2
 
 
+def regression_soft_label_loss(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's and the teacher's outputs of a one-output (regression) head: a softmax
+    over one output is constant, so a KL there would teach nothing (TinyBERT's choice for STS-B)."""
+    if student_outputs.shape != teacher_outputs.shape:
+        raise ValueError(f"output shapes differ: student {tuple(student_outputs.shape)}, "
+                         f"teacher {tuple(teacher_outputs.shape)}")
+    return F.mse_loss(_at_least_fp32(student_outputs), _at_least_fp32(teacher_outputs))
+
+
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with gold labels; MSE when the head has one output (regression)."""
     if student_logits.shape[-1] == 1:

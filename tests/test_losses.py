@@ -125,3 +125,37 @@ def test_layer_maps():
         L.layer_map(12, 4, [1, 2, 3, 13])
     with pytest.raises(ValueError, match="lists 3"):
         L.layer_map(12, 4, [1, 2, 3])
+
+
+def test_regression_soft_label_is_the_output_mse_and_teaches():
+    s, t = torch.randn(6, 1, requires_grad=True), torch.randn(6, 1)
+    got = L.regression_soft_label_loss(s, t)
+    assert got.item() == pytest.approx(float(((s.double() - t.double()) ** 2).mean()), rel=1e-6)
+    got.backward()
+    assert s.grad.abs().sum() > 0
+    # a KL over one output is always 0: it is not what a regression stage may train on
+    assert L.soft_label_loss(s.detach(), t, 1.0).item() == 0.0
+
+
+def test_a_regression_student_learns_from_the_teachers_outputs():
+    """Stage 4 on a one-output head: the soft-label term is non-zero and moves the student's head."""
+    import transformers
+
+    from ernie_tiny_ds.config import LossConfig
+    from ernie_tiny_ds.distill.models import Features
+    from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=1, hidden_dropout_prob=0.0)
+    student = transformers.BertForSequenceClassification(cfg)
+    weights = LossConfig(hidden_weight=0, embedding_weight=0, attention_weight=0, hard_label_weight=0)
+    objective = DistillationObjective(student, 16, [1], weights, use_labels=True)
+    ids = torch.randint(1, 50, (4, 6))
+    teacher = TeacherOutput(Features(), torch.randn(4, 1) * 2)
+    total, terms = objective(ids, torch.ones_like(ids), torch.zeros_like(ids), teacher, torch.randn(4))
+    with torch.no_grad():
+        mine = student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert terms["soft_label"].item() == pytest.approx(float(((mine.double() - teacher.logits.double()) ** 2).mean()),
+                                                       rel=1e-5)
+    total.backward()
+    assert student.classifier.weight.grad.abs().sum() > 0

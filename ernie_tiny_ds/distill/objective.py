@@ -5,7 +5,8 @@ Loss terms (TinyBERT-style latent distillation, each with its weight, 0 switches
   embedding  MSE(W_e · student embeddings, teacher embeddings)
   hidden     sum over mapped layers of MSE(W_h · student layer i, teacher layer g(i))
   attention  sum over mapped layers of attention transfer from Q/K (KL or MSE)
-  soft_label KL(teacher_T || student_T) · T^2 on task logits   (task_specific stage)
+  soft_label KL(teacher_T || student_T) · T^2 on task logits   (task_specific stage);
+             MSE(student output, teacher output) for a one-output regression head
   hard_label cross-entropy (MSE for regression) with gold labels (task_specific stage)
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import losses as L
+from .. import losses as losses_ref  # the torch reference (L means sequence length here)
 from ..config import LossConfig
 from ..kernels import dispatch
 from .models import Features, FeatureCapture
@@ -55,10 +56,10 @@ class DistillationObjective(nn.Module):
         weights = self.weights()
         terms: dict[str, torch.Tensor] = {}
         if "embedding" in weights:
-            terms["embedding"] = L.hidden_mse_loss(self.embedding_proj(student.hidden[0]), t.hidden[0], attention_mask)
+            terms["embedding"] = losses_ref.hidden_mse_loss(self.embedding_proj(student.hidden[0]), t.hidden[0], attention_mask)
         if "hidden" in weights:
             terms["hidden"] = sum(
-                L.hidden_mse_loss(self.hidden_proj(student.hidden[i]), t.hidden[g], attention_mask)
+                losses_ref.hidden_mse_loss(self.hidden_proj(student.hidden[i]), t.hidden[g], attention_mask)
                 for i, g in enumerate(self.mapping, start=1))
         if "attention" in weights:
             terms["attention"] = sum(
@@ -66,12 +67,14 @@ class DistillationObjective(nn.Module):
                                             kind=self.cfg.attention_kind, relation_heads=self.cfg.relation_heads,
                                             backend=self.cfg.kernels, query_chunk=self.cfg.query_chunk)
                 for i, g in enumerate(self.mapping, start=1))
-        if "soft_label" in weights:
+        if "soft_label" in weights and out.logits.shape[-1] == 1:  # regression head: match the outputs
+            terms["soft_label"] = losses_ref.regression_soft_label_loss(out.logits, teacher.logits)
+        elif "soft_label" in weights:
             terms["soft_label"] = dispatch.soft_label(out.logits, teacher.logits, self.cfg.temperature,
                                                       backend=self.cfg.kernels)
         if "hard_label" in weights:
             if labels is None:
                 raise ValueError("the hard-label loss needs labels in the batch")
-            terms["hard_label"] = L.hard_label_loss(out.logits, labels)
+            terms["hard_label"] = losses_ref.hard_label_loss(out.logits, labels)
         total = sum(weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
