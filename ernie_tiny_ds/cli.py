@@ -57,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands whose module declares its own arguments: add_arguments(parser) and run(args) -> int.
     for name, module, help_text in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module, __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}{module}":
-                raise
-            continue  # not part of this build
+        mod = importlib.import_module(module, __package__)
         p = sub.add_parser(name, help=help_text)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)

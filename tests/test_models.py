@@ -66,3 +66,32 @@ def test_only_the_mapped_layers_are_captured_and_bad_layers_are_named():
 def test_a_non_bert_model_type_is_refused_by_name():
     with pytest.raises(UserError, match="model type 'gpt2' is not supported"):
         inline_config({"model_type": "gpt2", "n_layer": 1})
+
+
+def test_a_truncated_teacher_captures_exactly_what_the_full_one_does():
+    """Stages without logits run the encoder only up to the deepest mapped layer: same features, less work."""
+    from ernie_tiny_ds.distill.models import encoder_up_to
+
+    cfg = transformers.BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=3)
+    full = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 90, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mapping = [2, 4]
+    reference = copy.deepcopy(full)
+    capture = FeatureCapture(reference, layers=mapping)
+    with torch.no_grad():
+        reference(input_ids=ids, attention_mask=mask)
+    want = capture.pop()
+    truncated = encoder_up_to(full, max(mapping))
+    assert len(truncated.encoder.layer) == 4 and truncated.pooler is None
+    capture = FeatureCapture(truncated, layers=mapping)
+    with torch.no_grad():
+        out = truncated(input_ids=ids, attention_mask=mask)
+    got = capture.pop()
+    assert getattr(out, "logits", None) is None
+    for name in ("hidden", "q", "k"):
+        assert set(getattr(got, name)) == set(getattr(want, name))
+        for layer, value in getattr(want, name).items():
+            assert torch.equal(getattr(got, name)[layer], value), (name, layer)

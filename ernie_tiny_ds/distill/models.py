@@ -81,6 +81,20 @@ def load_teacher(cfg: TeacherConfig, finetuned: bool, seed: int) -> PreTrainedMo
     return model
 
 
+def encoder_up_to(model: nn.Module, deepest_layer: int) -> nn.Module:
+    """The teacher as a stage without logits runs it: the encoder body alone (no pooler, no task or
+    MLM head) and only its layers 1..deepest_layer, since nothing above the deepest mapped layer is
+    read. Features of the kept layers are exactly the full model's (each layer sees only the ones below)."""
+    body = base_model(model)
+    layers = body.encoder.layer
+    if not 1 <= deepest_layer <= len(layers):
+        raise ConfigError(f"layer {deepest_layer} is outside the teacher's layers 1..{len(layers)}")
+    body.encoder.layer = layers[:deepest_layer]
+    if getattr(body, "pooler", None) is not None:
+        body.pooler = None
+    return body
+
+
 # --------------------------------------------------------------------------- student
 def student_config_from(cfg: StudentConfig, teacher_config: PretrainedConfig) -> PretrainedConfig:
     """The student's config: the teacher's (same vocabulary, type, positions) with student sizes."""
@@ -190,8 +204,3 @@ class FeatureCapture:
         """The features of the last forward; nothing is kept for the next step."""
         features, self._features = self._features, Features()
         return features
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

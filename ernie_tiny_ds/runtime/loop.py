@@ -19,7 +19,7 @@ from ..errors import ConfigError, UserError
 from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
 from ..losses import layer_map
 from .metrics import MetricsLogger
-from ..distill.models import FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
+from ..distill.models import encoder_up_to, FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
 from ..distill.objective import DistillationObjective, TeacherOutput
 from ..distill.stages import STAGE_SPECS
 from .collectives import all_reduce_values
@@ -137,6 +137,8 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, use_labels=spec.labels)
     ds_config = build_ds_config(r, world)
     engine = build_student_engine(objective, r, ds_config)
+    if not spec.labels:  # no logits in this stage: run the teacher only as deep as the layer map reads
+        teacher = encoder_up_to(teacher, max(mapping))
     teacher_capture = FeatureCapture(teacher, layers=mapping)
     teacher = prepare_teacher(teacher, r, r.train.micro_batch_size)
     loader = make_loader(r, spec, tokenizer, rank, world)
