@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -374,13 +375,35 @@ def _resolve_relative_paths(values: dict, base: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- validation
-def _positive(value: float | int, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def _positive(value: float | int, key: str) -> None:
+    if not value > 0:  # `not >` also refuses NaN, which every comparison answers False
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(value: float | int, key: str) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+def _check_finite(obj: Any, key: str = "") -> None:
+    """Every float in the recipe must be finite: NaN passes every `<`/`==` range check, and YAML
+    reads .nan/.inf (and the strings nan/inf) as floats, so check them all here, naming the key."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{key} must be a finite number, got {obj}")
 
 
 def validate(r: Recipe) -> None:
     """Range and consistency checks that types alone do not catch. Files are checked where used."""
+    _check_finite(r)
     if r.teacher.path is None and r.teacher.config is None and r.teacher.finetuned_path is None:
         raise ConfigError("teacher: give teacher.path (a Hugging Face folder) or teacher.config (inline)")
     if r.teacher.path is not None and r.teacher.config is not None:
@@ -393,9 +416,9 @@ def validate(r: Recipe) -> None:
     if not 8 <= r.data.max_seq_len <= 8192:
         raise ConfigError(f"data.max_seq_len must be in 8..8192, got {r.data.max_seq_len}")
     _positive(r.data.shuffle_buffer, "data.shuffle_buffer")
-    _positive(r.data.num_workers, "data.num_workers", allow_zero=True)
+    _non_negative(r.data.num_workers, "data.num_workers")
     for name in ("hidden_weight", "embedding_weight", "attention_weight", "soft_label_weight", "hard_label_weight"):
-        _positive(getattr(r.losses, name), f"losses.{name}", allow_zero=True)
+        _non_negative(getattr(r.losses, name), f"losses.{name}")
     _positive(r.losses.temperature, "losses.temperature")
     if r.losses.relation_heads is not None:
         _positive(r.losses.relation_heads, "losses.relation_heads")
@@ -404,13 +427,13 @@ def validate(r: Recipe) -> None:
     if isinstance(r.losses.layer_map, str) and r.losses.layer_map not in ("uniform", "last-k"):
         raise ConfigError(f"losses.layer_map: {r.losses.layer_map!r} is not 'uniform', 'last-k' or a list of layers")
     _positive(r.optim.lr, "optim.lr")
-    _positive(r.optim.weight_decay, "optim.weight_decay", allow_zero=True)
+    _non_negative(r.optim.weight_decay, "optim.weight_decay")
     _positive(r.optim.eps, "optim.eps")
     if len(r.optim.betas) != 2 or not all(0 <= b < 1 for b in r.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {r.optim.betas}")
     if not 0 <= r.optim.warmup_ratio < 1:
         raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {r.optim.warmup_ratio}")
-    _positive(r.optim.grad_clip, "optim.grad_clip", allow_zero=True)
+    _non_negative(r.optim.grad_clip, "optim.grad_clip")
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints",
                  "dist_timeout_s", "max_nonfinite_steps"):
         _positive(getattr(r.train, name), f"train.{name}")
@@ -419,6 +442,9 @@ def validate(r: Recipe) -> None:
     _positive(r.finetune.epochs, "finetune.epochs")
     _positive(r.finetune.lr, "finetune.lr")
     _positive(r.finetune.micro_batch_size, "finetune.micro_batch_size")
+    if not 0 <= r.finetune.warmup_ratio < 1:
+        raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {r.finetune.warmup_ratio}")
+    _non_negative(r.finetune.weight_decay, "finetune.weight_decay")
     for stage in r.stages:
         if stage not in STAGES:
             close = difflib.get_close_matches(stage, STAGES, n=1)

@@ -4,8 +4,10 @@ sentence-pair tasks, classification or regression (STS-B style), from .tsv, .csv
 Files: a header row names the columns (.tsv: tab-separated, no quoting, as GLUE ships them;
 .csv: comma-separated with standard quoting); .jsonl (or .json): one JSON object per line.
 Labels: `task.labels` lists the class names in id order; when it is empty, the classes are the
-labels found in the train file, sorted (numerically when they are all integers, else as text),
-and a dev label outside that set is an error. Regression labels are numbers, num_labels = 1.
+labels found in the train file, sorted (numerically when they are all numbers, else as text),
+and a dev label outside that set is an error. Label text is normalised first: surrounding
+whitespace is dropped and labels equal as numbers are one class (`1`, `1.0`, `1 ` and JSON 1 all
+name class "1"); an empty label is an error naming the file and line. Regression labels are numbers, num_labels = 1.
 
 The train loader follows the loader contract of data/corpus.py (endless batches, disjoint rank
 shards, exact resume). Each epoch is a new seeded permutation; every rank takes the same number
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import decimal
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -175,18 +179,37 @@ def _raw_examples(path: Path, cfg: TaskConfig) -> list[tuple[str, tuple[str, ...
     return out
 
 
-def _label_text(raw: object) -> str:
-    # jsonl labels may be numbers: 1 and "1" name the same class
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _label_text(raw: object, source: str = "") -> str:
+    """The class name a raw label stands for. Surrounding whitespace is dropped, and labels that are
+    equal as numbers are one class: 1, "1", "1.0", "1 " and "+1e0" all name class "1" (a file that
+    mixes them is common after a spreadsheet round trip; silently making three classes is not)."""
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
-    return raw if isinstance(raw, str) else json.dumps(raw)
+    text = (raw if isinstance(raw, str) else json.dumps(raw)).strip()
+    if not text:
+        raise DataError(f"{source or 'task.labels'}: the label is empty")
+    if _NUMBER.fullmatch(text):
+        number = decimal.Decimal(text)
+        if not -40 < number.adjusted() < 40:
+            return text  # 1e999999999: int() would build a billion digits; no real class is named so
+        if number == number.to_integral_value():
+            return str(int(number))
+        return str(number.normalize())
+    return text
+
+
+def _number_key(name: str):
+    return decimal.Decimal(name) if _NUMBER.fullmatch(name) else None
 
 
 def _sorted_labels(found: set[str]) -> list[str]:
-    try:
-        return sorted(found, key=int)
-    except ValueError:
-        return sorted(found)
+    keys = {name: _number_key(name) for name in found}
+    if all(key is not None for key in keys.values()):
+        return sorted(found, key=keys.__getitem__)  # numeric labels in numeric order
+    return sorted(found)
 
 
 def _regression_target(source: str, raw: object) -> float:
@@ -207,7 +230,7 @@ def _to_examples(raw: list, cfg: TaskConfig, label_ids: dict[str, int]) -> list[
         if cfg.type == "regression":
             examples.append(Example(texts, _regression_target(source, label), source))
             continue
-        name = _label_text(label)
+        name = _label_text(label, source)
         if name not in label_ids:
             raise DataError(f"{source}: unknown label {name!r}; the task's labels are {', '.join(label_ids)}")
         examples.append(Example(texts, label_ids[name], source))
@@ -221,7 +244,11 @@ def load_task(cfg: TaskConfig) -> TaskData:
     dev_raw = _raw_examples(Path(cfg.dev_file), cfg) if cfg.dev_file else []
     labels: list[str] = []
     if cfg.type == "classification":
-        labels = list(cfg.labels) or _sorted_labels({_label_text(label) for _, _, label in train_raw})
+        labels = [_label_text(name) for name in cfg.labels]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"task.labels: names repeat once whitespace is dropped and numbers compared as "
+                              f"numbers: {cfg.labels}")
+        labels = labels or _sorted_labels({_label_text(label, source) for source, _, label in train_raw})
         if len(labels) < 2:
             raise DataError(f"{cfg.train_file}: a classification task needs at least 2 classes, found {labels}")
     label_ids = {name: i for i, name in enumerate(labels)}

@@ -1,0 +1,103 @@
+"""Hostile input (issue 13 items 9-16): every bad value or file is one line naming the key, file or
+line, exit code 2, never a traceback and never silently accepted."""
+import gzip
+import json
+import re
+
+import pytest
+import yaml
+
+from ernie_tiny_ds.config import TaskConfig, load_recipe
+from ernie_tiny_ds.errors import ConfigError, DataError, UserError
+
+from distributed import run_cli, tiny_recipe
+
+
+def _recipe(tmp_path, tokenizer_dir, vocab_size, **sections):
+    return str(tiny_recipe(tmp_path, tokenizer_dir, vocab_size, **sections))
+
+
+# --------------------------------------------------------------------------- 9, 10: non-finite floats
+NON_FINITE = {
+    "optim.lr=.nan": "optim.lr",
+    "losses.hidden_weight=nan": "losses.hidden_weight",
+    "losses.temperature=.inf": "losses.temperature",
+    "finetune.epochs=nan": "finetune.epochs",
+    "finetune.lr=-.inf": "finetune.lr",
+    "optim.betas=[0.9, .nan]": r"optim.betas\[1\]",
+    "optim.warmup_ratio=.nan": "optim.warmup_ratio",
+    "finetune.warmup_ratio=.nan": "finetune.warmup_ratio",
+    "finetune.weight_decay=inf": "finetune.weight_decay",
+    "stages.general.optim.lr=.nan": "optim.lr",
+    "optim.grad_clip=1e999": "optim.grad_clip",
+}
+
+
+@pytest.mark.parametrize("override", sorted(NON_FINITE))
+def test_every_float_key_must_be_finite(tmp_path, tokenizer_dir, vocab_size, override):
+    with pytest.raises(ConfigError, match=NON_FINITE[override]):
+        load_recipe(_recipe(tmp_path, tokenizer_dir, vocab_size), [override])
+
+
+def test_finetune_range_keys_are_checked(tmp_path, tokenizer_dir, vocab_size):
+    path = _recipe(tmp_path, tokenizer_dir, vocab_size)
+    for bad, key in (("finetune.warmup_ratio=1.5", "finetune.warmup_ratio"),
+                     ("finetune.weight_decay=-1", "finetune.weight_decay")):
+        with pytest.raises(ConfigError, match=key):
+            load_recipe(path, [bad])
+
+
+def test_non_negative_and_positive_keys(tmp_path, tokenizer_dir, vocab_size):
+    path = _recipe(tmp_path, tokenizer_dir, vocab_size)
+    load_recipe(path, ["losses.hidden_weight=0", "optim.grad_clip=0", "optim.weight_decay=0"])  # 0 allowed
+    with pytest.raises(ConfigError, match=r"losses.hidden_weight must be >= 0"):
+        load_recipe(path, ["losses.hidden_weight=-0.5"])
+    with pytest.raises(ConfigError, match=r"losses.temperature must be > 0"):
+        load_recipe(path, ["losses.temperature=0"])
+
+
+@pytest.mark.slow
+def test_nan_epochs_on_the_command_line_is_one_line(tmp_path, tokenizer_dir, vocab_size):
+    recipe = _recipe(tmp_path, tokenizer_dir, vocab_size, task={"name": "sentiment", "max_seq_len": 32})
+    proc = run_cli(["finetune-teacher", "--config", recipe, "finetune.epochs=nan"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "finetune.epochs" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- 11: label text
+def _labels_task(tmp_path, name, text, **extra):
+    path = tmp_path / name
+    path.write_text(text)
+    return TaskConfig(train_file=str(path), text_columns=["s"], **extra)
+
+
+def test_labels_equal_as_numbers_or_up_to_whitespace_are_one_class(tmp_path):
+    from ernie_tiny_ds.data.tasks import load_task
+    task = load_task(_labels_task(tmp_path, "t.tsv", "s\tlabel\na\t1\nb\t1.0\nc\t1 \nd\t0\ne\t 0.00\nf\t+1e0\n"))
+    assert task.label_names == ["0", "1"]
+    assert [e.label for e in task.train] == [1, 1, 1, 0, 0, 1]
+    task = load_task(_labels_task(tmp_path, "t.jsonl", '{"s": "a", "label": 1.0}\n{"s": "b", "label": "1 "}\n'
+                                                       '{"s": "c", "label": 2.5}\n{"s": "d", "label": "2.50"}\n'))
+    assert task.label_names == ["1", "2.5"] and [e.label for e in task.train] == [0, 0, 1, 1]
+    task = load_task(_labels_task(tmp_path, "w.tsv", "s\tlabel\na\tpos \nb\tneg\nc\t pos\n"))
+    assert task.label_names == ["neg", "pos"] and [e.label for e in task.train] == [1, 0, 1]
+    # configured names are normalised the same way, and must not collide once normalised
+    task = load_task(_labels_task(tmp_path, "t.tsv", "s\tlabel\na\t1\nb\t0.0\n", labels=["1.0", "0"]))
+    assert task.label_names == ["1", "0"] and [e.label for e in task.train] == [0, 1]
+    with pytest.raises(ConfigError, match="task.labels: names repeat"):
+        load_task(_labels_task(tmp_path, "t.tsv", "s\tlabel\na\t1\nb\t0\n", labels=["1", "1.0"]))
+
+
+def test_an_empty_label_names_file_and_line(tmp_path):
+    from ernie_tiny_ds.data.tasks import load_task
+    cfg = _labels_task(tmp_path, "t.tsv", "s\tlabel\na\t1\nb\t \nc\t0\n")
+    with pytest.raises(DataError, match=r"t.tsv:3: the label is empty"):
+        load_task(cfg)
+
+
+def test_huge_exponent_labels_stay_cheap(tmp_path):
+    from ernie_tiny_ds.data.tasks import load_task
+    task = load_task(_labels_task(tmp_path, "t.tsv", "s\tlabel\na\t1e999999999\nb\t0\n"))
+    assert len(task.label_names) == 2 and max(len(n) for n in task.label_names) < 20
