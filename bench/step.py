@@ -83,7 +83,7 @@ class Ours:
     def __init__(self, args, max_positions: int):
         from ernie_tiny_ds.config import STAGES  # noqa: F401  (ensures the package imports cleanly)
         from ernie_tiny_ds.runtime.engine import init_distributed
-        from ernie_tiny_ds.distill.stages import STAGE_SPECS
+        from ernie_tiny_ds.stages import STAGE_SPECS
         from ernie_tiny_ds.runtime.loop import build_parts
 
         self.recipe = recipe_for(args, max_positions)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .distill.stages import STAGES  # the stage names, defined once beside what each stage is
+from .stages import STAGES  # the stage names, defined once beside what each stage is
 from .errors import ConfigError
 
 

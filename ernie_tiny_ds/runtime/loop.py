@@ -21,7 +21,7 @@ from ..losses import layer_map
 from .metrics import MetricsLogger
 from ..distill.models import encoder_up_to, FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
 from ..distill.objective import DistillationObjective, TeacherOutput
-from ..distill.stages import STAGE_SPECS
+from ..stages import STAGE_SPECS
 from .collectives import all_reduce_values
 from .stop import StopRequest
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..config import STAGES, Recipe, load_recipe
 from ..errors import ConfigError
-from ..distill.stages import STAGE_SPECS
+from ..stages import STAGE_SPECS
 from ..runtime.loop import DONE_FILE, run_stage
 
 FINETUNE = "finetune"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text, write_atomic
 from ..config import STAGES, Recipe
-from ..distill.stages import STAGE_SPECS
+from ..stages import STAGE_SPECS
 from ..runtime.loop import DONE_FILE
 
 
