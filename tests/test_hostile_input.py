@@ -101,3 +101,47 @@ def test_huge_exponent_labels_stay_cheap(tmp_path):
     from ernie_tiny_ds.data.tasks import load_task
     task = load_task(_labels_task(tmp_path, "t.tsv", "s\tlabel\na\t1e999999999\nb\t0\n"))
     assert len(task.label_names) == 2 and max(len(n) for n in task.label_names) < 20
+
+
+# --------------------------------------------------------------------------- 12: tokenizer vs teacher
+def _tokenizer_variant(src, dst, change):
+    import shutil
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    change(spec)
+    (dst / "tokenizer.json").write_text(json.dumps(spec))
+    return str(dst)
+
+
+def _teacher_folder(tmp_path, tokenizer_dir, vocab_size):
+    import shutil
+    from transformers import BertConfig
+    folder = tmp_path / "teacher"
+    shutil.copytree(tokenizer_dir, folder)
+    BertConfig(vocab_size=vocab_size + 64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_must_share_the_teachers_vocabulary_and_casing(tmp_path, tokenizer_dir, vocab_size):
+    from transformers import AutoConfig
+    from ernie_tiny_ds.data.tokenizer import check_vocab_matches, load_tokenizer
+    teacher = AutoConfig.from_pretrained(_teacher_folder(tmp_path, tokenizer_dir, vocab_size))
+    check_vocab_matches(load_tokenizer(tokenizer_dir), teacher, tokenizer_dir)  # the same vocabulary: fine
+
+    def swap(spec):  # same size, two tokens trade ids (a different vocabulary file)
+        vocab = spec["model"]["vocab"]
+        a, b = "river", "the"
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+    swapped = _tokenizer_variant(tokenizer_dir, tmp_path / "swapped", swap)
+    with pytest.raises(ConfigError, match=r"does not share the teacher's vocabulary .*2 of its \d+ tokens differ"):
+        check_vocab_matches(load_tokenizer(swapped), teacher, swapped)
+
+    cased = _tokenizer_variant(tokenizer_dir, tmp_path / "cased",
+                               lambda spec: spec["normalizer"].update(lowercase=False))
+    settings = json.loads((tmp_path / "cased/tokenizer_config.json").read_text())
+    (tmp_path / "cased/tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
+    assert load_tokenizer(cased)("River")["input_ids"] != load_tokenizer(tokenizer_dir)("River")["input_ids"]
+    with pytest.raises(ConfigError, match=r"keeps the case of its input but the teacher's .* lower-cases"):
+        check_vocab_matches(load_tokenizer(cased), teacher, cased)
+    assert check_vocab_matches(load_tokenizer(cased), vocab_size, cased) is None  # a bare size: size only

@@ -120,7 +120,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     tokenizer_dir = recipe_tokenizer_path(r)
     tokenizer = load_tokenizer(tokenizer_dir)
     teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
-    check_vocab_matches(tokenizer, teacher.config.vocab_size, tokenizer_dir)
+    check_vocab_matches(tokenizer, teacher.config, tokenizer_dir)
     num_labels = teacher.config.num_labels if spec.labels else None
     student = build_student(r.student, teacher.config, seed=r.train.seed, num_labels=num_labels)
     check_heads(student.config, teacher.config, r.losses.relation_heads)

@@ -144,7 +144,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)  # finetuning starts from the pretrained teacher
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_classifier(recipe, task)
-    check_vocab_matches(tokenizer, model.config.vocab_size, tokenizer_dir)
+    check_vocab_matches(tokenizer, model.config, tokenizer_dir)
     loader = build_task_loader(recipe.task, tokenizer, ft.micro_batch_size, rank, world, ft.seed, with_labels=True)
     total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
     r = finetune_recipe(recipe, total)
