@@ -83,7 +83,13 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if final.exists():
         old = temp_dir_beside(final)
         os.replace(final, old / final.name)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:  # put the old folder back: a failed replace must not leave nothing
+            os.replace(old / final.name, final)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -8,10 +8,15 @@ Layout under CKPT = OUT/<stage>/checkpoints:
 A checkpoint is written under `<tag>.partial`, checked, described by a manifest (every file with
 its size and sha256), renamed, and only then named in `latest`. A crash at any moment leaves
 either the old or the new checkpoint complete; resume verifies the manifest and falls back to
-the newest checkpoint that is intact.
+the newest checkpoint that is intact. Pruning never removes the checkpoint `latest` names (the one
+just written), and when every checkpoint is damaged resume stops with one line instead of silently
+starting over. `.partial` folders of saves that never finished (a crash, a full disk) are removed
+at resume and before each save. Each checkpoint keeps the stage's effective recipe (recipe.json):
+resume names every key that changed since and refuses the ones that are not safe to change.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,12 +28,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, UserError
 from ..files import atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree
+from . import recipe_changes
 from .collectives import all_gather_objects, broadcast_object
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL = ".partial"
+RECIPE = "recipe.json"  # the stage's effective recipe when the checkpoint was written
+
+_recipes: dict[Path, dict] = {}  # checkpoint root -> the recipe fingerprint its saves record (set at resume)
 
 
 def tag_for(step: int) -> str:
@@ -95,38 +105,119 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, keep: int = 2,
+         recipe: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder. `recipe` (default: the
+    fingerprint given to resume_or_seed for this root) is kept in the checkpoint as recipe.json."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     partial = root / (tag + PARTIAL)
     final = root / tag
+    recipe = recipe if recipe is not None else _recipes.get(Path(root).resolve())
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crash during an earlier save
+        remove_stale_partials(root)  # leftovers of a crash or a full disk during an earlier save
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag + PARTIAL, client_state={"step": step}, save_latest=False)
-    state_file = partial / f"trainer_state_rank{rank}.pt"
-    atomic_torch_save(trainer_state, state_file)
+    with _disk_full_is_one_line(root, partial):
+        engine.save_checkpoint(str(root), tag=tag + PARTIAL, client_state={"step": step}, save_latest=False)
+        state_file = partial / f"trainer_state_rank{rank}.pt"
+        atomic_torch_save(trainer_state, state_file)
     _barrier()
     if rank == 0:
-        if extra_files is not None:
-            extra_files(partial)  # student config + tokenizer, so one folder is enough to export
-        write_manifest(partial)
-        fsync_tree(partial)  # DeepSpeed's files too: `latest` must never name a folder a power loss can truncate
+        with _disk_full_is_one_line(root, partial):
+            if extra_files is not None:
+                extra_files(partial)  # student config + tokenizer, so one folder is enough to export
+            if recipe is not None:
+                atomic_write_text(partial / RECIPE, json.dumps(recipe, sort_keys=True, indent=1))
+            write_manifest(partial)
+            fsync_tree(partial)  # DeepSpeed's files too: `latest` must never name a folder a power loss can truncate
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         fsync_dir(root)
         atomic_write_text(root / LATEST, tag)
-        _prune(root, keep)
+        _prune(root, keep, tag)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def remove_stale_partials(root: Path) -> None:
+    """Remove `<tag>.partial` folders: saves that never finished; nothing trusts them, they only fill the disk."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith("step_") and path.name.endswith(PARTIAL) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_bytes(folder: Path) -> int | None:
+    """The size of a complete checkpoint, from its manifest (None when it has none)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        return sum(int(meta["size"]) for meta in files.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_disk_full(exc: BaseException, root: Path, needed: int | None) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save reports a failed write as a RuntimeError ("file write failed"), without the errno
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("write failed" in text or "No space left" in text):
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            return False
+        return needed is None or free < needed
+    return False
+
+
+class _disk_full_is_one_line:
+    """A full disk during a save: the partial folder is removed and the error names the disk (the
+    folder) and about how many bytes a checkpoint needs, from the newest complete one's manifest."""
+
+    def __init__(self, root: Path, partial: Path):
+        self.root, self.partial = root, partial
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, _tb):
+        if exc is None:
+            return False
+        tags = complete_tags(self.root)
+        needed = checkpoint_bytes(self.root / tags[-1]) if tags else None
+        if not _is_disk_full(exc, self.root, needed):
+            return False
+        shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(self.root).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        need = f"about {needed:,} bytes (the size of {tags[-1]})" if needed else "more space than is left"
+        raise UserError(f"no space left on the disk holding {self.root} ({free}): a checkpoint needs {need}; "
+                        "free space there, lower train.keep_checkpoints, or move output_dir to a larger disk") from None
+
+
+def _step(tag: str) -> int:
+    return int(tag.split("_")[-1])
+
+
+def _prune(root: Path, keep: int, fresh: str | None = None) -> None:
+    """Keep `fresh` (the checkpoint just written, which `latest` names) and the keep-1 newest older
+    ones. Pruning by name alone once kept a damaged newer folder and deleted the intact one `latest`
+    named; folders newer than `fresh` belong to an abandoned or damaged past and go as well."""
     tags = complete_tags(root)
-    for tag in tags[:-keep]:
-        shutil.rmtree(root / tag, ignore_errors=True)
+    if fresh is None or fresh not in tags:
+        latest = root / LATEST
+        fresh = latest.read_text().strip() if latest.is_file() else None
+        if fresh not in tags:
+            return  # nothing known to be good: remove nothing
+    older = [t for t in tags if _step(t) < _step(fresh)]
+    kept = {fresh, *older[max(0, len(older) - (keep - 1)):]} if keep > 1 else {fresh}
+    for tag in tags:
+        if tag not in kept:
+            shutil.rmtree(root / tag, ignore_errors=True)
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -138,17 +229,25 @@ def complete_tags(root: Path) -> list[str]:
 
 
 def find_resumable(root: Path, log=print) -> str | None:
-    """The newest intact checkpoint tag; damaged ones are reported and skipped."""
+    """The newest intact checkpoint tag; damaged ones are reported and skipped. None when there was
+    never a checkpoint; UserError when there were some but none is intact (starting over at step 0
+    would silently throw the run away)."""
     tags = complete_tags(root)
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     if latest in tags:  # look at `latest` first, then older ones
         tags.remove(latest)
         tags.append(latest)
+    damaged = []
     for tag in reversed(tags):
         problem = verify(root / tag)
         if problem is None:
             return tag
+        damaged.append(f"{tag}: {problem}")
         log(f"warning: checkpoint {root / tag} is damaged ({problem}); trying an older one")
+    if damaged or latest is not None:
+        what = "; ".join(damaged) if damaged else f"`latest` names {latest}, which is missing"
+        raise UserError(f"every checkpoint in {root} is damaged ({what}); restore one from a copy, or remove "
+                        f"{root} to start this run over from step 0")
     return None
 
 
@@ -164,18 +263,57 @@ def load(engine, root: Path, tag: str, rank: int) -> dict:
     return torch.load(state_file, weights_only=True)
 
 
-def agreed_tag(tag: str | None) -> str | None:
+def agreed_tag(choice):
     """Rank 0's choice on every rank: on a shared filesystem ranks could otherwise see different
     checkpoints (a save in flight, a slow cache) and resume from different steps."""
-    return broadcast_object(tag, src=0)
+    return broadcast_object(choice, src=0)
 
 
-def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str) -> int:
+def _choose(root: Path, recipe: dict | None, what: str) -> dict:
+    """Rank 0: the checkpoint to resume from, or the one-line error every rank raises, and the recipe
+    keys that changed since that checkpoint was written."""
+    remove_stale_partials(root)  # a crash or a full disk during the last save
+    try:
+        tag = find_resumable(root, log=lambda m: print(m, flush=True))
+    except UserError as exc:
+        return {"tag": None, "error": str(exc)}
+    changes: list = []
+    if tag is not None and recipe is not None and (root / tag / RECIPE).is_file():
+        saved = json.loads((root / tag / RECIPE).read_text())
+        try:
+            changes = recipe_changes.check(saved, recipe, recipe_changes.SAFE_ON_RESUME,
+                                           f"the recipe of {what} changed since {root / tag} was written",
+                                           f"rm -r {root.parent} to start {what} over, or use a new output_dir")
+        except ConfigError as exc:
+            return {"tag": None, "error": str(exc), "config": True}
+    return {"tag": tag, "error": None, "changes": changes}
+
+
+def apply_lr(engine, lr: float) -> None:
+    """A changed optim.lr takes effect on resume: the scheduler's base rate is reset and the current
+    rate re-derived from the schedule (whose warm-up/decay already follows the recipe's max_steps)."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None or not hasattr(sched, "lr_lambdas"):
+        return
+    sched.base_lrs = [lr for _ in sched.optimizer.param_groups]
+    rates = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+    for group, rate in zip(sched.optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = lr, rate
+    sched._last_lr = rates
+
+
+def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str, recipe: dict | None = None) -> int:
     """Restore the newest intact checkpoint under `root` (engine, data position, RNG) and return its
     step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0.
-    Collective: rank 0 chooses (and alone reads the checksums), every rank loads that one."""
-    tag = find_resumable(root, log=lambda m: print(m, flush=True)) if rank == 0 else None
-    tag = agreed_tag(tag)
+    Collective: rank 0 chooses (and alone reads the checksums), every rank loads that one.
+    `recipe` (recipe_changes.fingerprint): compared with the checkpoint's; keys safe to change are
+    applied with a warning, others refused; later saves under `root` record it."""
+    if recipe is not None:
+        _recipes[Path(root).resolve()] = recipe
+    choice = agreed_tag(_choose(root, recipe, what) if rank == 0 else None)
+    if choice["error"] is not None:
+        raise (ConfigError if choice.get("config") else UserError)(choice["error"])
+    tag = choice["tag"]
     if tag is None:
         torch.manual_seed(seed + rank)
         return 0
@@ -186,7 +324,13 @@ def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str) 
                            "trainer states disagree")
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
+    changed = {key for key, _old, _new in choice["changes"]}
+    if changed & {"optim.lr", "train.max_steps"} and recipe is not None:
+        apply_lr(engine, float(recipe_changes.flatten(recipe)["optim.lr"]))
     if rank == 0:
+        for key, old, new in choice["changes"]:
+            print(f"warning: {what}: {key} changed from {old!r} to {new!r} since {root / tag}; "
+                  f"{recipe_changes.HOW_APPLIED.get(key, 'applied from here on')}", flush=True)
         print(f"resumed {what} from {root / tag} at step {int(state['step'])}", flush=True)
     return int(state["step"])
 

@@ -1,0 +1,85 @@
+"""What a stage was trained with, and what a re-run may change.
+
+Each checkpoint (recipe.json) and each stage_done.json keep the stage's effective recipe
+(`Recipe.for_stage(stage)`, as a sorted JSON dict: the fingerprint). A resume or a pipeline skip
+compares it with the recipe of this run and names every key that changed:
+
+- safe on resume (applied with a warning): how long and how often the run works and logs,
+  train.max_steps (the warm-up/decay schedule is rebuilt for the new length), and optim.lr (the
+  scheduler's base rate is reset, so the new rate holds from the resumed step on);
+- safe on a finished stage's skip: the same, except train.max_steps and optim.lr, which would
+  have changed what the finished stage trained;
+- everything else (model shapes, losses, data, batch sizes, precision, DeepSpeed config, …) is
+  refused with the list of keys: `rm -r OUT/<stage>` retrains the stage, or use a new output_dir.
+
+Not part of the fingerprint: output_dir (a run folder may move), the stages/command_line
+bookkeeping (already merged into the sections), the finetune section (it shapes the teacher,
+whose path is compared), the finetuned teacher of a stage that does not use it, and the task of
+a general-corpus stage.
+"""
+from __future__ import annotations
+
+import json
+
+from ..config import Recipe, to_dict
+from ..errors import ConfigError
+from ..stages import STAGE_SPECS
+
+# how a run works and logs, never what it learns
+_RUN_ONLY = {"train.save_every", "train.log_every", "train.progress_bar", "train.keep_checkpoints",
+             "train.stop_at_step", "train.dist_timeout_s", "train.dist_backend", "train.max_nonfinite_steps"}
+SAFE_ON_SKIP = frozenset(_RUN_ONLY)
+SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"train.max_steps", "optim.lr"})
+
+HOW_APPLIED = {
+    "optim.lr": "applied: the scheduler's base rate is reset to it from this step on",
+    "train.max_steps": "applied: the warm-up/decay schedule now ends at the new step count",
+}
+
+
+def fingerprint(recipe: Recipe, stage: str) -> dict:
+    """The effective recipe of `stage` (recipe.for_stage(stage) already applied or not), as plain JSON."""
+    r = recipe.for_stage(stage)
+    spec = STAGE_SPECS[stage]
+    values = to_dict(r)
+    for key in ("output_dir", "stages", "command_line", "finetune"):
+        values.pop(key, None)
+    if not spec.finetuned_teacher:
+        values["teacher"].pop("finetuned_path", None)
+    if spec.data == "general":
+        values.pop("task", None)
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every dotted key that differs, sorted."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            out.append((key, None if va is missing else va, None if vb is missing else vb))
+    return out
+
+
+def check(old: dict, new: dict, safe: frozenset, what: str, remedy: str) -> list[tuple[str, object, object]]:
+    """The changes in `safe`; ConfigError naming every other changed key (one line)."""
+    changes = changed_keys(old, new)
+    refused = [(k, a, b) for k, a, b in changes if k not in safe]
+    if refused:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
+        allowed = ", ".join(sorted(safe))
+        raise ConfigError(f"{what}: {listed}; only {allowed} may change here; {remedy}")
+    return changes

@@ -1,0 +1,174 @@
+"""Durability of what a later run trusts: checkpoints (pruning, damaged ones, full disk, stale
+partial folders, injected fsync/rename faults), exports and their stage markers, --output folders."""
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernie_tiny_ds import files
+from ernie_tiny_ds.errors import UserError
+from ernie_tiny_ds.runtime import checkpoint
+
+
+class FakeEngine:
+    """What checkpoint.save asks of a DeepSpeed engine: one model-states file per save."""
+
+    def __init__(self, size: int = 1000):
+        self.size, self.lr_scheduler = size, None
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        folder = Path(root) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": torch.zeros(self.size), **client_state}, folder / "mp_rank_00_model_states.pt")
+
+
+def save(root: Path, step: int, keep: int = 2, engine=None) -> Path:
+    return checkpoint.save(engine or FakeEngine(), root, step, {"step": step}, keep=keep)
+
+
+def damage(folder: Path) -> None:
+    victim = folder / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
+# --------------------------------------------------------------------------- item 1: pruning
+def test_pruning_keeps_the_checkpoint_latest_names_not_a_damaged_newer_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 100, keep=1)
+    save(root, 500, keep=1)
+    shutil.copytree(root / "step_00000500", tmp_path / "good_500")
+    damage(root / "step_00000500")
+    # the run resumes from an older intact checkpoint: here step_100 comes back from a copy
+    shutil.rmtree(root / "step_00000500")
+    save(root, 100, keep=3)
+    shutil.copytree(tmp_path / "good_500", root / "step_00000500")
+    damage(root / "step_00000500")
+    (root / "latest").write_text("step_00000100")
+    assert checkpoint.find_resumable(root, log=lambda m: None) == "step_00000100"
+    save(root, 200, keep=1)  # the next save after resuming at step 100
+    assert (root / "latest").read_text() == "step_00000200"
+    assert (root / "step_00000200").is_dir()  # old code deleted it and kept the damaged step_500
+    assert not (root / "step_00000500").exists()
+    assert checkpoint.find_resumable(root, log=lambda m: None) == "step_00000200"
+
+
+def test_pruning_keeps_the_newest_older_ones_too(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        save(root, step, keep=3)
+    assert checkpoint.complete_tags(root) == ["step_00000002", "step_00000003", "step_00000004"]
+
+
+def test_every_checkpoint_damaged_is_one_line_not_a_silent_restart(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 1)
+    save(root, 2)
+    for tag in ("step_00000001", "step_00000002"):
+        damage(root / tag)
+    with pytest.raises(UserError, match=r"every checkpoint in .*checkpoints is damaged \(step_00000002: .*\); "):
+        checkpoint.find_resumable(root, log=lambda m: None)
+    # `latest` names a folder that is gone and nothing else is left: the same
+    for tag in ("step_00000001", "step_00000002"):
+        shutil.rmtree(root / tag)
+    with pytest.raises(UserError, match=r"`latest` names step_00000002, which is missing"):
+        checkpoint.find_resumable(root, log=lambda m: None)
+    assert checkpoint.find_resumable(tmp_path / "never_saved") is None
+
+
+# --------------------------------------------------------------------------- item 6: full disk, stale partials
+def test_stale_partial_folders_are_removed_before_a_save(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 1)
+    stale = root / "step_00000003.partial"
+    stale.mkdir()
+    (stale / "half.pt").write_bytes(b"x" * 100)
+    save(root, 2)
+    assert not stale.exists()
+    assert checkpoint.find_resumable(root) == "step_00000002"
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes_needed(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 1)
+    needed = checkpoint.checkpoint_bytes(root / "step_00000001")
+
+    class FullDisk(FakeEngine):
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag / "part.pt").write_bytes(b"x" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as info:
+        save(root, 2, engine=FullDisk())
+    line = str(info.value)
+    assert "\n" not in line
+    assert f"no space left on the disk holding {root}" in line
+    assert f"about {needed:,} bytes (the size of step_00000001)" in line
+    assert not (root / "step_00000002.partial").exists()
+    assert (root / "latest").read_text() == "step_00000001"
+    save(root, 2)  # once there is room again the next save just works
+    assert (root / "latest").read_text() == "step_00000002"
+
+
+# --------------------------------------------------------------------------- item 2: injected faults
+@pytest.mark.parametrize("fault", ["fsync", "replace"])
+def test_an_fsync_or_rename_fault_during_a_save_leaves_the_previous_checkpoint_trusted(tmp_path, monkeypatch, fault):
+    root = tmp_path / "checkpoints"
+    save(root, 1)
+    real = {"fsync": os.fsync, "replace": os.replace}[fault]
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.EIO, f"injected {fault} failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, fault, failing)
+    with pytest.raises(OSError, match="injected"):
+        save(root, 2)
+    monkeypatch.setattr(os, fault, real)
+    assert (root / "latest").read_text() == "step_00000001"
+    assert checkpoint.find_resumable(root) == "step_00000001"
+    assert not (root / "step_00000002").exists() or checkpoint.verify(root / "step_00000002") is None
+
+
+@pytest.mark.parametrize("fault", ["fsync", "replace"])
+def test_a_fault_while_replacing_a_folder_keeps_the_old_one_in_place(tmp_path, monkeypatch, fault):
+    final = tmp_path / "student"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    tmp = files.temp_dir_beside(final)
+    (tmp / "model.safetensors").write_text("new")
+    real = {"fsync": os.fsync, "replace": os.replace}[fault]
+
+    def failing(*args, **kwargs):
+        # the fsync of the new files, or the rename of the new folder into place
+        if fault == "fsync" or Path(args[0]) == tmp:
+            raise OSError(errno.EIO, f"injected {fault} failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, fault, failing)
+    with pytest.raises(OSError, match="injected"):
+        files.replace_dir(tmp, final)
+    monkeypatch.setattr(os, fault, real)
+    assert (final / "model.safetensors").read_text() == "old"  # old code left no folder at all
+    assert [p.name for p in tmp_path.iterdir() if p.name != tmp.name] == ["student"]
+
+
+def test_a_fault_while_writing_a_marker_keeps_the_old_marker(tmp_path, monkeypatch):
+    marker = tmp_path / "stage_done.json"
+    files.atomic_write_text(marker, json.dumps({"steps": 1}))
+
+    def failing(_fd):
+        raise OSError(errno.EIO, "injected fsync failure")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        files.atomic_write_text(marker, json.dumps({"steps": 2}))
+    assert json.loads(marker.read_text()) == {"steps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["stage_done.json"]
