@@ -24,8 +24,10 @@ from .errors import ConfigError
 
 @dataclass
 class TeacherConfig:
-    path: Optional[str] = None            # pretrained Hugging Face folder (stage 1)
-    finetuned_path: Optional[str] = None  # teacher finetuned on the task (stages 2-4)
+    path: Optional[str] = None            # pretrained Hugging Face folder or Hub ID (stage 1)
+    finetuned_path: Optional[str] = None  # teacher finetuned on the task (stages 2-4): folder or Hub ID
+    revision: Optional[str] = None        # Hub branch, tag or commit of teacher.path (default: main)
+    finetuned_revision: Optional[str] = None  # the same for teacher.finetuned_path
     config: Optional[dict] = None         # inline model config, randomly initialised (tests)
     zero3: bool = False                   # shard the frozen teacher with a ZeRO-3 inference engine
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the training precision
@@ -34,7 +36,8 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    path: Optional[str] = None  # start from this Hugging Face folder instead of a fresh student
+    path: Optional[str] = None  # start from this Hugging Face folder (or Hub ID) instead of a fresh student
+    revision: Optional[str] = None  # Hub branch, tag or commit of student.path
     num_hidden_layers: int = 4
     hidden_size: int = 312
     num_attention_heads: int = 12
@@ -48,7 +51,8 @@ class DataConfig:
     format: Literal["auto", "text", "jsonl", "parquet", "datasets"] = "auto"
     text_field: str = "text"          # JSON-lines field / Parquet column / datasets column
     document_separator: Literal["line", "blank_line"] = "line"
-    tokenizer: Optional[str] = None   # default: the teacher's folder, else the bundled tokenizer
+    tokenizer: Optional[str] = None   # folder or Hub ID; default: the teacher's, else the bundled tokenizer
+    tokenizer_revision: Optional[str] = None  # Hub branch, tag or commit of data.tokenizer
     max_seq_len: int = 128
     shuffle_buffer: int = 1024        # streaming: sequences per seeded shuffle window
     num_workers: int = 0              # streaming: DataLoader worker processes per rank (0: in the training

@@ -7,34 +7,40 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import ConfigError
+from .hub import resolve as resolve_hub
 
 
 def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
     """The recipe's tokenizer, else the teacher's own (pretrained, then finetuned when allowed),
     else (inline test teachers) the bundled one."""
-    teachers = [recipe.teacher.path] + ([recipe.teacher.finetuned_path] if use_finetuned_teacher else [])
-    for candidate in (recipe.data.tokenizer, *teachers):
+    teachers = [("teacher.path", recipe.teacher.path, recipe.teacher.revision)]
+    if use_finetuned_teacher:
+        teachers.append(("teacher.finetuned_path", recipe.teacher.finetuned_path, recipe.teacher.finetuned_revision))
+    for key, candidate, revision in (("data.tokenizer", recipe.data.tokenizer, recipe.data.tokenizer_revision),
+                                     *teachers):
         if candidate:
-            return candidate
+            return resolve_hub(candidate, key, revision, what="tokenizer")  # a Hub ID: its cached snapshot
     from ..assets import DEFAULT_TOKENIZER
     return str(DEFAULT_TOKENIZER)
 
 
-_PROBE = "The quick brown fox jumps over the lazy dog near the river bank."
+# a vocabulary that did not load maps everything to [UNK]; a Chinese one may know no English words
+_PROBES = ("The quick brown fox jumps over the lazy dog near the river bank.", "我们在河边的小城里读书。")
 
 
 def load_tokenizer(path: str, key: str = "data.tokenizer") -> PreTrainedTokenizerBase:
     if not Path(path).is_dir():
-        raise ConfigError(f"{key}: tokenizer folder not found: {path}")
+        path = resolve_hub(path, key, what="tokenizer")  # a Hub ID (else: folder not found)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {exc}") from None
     if not tokenizer.is_fast:
         raise ConfigError(f"{key}: {path} gave a slow tokenizer; a fast (tokenizer.json) one is required")
-    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
-    if not ids or all(i == tokenizer.unk_token_id for i in ids):
-        raise ConfigError(f"{key}: the tokenizer in {path} maps plain English to [UNK] only: its vocabulary did not load")
+    probes = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in _PROBES]
+    if all(not ids or all(i == tokenizer.unk_token_id for i in ids) for ids in probes):
+        raise ConfigError(f"{key}: the tokenizer in {path} maps plain English and Chinese to [UNK] only: "
+                          "its vocabulary did not load")
     for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
         if getattr(tokenizer, name) is None:
             raise ConfigError(f"{key}: the tokenizer in {path} has no {name.replace('_id', '')}")

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..config import StudentConfig, TeacherConfig
+from ..data.hub import resolve as resolve_hub
 from ..errors import ConfigError, UserError
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "ernie", "xlm-roberta")
@@ -63,13 +64,17 @@ def base_model(model: nn.Module) -> nn.Module:
 def load_teacher(cfg: TeacherConfig, finetuned: bool, seed: int) -> PreTrainedModel:
     """The frozen teacher: pretrained encoder (stage 1) or the task-finetuned classifier (stages 2-4)."""
     common = dict(attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code)
+    # a Hub ID becomes its snapshot folder in the Hub cache; a folder stays as it is
+    cfg = copy.copy(cfg)
     if finetuned:
+        cfg.finetuned_path = resolve_hub(cfg.finetuned_path, "teacher.finetuned_path", cfg.finetuned_revision)
         if cfg.finetuned_path is None:
             raise ConfigError("teacher.finetuned_path: this stage needs a teacher finetuned on the task "
                               "(run `ernie-tiny-ds finetune-teacher` or set teacher.finetuned_path)")
         load_config(cfg.finetuned_path, "teacher.finetuned_path", cfg.trust_remote_code)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(cfg.finetuned_path, **common)
     elif cfg.path is not None:
+        cfg.path = resolve_hub(cfg.path, "teacher.path", cfg.revision)
         load_config(cfg.path, "teacher.path", cfg.trust_remote_code)
         model = transformers.AutoModel.from_pretrained(cfg.path, **common)
     else:
@@ -123,6 +128,8 @@ def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: in
     """Fresh (seeded, identical on every rank) or loaded student; with a task head when num_labels is set."""
     common = dict(attn_implementation="sdpa")
     if cfg.path is not None:
+        cfg = copy.copy(cfg)
+        cfg.path = resolve_hub(cfg.path, "student.path", cfg.revision)
         config = load_config(cfg.path, "student.path")
         if config.vocab_size != teacher_config.vocab_size:
             raise ConfigError(f"student.path: student vocabulary ({config.vocab_size}) differs from the "
