@@ -145,3 +145,70 @@ def test_tokenizer_must_share_the_teachers_vocabulary_and_casing(tmp_path, token
     with pytest.raises(ConfigError, match=r"keeps the case of its input but the teacher's .* lower-cases"):
         check_vocab_matches(load_tokenizer(cased), teacher, cased)
     assert check_vocab_matches(load_tokenizer(cased), vocab_size, cased) is None  # a bare size: size only
+
+
+# --------------------------------------------------------------------------- 13, 14: corpus files
+def _lines_text(n: int = 3000) -> bytes:
+    import random
+    rng = random.Random(n)  # varied words: the file stays large once compressed
+    words = "the old river town market bridge school garden north south winter summer stone road".split()
+    return "".join(f"document {i} " + " ".join(rng.choice(words) for _ in range(12)) + ".\n"
+                   for i in range(n)).encode()
+
+
+def _compress(kind: str, data: bytes) -> bytes:
+    if kind == "gzip":
+        return gzip.compress(data)
+    import zstandard
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _read_all(path):
+    from types import SimpleNamespace
+    from ernie_tiny_ds.data.sources import ReadStats, check_files, read_records
+    cfg = SimpleNamespace(format="auto", text_field="text", document_separator="line", on_binary_file="error")
+    stats = ReadStats()
+    return [r.text for f in check_files([str(path)], cfg, stats) for r in read_records(f, 0, cfg, stats)]
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_compressed_file_cut_after_its_first_8k_is_named_at_the_line(tmp_path, kind):
+    data = _compress(kind, _lines_text(20000))  # zstd blocks hold 128 KiB: cut after several of them
+    assert len(data) > 3 * 8192
+    path = tmp_path / f"part.txt.{'gz' if kind == 'gzip' else 'zst'}"
+    path.write_bytes(data[: len(data) // 2])  # the 8 KiB sniff up front decompresses fine
+    with pytest.raises(DataError, match=rf"cannot decompress .*{path.name} at line \d+: .*truncated"):
+        _read_all(path)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gzip", "zstd"])
+def test_nul_bytes_past_the_first_8k_are_named_at_the_line(tmp_path, kind):
+    data = _lines_text() + b"a line with a \x00 byte\n" + _lines_text(10)
+    path = tmp_path / ("part.txt" if kind == "plain" else f"part.txt.{'gz' if kind == 'gzip' else 'zst'}")
+    path.write_bytes(data if kind == "plain" else _compress(kind, data))
+    with pytest.raises(DataError, match=rf"{path.name}: line 3001 holds NUL bytes"):
+        _read_all(path)
+    jsonl = tmp_path / "part.jsonl"
+    jsonl.write_bytes(b'{"text": "fine"}\n' * 1000 + b'{"text": "bad \x00"}\n')
+    with pytest.raises(DataError, match=r"part.jsonl: line 1001 holds NUL bytes"):
+        _read_all(jsonl)
+
+
+def test_every_zstd_frame_is_read(tmp_path):
+    path = tmp_path / "two_frames.txt.zst"
+    path.write_bytes(_compress("zstd", _lines_text(100)) + _compress("zstd", _lines_text(50)))
+    assert len(_read_all(path)) == 150
+
+
+def test_hidden_files_and_folders_in_a_corpus_folder_are_skipped(tmp_path):
+    from ernie_tiny_ds.data.sources import resolve_files
+    corpus = tmp_path / "corpus"
+    (corpus / ".git" / "objects").mkdir(parents=True)
+    (corpus / ".git" / "objects" / "pack.txt").write_text("not corpus\n")
+    (corpus / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (corpus / "sub" / ".cache").mkdir(parents=True)
+    (corpus / "sub" / ".cache" / "x.txt").write_text("not corpus\n")
+    (corpus / "sub" / "b.txt").write_text("text\n")
+    (corpus / "a.txt").write_text("text\n")
+    (corpus / ".hidden.txt").write_text("not corpus\n")
+    assert resolve_files(str(corpus)) == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Optional
 
@@ -51,8 +52,10 @@ class ReadStats:
 def resolve_files(pattern: str, key: str = "data.corpus") -> list[str]:
     """A file, a folder (every file below it) or a glob, sorted so every rank sees the same order."""
     if os.path.isdir(pattern):
-        files = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                 if not name.startswith(".")]
+        files = []
+        for root, dirs, names in os.walk(pattern):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git/, .cache/: never corpus text
+            files.extend(os.path.join(root, name) for name in names if not name.startswith("."))
     elif os.path.isfile(pattern):
         files = [pattern]
     else:
@@ -78,6 +81,49 @@ def compression_of(path: str) -> Optional[str]:
     return _compression(_raw_head(path, 4))
 
 
+class _ZstdReader(io.RawIOBase):
+    """A zstd file's content, every frame of it. zstandard's stream_reader stops at the end of the
+    first frame and takes a file cut inside a frame for a clean end; this one raises EOFError there
+    (a truncated file), like gzip and bz2 do."""
+
+    def __init__(self, path: str):
+        import zstandard
+        self._raw = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None     # the decompressor of the current frame; None before the first byte
+        self._out = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            parts.append(self._frame.decompress(chunk))
+            chunk = self._frame.unused_data if self._frame.eof else b""  # the next frame's first bytes
+        return b"".join(parts)
+
+    def readinto(self, buffer) -> int:
+        while self._pos >= len(self._out):
+            chunk = self._raw.read(1 << 17)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._pos = self._feed(chunk), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def open_decompressed(path: str) -> BinaryIO:
     """The file's bytes, decompressed when its magic says so."""
     kind = compression_of(path)
@@ -86,10 +132,26 @@ def open_decompressed(path: str) -> BinaryIO:
     if kind == "bz2":
         return bz2.open(path, "rb")
     if kind == "zstd":
-        import zstandard
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 16)
     return open(path, "rb")
+
+
+def _read_errors() -> tuple:
+    """What a damaged file raises while it is read: truncated (EOFError), corrupt gzip/bz2 (OSError,
+    zlib.error), corrupt zstd (ZstdError)."""
+    errors = [EOFError, OSError, zlib.error]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _read_failure(path: str, where: str, exc: BaseException) -> DataError:
+    verb = "cannot decompress" if compression_of(path) else "cannot read"
+    return DataError(f"data.corpus: {verb} {path} at {where}: {str(exc) or type(exc).__name__} "
+                     f"(the file is truncated or damaged; replace or remove it)")
 
 
 def looks_binary(path: str, head: Optional[bytes] = None) -> bool:
@@ -165,11 +227,15 @@ def open_at(path: str, offset: int) -> BinaryIO:
         stream.seek(offset)
         return stream
     left = offset
-    while left:
-        chunk = stream.read(min(left, 1 << 20))
-        if not chunk:
-            break
-        left -= len(chunk)
+    try:
+        while left:
+            chunk = stream.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except _read_errors() as exc:
+        stream.close()
+        raise _read_failure(path, f"byte offset {offset - left}", exc) from None
     return stream
 
 
@@ -177,10 +243,17 @@ def _lines(stream: BinaryIO, path: str, start: int) -> Iterator[tuple[int, int, 
     """(offset, line number or -1 when unknown after a seek, raw bytes) of every line from `start`."""
     offset = start
     number = 1 if start == 0 else -1
+    errors = _read_errors()
     while True:
-        raw = stream.readline(MAX_RECORD_BYTES + 1)
+        try:  # a damage past the 8 KiB sniffed up front shows here, mid-epoch: name file and line
+            raw = stream.readline(MAX_RECORD_BYTES + 1)
+        except errors as exc:
+            raise _read_failure(path, _where(number, offset), exc) from None
         if not raw:
             return
+        if b"\x00" in raw:  # NUL past the sniffed head: binary content; found per line, no second pass
+            raise DataError(f"data.corpus: {path}: {_where(number, offset)} holds NUL bytes: a binary file, not "
+                            f"text; remove it from the corpus")
         if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
             raise DataError(f"{path}: {_where(number, offset)} is longer than {MAX_RECORD_BYTES:,} bytes "
                             f"without a line break; split the document")
