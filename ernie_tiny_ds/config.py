@@ -38,6 +38,8 @@ class TeacherConfig:
 class StudentConfig:
     path: Optional[str] = None  # start from this Hugging Face folder (or Hub ID) instead of a fresh student
     revision: Optional[str] = None  # Hub branch, tag or commit of student.path
+    projections: Optional[str] = None  # hidden/embedding projections to start from (a stage's
+                                       # projections.safetensors); unset: the one beside student.path's folder
     num_hidden_layers: int = 4
     hidden_size: int = 312
     num_attention_heads: int = 12
@@ -86,6 +88,8 @@ class LossConfig:
     layer_map: Union[str, list[int]] = "uniform"  # uniform | last-k | [teacher layer per student layer]
     kernels: Literal["auto", "triton", "torch"] = "auto"
     query_chunk: Optional[int] = None       # torch path: attention rows per chunk (memory O(L*chunk))
+    carry_projections: bool = True          # start the projections from the previous stage's (as TinyBERT's
+                                            # fit_dense lives across its stages); false: fresh every stage
 
 
 @dataclass
@@ -364,7 +368,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 # Paths written in a recipe are relative to the recipe file, so a recipe folder can move as a whole.
-_PATH_KEYS = (("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("data", "corpus"),
+_PATH_KEYS = (("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("student", "projections"),
+              ("data", "corpus"),
               ("data", "tokenizer"), ("task", "train_file"), ("task", "dev_file"))
 
 

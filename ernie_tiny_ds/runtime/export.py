@@ -15,7 +15,7 @@ import transformers
 from . import safe_load
 from .checkpoint import LATEST, verify
 from ..errors import UserError
-from ..files import replace_dir, temp_dir_beside
+from ..files import replace_dir, temp_dir_beside, write_atomic
 
 STUDENT_PREFIX = "student."
 STUDENT_DIR = "student_hf"  # inside each checkpoint: config + tokenizer of the student
@@ -43,7 +43,10 @@ def student_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k[len(STUDENT_PREFIX):]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
+                      projections: str | os.PathLike | None = None) -> Path:
+    """The student of a checkpoint as a Hugging Face folder; with `projections`, the objective's
+    projections also go to that safetensors file (outside the folder: they are no part of the model)."""
     folder = _checkpoint_folder(Path(checkpoint))
     if not folder.is_dir():
         raise UserError(f"--checkpoint: {folder} is not a checkpoint folder")
@@ -59,8 +62,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) 
     if model_cls is None:
         raise UserError(f"{hf_dir}/config.json names an unknown architecture {architecture!r}")
     model = model_cls(config)
-    model.load_state_dict(student_state_dict(consolidated_state_dict(folder)), strict=True)
+    full = consolidated_state_dict(folder)
+    model.load_state_dict(student_state_dict(full), strict=True)
+    if projections is not None:
+        save_projections(full, Path(projections))
     return save_model_folder(model, hf_dir, Path(output))
+
+
+def save_projections(full: dict[str, torch.Tensor], path: Path) -> Path:
+    """The projection weights of a consolidated state, written durably (temp file, fsync, rename)."""
+    from safetensors.torch import save
+
+    from ..distill.objective import projection_state
+    tensors = {k: v.detach().float().contiguous() for k, v in projection_state(full).items()}
+    return write_atomic(path, lambda handle: handle.write(save(tensors)))
 
 
 def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer=None) -> Path:

@@ -20,7 +20,7 @@ from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_o
 from ..losses import layer_map
 from .metrics import MetricsLogger
 from ..distill.models import encoder_up_to, FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
-from ..distill.objective import DistillationObjective, TeacherOutput
+from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, TeacherOutput, start_projections
 from ..stages import STAGE_SPECS
 from .collectives import all_reduce_values
 from .stop import StopRequest
@@ -135,6 +135,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     except ValueError as exc:
         raise ConfigError(f"losses.layer_map: {exc}") from None
     objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, use_labels=spec.labels)
+    provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
     ds_config = build_ds_config(r, world)
     engine = build_student_engine(objective, r, ds_config)
     if not spec.labels:  # no logits in this stage: run the teacher only as deep as the layer map reads
@@ -243,7 +244,8 @@ def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, f
     if math.isnan(final_loss) and done_file.is_file():  # a re-run of a finished stage trains no step
         final_loss = json.loads(done_file.read_text()).get("final_loss") or float("nan")
     if rank == 0:
-        export_checkpoint(out_dir / "checkpoints" / checkpoint.tag_for(step), student_dir)
+        export_checkpoint(out_dir / "checkpoints" / checkpoint.tag_for(step), student_dir,
+                          projections=out_dir / PROJECTIONS_FILE)  # the next stage starts from them
         done = {"stage": spec.name, "steps": step, "final_loss": final_loss, "student": str(student_dir),
                 **parts.provenance}
         if probe is not None:

@@ -21,6 +21,7 @@ from ..config import STAGES, Recipe, load_recipe
 from ..errors import ConfigError
 from ..stages import STAGE_SPECS
 from ..runtime.loop import DONE_FILE, run_stage
+from ..distill.objective import PROJECTIONS_FILE
 
 FINETUNE = "finetune"
 PIPELINE_DONE = "pipeline_done.json"
@@ -96,13 +97,18 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
             if rank == 0:
                 print(f"pipeline: {STAGE_SPECS[stage].title} ({stage}) starting from "
                       f"{student or 'a fresh student'}", flush=True)
-            result = run_stage(with_paths(recipe, student, finetuned), stage)
+            staged = with_paths(recipe, student, finetuned)
+            if results:  # the previous stage's projections, or none (never the recipe's, meant for the first)
+                staged.student.projections = projections
+            result = run_stage(staged, stage)
             if not result.complete:
                 if rank == 0:
                     print(f"pipeline: stopped during {stage}; run the same command to resume", flush=True)
                 return False
         results.append(stage)
         student = str(out / stage / "student")
+        carried = out / stage / PROJECTIONS_FILE  # absent when the stage was exported before they were kept
+        projections = str(carried) if carried.is_file() else None
     if last == 4 and rank == 0:
         from .report import build_report
         build_report(with_paths(recipe, student, finetuned), out)
