@@ -212,3 +212,17 @@ def test_hidden_files_and_folders_in_a_corpus_folder_are_skipped(tmp_path):
     (corpus / "a.txt").write_text("text\n")
     (corpus / ".hidden.txt").write_text("not corpus\n")
     assert resolve_files(str(corpus)) == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]
+
+
+# --------------------------------------------------------------------------- 16: resume with more ranks
+@pytest.mark.slow
+def test_resuming_with_more_ranks_than_the_checkpoint_is_one_line(tmp_path, tokenizer_dir, vocab_size):
+    from distributed import run_ranks
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 4, "save_every": 2})
+    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.stop_at_step=2"], ranks=1)
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], ranks=2, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    errors = {line.split("error: ", 1)[1] for line in out.splitlines() if "error: " in line}
+    assert errors and all(re.search(r"step_00000002 was written by 1 rank\(s\); this run has 2", e) for e in errors), out[-3000:]
+    assert "Traceback" not in out

@@ -253,6 +253,14 @@ def find_resumable(root: Path, log=print) -> str | None:
 
 def load(engine, root: Path, tag: str, rank: int) -> dict:
     """Restore engine (params, optimizer, scheduler) and return this rank's trainer state."""
+    # Before DeepSpeed reads anything: with more ranks than wrote it, its loaders fail deep inside
+    # (a traceback); data positions and optimizer shards are per rank either way. Every rank counts
+    # the same files, so all raise the same line together.
+    written = len(list((root / tag).glob("trainer_state_rank*.pt")))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if written != world:
+        raise UserError(f"checkpoint {root / tag} was written by {written} rank(s); this run has {world}: "
+                        f"resume with {written} rank(s), or start over in a new output_dir")
     load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
