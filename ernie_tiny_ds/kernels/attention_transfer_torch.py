@@ -19,6 +19,7 @@ import math
 import torch
 
 from .. import losses as _ref
+from .dispatch import check_attention_inputs
 
 
 def _chunk(q_s, k_s, q_t, k_t, keys, row_valid, is_kl: bool, want_loss: bool, want_grad: bool):
@@ -132,9 +133,7 @@ def attention_transfer_torch(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Te
                              attention_mask: torch.Tensor, kind: str = "kl", relation_heads: int | None = None,
                              query_chunk: int | None = None) -> torch.Tensor:
     """``losses.attention_transfer_loss`` with a closed-form backward; same arguments, same value."""
-    if kind not in _ref.ATTENTION_KINDS:
-        raise ValueError(f"attention kind must be one of {_ref.ATTENTION_KINDS}, got {kind!r}")
-    _ref.check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
+    check_attention_inputs(q_s, k_s, q_t, k_t, attention_mask, kind, relation_heads)
     if relation_heads is not None:
         q_s, k_s, q_t, k_t = (_ref.split_relation_heads(x, relation_heads) for x in (q_s, k_s, q_t, k_t))
     mask = attention_mask.bool()

@@ -25,9 +25,8 @@ from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import losses as _ref
+from .dispatch import check_attention_inputs
 from .online_kl_triton import online_kl_finish, online_kl_start, online_kl_update
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -230,8 +229,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for t in tensors for s in t.stride()]
+def _strides(**tensors: torch.Tensor) -> dict[str, int]:
+    """Strides of [B, H, L, d] tensors as the kernels name them: _strides(sqs=q_s) gives sqs_b, sqs_h, sqs_l, sqs_d."""
+    return {f"{prefix}_{axis}": stride for prefix, t in tensors.items() for axis, stride in zip("bhld", t.stride())}
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -251,9 +251,14 @@ def _meta(q_s, q_t, is_kl: bool, tiling: Tiling) -> dict:
                 BLOCK_DS=_block_d(q_s.shape[-1]), BLOCK_DT=_block_d(q_t.shape[-1]))
 
 
-def _shape_args(q_s, q_t) -> list:
-    return [q_s.shape[1], q_s.shape[2], q_s.shape[3], q_t.shape[3],
-            1.0 / math.sqrt(q_s.shape[3]), 1.0 / math.sqrt(q_t.shape[3])]
+def _shapes(q_s, q_t) -> dict:
+    return dict(H=q_s.shape[1], L=q_s.shape[2], D_S=q_s.shape[3], D_T=q_t.shape[3],
+                scale_s=1.0 / math.sqrt(q_s.shape[3]), scale_t=1.0 / math.sqrt(q_t.shape[3]))
+
+
+def _inputs(q_s, k_s, q_t, k_t, mask) -> dict:
+    """The operands every kernel reads, with their strides."""
+    return dict(QS=q_s, KS=k_s, QT=q_t, KT=k_t, MASK=mask, **_strides(sqs=q_s, sks=k_s, sqt=q_t, skt=k_t))
 
 
 def attention_transfer_rows_forward(q_s, k_s, q_t, k_t, mask, is_kl: bool, tiling: Tiling):
@@ -264,9 +269,8 @@ def attention_transfer_rows_forward(q_s, k_s, q_t, k_t, mask, is_kl: bool, tilin
     lse_t = torch.empty_like(rows) if is_kl else rows.new_empty(1)
     grid = (b * h, triton.cdiv(length, tiling.block_m))
     _attention_transfer_fwd[grid](
-        q_s, k_s, q_t, k_t, mask, rows, lse_s, lse_t,
-        *_strides(q_s, k_s, q_t, k_t), *_shape_args(q_s, q_t),
-        **_meta(q_s, q_t, is_kl, tiling))
+        **_inputs(q_s, k_s, q_t, k_t, mask), ROWS=rows, LSE_S=lse_s, LSE_T=lse_t,
+        **_shapes(q_s, q_t), **_meta(q_s, q_t, is_kl, tiling))
     return rows, lse_s, lse_t
 
 
@@ -277,21 +281,18 @@ def attention_transfer_rows_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_r
     The kernels write fp32; torch rounds to the student's dtype (round-to-nearest everywhere:
     the 3.9 interpreter truncates fp32 -> bf16 inside kernels)."""
     b, h, length, _ = q_s.shape
-    d_rows = d_rows.float().contiguous()
-    common = (*_strides(q_s, k_s, q_t, k_t),)
-    meta = _meta(q_s, q_t, is_kl, tiling)
+    common = dict(**_inputs(q_s, k_s, q_t, k_t, mask), LSE_S=lse_s, LSE_T=lse_t, D_ROWS=d_rows.float().contiguous(),
+                  **_shapes(q_s, q_t), **_meta(q_s, q_t, is_kl, tiling))
     dq = dk = None
     if need_dq:
         dq = torch.empty(q_s.shape, device=q_s.device, dtype=torch.float32)
         _attention_transfer_bwd_dq[(b * h, triton.cdiv(length, tiling.block_m))](
-            q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_rows, dq, *common, *dq.stride(),
-            *_shape_args(q_s, q_t), **meta)
+            DQ=dq, **_strides(sdq=dq), **common)
         dq = dq.to(q_s.dtype)
     if need_dk:
         dk = torch.empty(k_s.shape, device=k_s.device, dtype=torch.float32)
         _attention_transfer_bwd_dk[(b * h, triton.cdiv(length, tiling.block_n))](
-            q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_rows, dk, *common, *dk.stride(),
-            *_shape_args(q_s, q_t), **meta)
+            DK=dk, **_strides(sdk=dk), **common)
         dk = dk.to(k_s.dtype)
     return dq, dk
 
@@ -332,18 +333,7 @@ def attention_transfer_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.T
                               attention_mask: torch.Tensor, kind: str = "kl", relation_heads: int | None = None,
                               block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Same value and student gradients as ``losses.attention_transfer_loss``; fp32 scalar."""
-    if kind not in _ref.ATTENTION_KINDS:
-        raise ValueError(f"attention kind must be one of {_ref.ATTENTION_KINDS}, got {kind!r}")
-    _ref.check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
-    devices = {x.device for x in (q_s, k_s, q_t, k_t, attention_mask)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {x.dtype}; the Triton kernel takes {SUPPORTED_DTYPES} "
-                             "(use backend='torch' for others)")
-    if q_s.dtype != k_s.dtype or q_t.dtype != k_t.dtype:
-        raise ValueError("q and k of one model must have the same dtype")
+    check_attention_inputs(q_s, k_s, q_t, k_t, attention_mask, kind, relation_heads, fused=True)
     if relation_heads is not None:
         # a view/reshape; autograd maps dQ/dK back to the original heads
         q_s, k_s, q_t, k_t = (_ref.split_relation_heads(x, relation_heads) for x in (q_s, k_s, q_t, k_t))

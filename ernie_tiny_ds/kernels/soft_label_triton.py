@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .dispatch import check_soft_label_inputs
 from .online_kl_triton import online_kl_finish, online_kl_start, online_kl_update
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # elements per program and step, sized so the sm_90 cubins do not spill registers (checked with
 # cuobjdump -res-usage): one row of up to 4096 classes, or rows x classes <= 1024 for short rows
 _ROW_TILE = 4096
@@ -84,8 +84,8 @@ def soft_label_rows_forward(s: torch.Tensor, t: torch.Tensor, temperature: float
     lse_s, lse_t = torch.empty_like(rows), torch.empty_like(rows)
     block_r, block_c = _blocks(n, c)
     _soft_label_fwd[(triton.cdiv(n, block_r),)](
-        s, t, rows, lse_s, lse_t, n, c, s.stride(0), t.stride(0), float(temperature),
-        BLOCK_R=block_r, BLOCK_C=block_c)
+        S=s, T=t, ROWS=rows, LSE_S=lse_s, LSE_T=lse_t, N=n, C=c, stride_s=s.stride(0), stride_t=t.stride(0),
+        temperature=float(temperature), BLOCK_R=block_r, BLOCK_C=block_c)
     return rows, lse_s, lse_t
 
 
@@ -95,11 +95,18 @@ def soft_label_rows_backward(s, t, lse_s, lse_t, d_rows, temperature: float) -> 
     grad = torch.empty((n, c), device=s.device, dtype=torch.float32)
     block_r, block_c = _blocks(n, c)
     _soft_label_bwd[(triton.cdiv(n, block_r),)](
-        s, t, lse_s, lse_t, d_rows.float().contiguous(), grad, n, c, s.stride(0), t.stride(0), grad.stride(0),
-        float(temperature), BLOCK_R=block_r, BLOCK_C=block_c)
+        S=s, T=t, LSE_S=lse_s, LSE_T=lse_t, D_ROWS=d_rows.float().contiguous(), DS=grad, N=n, C=c,
+        stride_s=s.stride(0), stride_t=t.stride(0), stride_ds=grad.stride(0), temperature=float(temperature),
+        BLOCK_R=block_r, BLOCK_C=block_c)
     return grad.to(s.dtype)
 
 
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --------------------------------------------------------------------------- autograd
 class SoftLabelRows(torch.autograd.Function):
     """[N] per-row KL(softmax(t/T) || softmax(s/T)); the gradient flows to the student logits only."""
 
@@ -119,27 +126,11 @@ class SoftLabelRows(torch.autograd.Function):
         return soft_label_rows_backward(s, t, lse_s, lse_t, d_rows, ctx.temperature), None, None
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
+# --------------------------------------------------------------------------- public function
 def soft_label_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """Same value and student gradient as ``losses.soft_label_loss``; fp32 scalar."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, "
-                         f"teacher {tuple(teacher_logits.shape)}")
-    if student_logits.dim() == 0 or student_logits.shape[-1] == 0 or student_logits.numel() == 0:
-        raise ValueError(f"logits need at least one row and one class, got shape {tuple(student_logits.shape)}")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student logits on {student_logits.device}, teacher logits on {teacher_logits.device}")
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {x.dtype}; the Triton kernel takes {SUPPORTED_DTYPES} "
-                             "(use backend='torch' for others)")
+    check_soft_label_inputs(student_logits, teacher_logits, temperature, fused=True)
     temperature = float(temperature)
     rows = SoftLabelRows.apply(_as_rows(student_logits), _as_rows(teacher_logits), temperature)
     return rows.mean() * temperature ** 2
