@@ -144,6 +144,25 @@ def test_soft_label_bad_input_errors():
         kernels.soft_label(s[:0], s[:0], 1.0)
 
 
+def test_every_path_rejects_bad_input_with_the_same_message():
+    # the checks live once in dispatch: the kernels and the torch path say the same thing
+    from ernie_tiny_ds.kernels.attention_transfer_torch import attention_transfer_torch
+    q_s, k_s = qk(2, 2, 12, 8, torch.float32, False)
+    mask = torch.ones(2, 12, device=DEVICE)
+    for path in (attention_transfer_triton, attention_transfer_torch):
+        with pytest.raises(ValueError, match="attention kind must be one of"):
+            path(q_s, k_s, q_s, k_s, mask, "cosine")
+        with pytest.raises(ValueError, match="differ in batch or length"):
+            path(q_s, k_s, q_s[:, :, :5], k_s[:, :, :5], mask)
+    with pytest.raises(ValueError, match="same dtype"):
+        attention_transfer_triton(q_s, k_s.half(), q_s, k_s, mask)
+    logits = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="student_logits has dtype torch.float64"):
+        kernels.soft_label(logits.double(), logits, 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        dispatch.soft_label(logits, logits, -1.0, backend="torch")
+
+
 # --------------------------------------------------------------------------- dispatch and torch path
 def test_dispatch_auto_on_cpu_is_the_torch_path():
     from ernie_tiny_ds.kernels.attention_transfer_torch import attention_transfer_torch
