@@ -226,3 +226,49 @@ def test_resuming_with_more_ranks_than_the_checkpoint_is_one_line(tmp_path, toke
     errors = {line.split("error: ", 1)[1] for line in out.splitlines() if "error: " in line}
     assert errors and all(re.search(r"step_00000002 was written by 1 rank\(s\); this run has 2", e) for e in errors), out[-3000:]
     assert "Traceback" not in out
+
+
+# --------------------------------------------------------------------------- 15: damaged model folders
+def _saved_bert(folder, vocab_size):
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    return folder
+
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: 5], ids=["half", "5 bytes"])
+def test_a_truncated_safetensors_in_teacher_or_student_path_is_one_line(tmp_path, vocab_size, keep):
+    from ernie_tiny_ds.config import StudentConfig, TeacherConfig
+    from ernie_tiny_ds.distill.models import build_student, load_teacher
+    good = load_teacher(TeacherConfig(path=str(_saved_bert(tmp_path / "good", vocab_size))), False, 0)
+    bad = _saved_bert(tmp_path / "bad", vocab_size)
+    _truncate(bad / "model.safetensors", keep)
+    with pytest.raises(UserError, match=rf"^teacher.path: cannot load the weights in {bad}: .*truncated or damaged"):
+        load_teacher(TeacherConfig(path=str(bad)), False, 0)
+    with pytest.raises(UserError, match=rf"^student.path: cannot load the weights in {bad}"):
+        build_student(StudentConfig(path=str(bad)), good.config, 0)
+    with pytest.raises(UserError, match=rf"^student.path: cannot load the weights in {bad}"):
+        build_student(StudentConfig(path=str(bad)), good.config, 0, num_labels=2)
+    (bad / "config.json").write_text('{"model_type": "bert", ')
+    with pytest.raises(UserError, match=rf"^teacher.path: cannot load the config.json in {bad}"):
+        load_teacher(TeacherConfig(path=str(bad)), False, 0)
+
+
+@pytest.mark.slow
+def test_a_truncated_teacher_on_the_command_line_is_one_line(tmp_path, tokenizer_dir, vocab_size):
+    teacher = _saved_bert(tmp_path / "teacher", vocab_size)
+    _truncate(teacher / "model.safetensors", lambda n: n - 100)
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
+    values = yaml.safe_load(recipe.read_text())
+    values["teacher"] = {"path": str(teacher)}
+    recipe.write_text(yaml.safe_dump(values))
+    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "teacher.path: cannot load the weights" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

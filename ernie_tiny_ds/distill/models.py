@@ -34,9 +34,33 @@ def _check_hf_folder(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {path} has no config.json (expected a Hugging Face model folder)")
 
 
+def _load_errors() -> tuple:
+    """What a damaged model folder raises while loading: a truncated or corrupt safetensors file
+    (SafetensorError), a missing shard (OSError), bad JSON (ValueError), weights that do not fit
+    the config (RuntimeError)."""
+    from safetensors import SafetensorError
+    return (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def _cannot_load(key: str, path: str, what: str, exc: BaseException) -> UserError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"{key}: cannot load the {what} in {path}: {first} (a truncated or damaged file? copy "
+                     f"the model folder again)")
+
+
+def _from_pretrained(auto_class, path: str, key: str, **kwargs) -> PreTrainedModel:
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except _load_errors() as exc:
+        raise _cannot_load(key, path, "weights", exc) from None
+
+
 def load_config(path: str, key: str, trust_remote_code: bool = False) -> PretrainedConfig:
     _check_hf_folder(path, key)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except _load_errors() as exc:
+        raise _cannot_load(key, path, "config.json", exc) from None
     _check_model_type(config, key)
     return config
 
@@ -72,11 +96,12 @@ def load_teacher(cfg: TeacherConfig, finetuned: bool, seed: int) -> PreTrainedMo
             raise ConfigError("teacher.finetuned_path: this stage needs a teacher finetuned on the task "
                               "(run `ernie-tiny-ds finetune-teacher` or set teacher.finetuned_path)")
         load_config(cfg.finetuned_path, "teacher.finetuned_path", cfg.trust_remote_code)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(cfg.finetuned_path, **common)
+        model = _from_pretrained(transformers.AutoModelForSequenceClassification, cfg.finetuned_path,
+                                 "teacher.finetuned_path", **common)
     elif cfg.path is not None:
         cfg.path = resolve_hub(cfg.path, "teacher.path", cfg.revision)
         load_config(cfg.path, "teacher.path", cfg.trust_remote_code)
-        model = transformers.AutoModel.from_pretrained(cfg.path, **common)
+        model = _from_pretrained(transformers.AutoModel, cfg.path, "teacher.path", **common)
     else:
         config = inline_config(cfg.config or {})
         torch.manual_seed(seed)  # every rank builds the same random teacher
@@ -135,11 +160,11 @@ def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: in
             raise ConfigError(f"student.path: student vocabulary ({config.vocab_size}) differs from the "
                               f"teacher's ({teacher_config.vocab_size}); both must share one tokenizer")
         if num_labels is None:
-            return transformers.AutoModel.from_pretrained(cfg.path, **common)
+            return _from_pretrained(transformers.AutoModel, cfg.path, "student.path", **common)
         config.num_labels = num_labels
         keep_task_labels(config, teacher_config)
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, config=config, **common)
+        return _from_pretrained(transformers.AutoModelForSequenceClassification, cfg.path, "student.path",
+                                config=config, **common)
     config = student_config_from(cfg, teacher_config)
     torch.manual_seed(seed)
     if num_labels is None:
