@@ -73,6 +73,9 @@ class TaskConfig:
     labels: list[str] = field(default_factory=list)        # class names in id order; [] = the train file's, sorted
     type: Literal["classification", "regression"] = "classification"
     max_seq_len: int = 128
+    # the metric that ranks models (report's `retained`); unset: the official one of a GLUE/CLUE task
+    # name (cola: mcc, mrpc/qqp: acc_f1, stsb: pearson_spearman, ...), else accuracy / pearson
+    metric: Optional[Literal["accuracy", "f1", "mcc", "acc_f1", "pearson", "spearman", "pearson_spearman"]] = None
 
 
 @dataclass

@@ -34,10 +34,10 @@ import torch
 
 from ..config import TaskConfig
 from ..errors import ConfigError, DataError
+from .benchmarks import main_metric
 from .contract import check_state, loader_state
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
-MAIN_METRIC = {"classification": "accuracy", "regression": "pearson"}
 PAD_MULTIPLE = 8
 
 
@@ -59,6 +59,7 @@ class TaskData:
     max_seq_len: int
     train_file: str
     dev_file: str | None
+    metric: str | None = None   # task.metric (None: the official metric of the task's name, see benchmarks)
 
     @property
     def num_labels(self) -> int:
@@ -66,7 +67,7 @@ class TaskData:
 
     @property
     def main_metric(self) -> str:
-        return MAIN_METRIC[self.type]
+        return main_metric(self.name, self.type, self.metric)
 
 
 # --------------------------------------------------------------------------- task config
@@ -98,6 +99,7 @@ def resolve_task(cfg: TaskConfig) -> TaskConfig:
         raise ConfigError(f"task.labels: names repeat: {resolved.labels}")
     if not 8 <= resolved.max_seq_len <= 8192:
         raise ConfigError(f"task.max_seq_len must be in 8..8192, got {resolved.max_seq_len}")
+    main_metric(resolved.name, resolved.type, resolved.metric)  # a metric that fits the task type
     return resolved
 
 
@@ -255,7 +257,8 @@ def load_task(cfg: TaskConfig) -> TaskData:
     return TaskData(name=cfg.name or Path(cfg.train_file).parent.name, type=cfg.type,
                     text_columns=list(cfg.text_columns), label_names=labels,
                     train=_to_examples(train_raw, cfg, label_ids), dev=_to_examples(dev_raw, cfg, label_ids),
-                    max_seq_len=cfg.max_seq_len, train_file=cfg.train_file, dev_file=cfg.dev_file)
+                    max_seq_len=cfg.max_seq_len, train_file=cfg.train_file, dev_file=cfg.dev_file,
+                    metric=cfg.metric)
 
 
 # --------------------------------------------------------------------------- batches

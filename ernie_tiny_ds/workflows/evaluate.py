@@ -1,7 +1,8 @@
 """Task metrics of an exported Hugging Face model on the task's dev split.
 
 Classification: accuracy, F1 (binary for 2 classes, else macro) and Matthews correlation;
-regression: Pearson and Spearman correlation (scikit-learn / scipy compute them).
+regression: Pearson and Spearman correlation (scikit-learn / scipy compute them); plus the task's
+main metric when it is one of GLUE's means (acc_f1, pearson_spearman; data/benchmarks.py).
     ernie-tiny-ds evaluate --model DIR --task sentiment
     ernie-tiny-ds evaluate --model DIR --config RECIPE [task.dev_file=...] [--output metrics.json]
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ..config import TaskConfig, apply_overrides, load_recipe, load_section
+from ..data.benchmarks import COMPOSITES
 from ..data.tasks import TaskData, iter_dev_batches, load_task
 from ..errors import ConfigError, UserError
 
@@ -30,8 +32,18 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def compute_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
-    """Metrics of [N, num_labels] logits (or [N] / [N, 1] regression outputs) against gold labels."""
+def compute_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray,
+                    main: str | None = None) -> dict[str, float | None]:
+    """Metrics of [N, num_labels] logits (or [N] / [N, 1] regression outputs) against gold labels;
+    with `main` a composite (acc_f1, pearson_spearman: GLUE's means of two), that one too."""
+    metrics = _base_metrics(task_type, logits, labels)
+    if main in COMPOSITES:
+        parts = [metrics[name] for name in COMPOSITES[main]]
+        metrics[main] = None if None in parts else float(np.mean(parts))
+    return metrics
+
+
+def _base_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if task_type == "regression":
@@ -68,7 +80,7 @@ def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_on_task(model, tokenizer, task: TaskData, batch_size: int = 64) -> dict[str, float | None]:
     logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size))
-    return compute_metrics(task.type, logits, labels)
+    return compute_metrics(task.type, logits, labels, task.main_metric)
 
 
 def check_model_fits_task(config, task: TaskData, where: str) -> None:
