@@ -121,6 +121,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5      # consecutive NaN/inf steps before the run stops
     progress_bar: bool = True
     stop_at_step: Optional[int] = None  # end this run (checkpointed) at this step: time-sliced jobs
+    # where rank 0 also logs each metrics.jsonl row and the final report (runtime/trackers.py);
+    # OUT/<stage>/tensorboard is always written
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: Optional[str] = None  # W&B project / MLflow experiment; default: output_dir's name
 
 
 @dataclass
@@ -132,6 +136,16 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     seed: int = 42                    # head initialisation, data order, dropout
+
+
+@dataclass
+class ReleaseConfig:
+    """What an exported student carries besides its weights: a README.md model card, model.onnx."""
+    license: str = "apache-2.0"       # the card's license (the teacher's terms may bind the student)
+    language: list[str] = field(default_factory=list)  # card metadata, e.g. [zh]
+    model_name: Optional[str] = None  # the card's title; default: output_dir's name
+    onnx: Union[bool, Literal["auto"]] = "auto"  # model.onnx + ONNX Runtime timings in the report;
+                                      # auto: when the onnx extra (onnx, onnxruntime, onnxscript) is installed
 
 
 @dataclass
@@ -163,6 +177,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     stages: dict[str, StageOverride] = field(default_factory=dict)
     # set by load_recipe, not a recipe key: the command-line overrides of the sections a stage can
     # override, so that for_stage lets them win over the recipe file's stages.<name> too

@@ -67,7 +67,9 @@ def build_report(recipe: Recipe, out: Path) -> dict:
     from .evaluate import evaluate_model
     from .speed import compare_inference
 
-    models = {"teacher": recipe.teacher.finetuned_path, "student": recipe.student.path}
+    from ..data.hub import resolve as resolve_hub
+    finetuned = resolve_hub(recipe.teacher.finetuned_path, "teacher.finetuned_path", recipe.teacher.finetuned_revision)
+    models = {"teacher": finetuned, "student": recipe.student.path}
     speed = compare_inference(models["teacher"], models["student"], seq_len=seq_len)  # same threads, one process
     teacher, student = ({"path": str(path), "metrics": evaluate_model(path, recipe.task), **speed[who]}
                         for who, path in models.items())
@@ -87,6 +89,8 @@ def build_report(recipe: Recipe, out: Path) -> dict:
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", render_markdown(report))
+    from .model_card import write_cards
+    write_cards(report, recipe, out)  # README.md in every stage's student folder: the export is a release
     print(f"report: student keeps {report['retained']:.1%} of the teacher's {main} "
           f"({student_score:.4g} vs {teacher_score:.4g}), {report['speedup']:.2f}x faster at batch 1; "
           f"{out / 'report.md'}", flush=True)
