@@ -225,8 +225,35 @@ def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dic
     return engine
 
 
-def teacher_dtype(recipe: Recipe) -> torch.dtype:
-    return DTYPES[recipe.train.precision if recipe.teacher.dtype == "auto" else recipe.teacher.dtype]
+def cpu_computes_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32, so a bf16 teacher would only lose precision."""
+    try:
+        flags = set()
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+        if flags:
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:  # no /proc (macOS, some containers): ask torch's own probe
+        pass
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """Whether `dev` computes bf16 natively: CUDA compute capability 8.0+ (Ampere on), or a CPU as above."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_capability(dev) >= (8, 0)
+    return dev.type == "cpu" and cpu_computes_bf16()
+
+
+def teacher_dtype(recipe: Recipe, dev: torch.device | None = None) -> torch.dtype:
+    """The frozen teacher's precision: `teacher.dtype`, or for auto bf16 where the hardware computes it
+    natively (BENCHMARKS.md §6 measures what it changes), else the training precision."""
+    if recipe.teacher.dtype != "auto":
+        return DTYPES[recipe.teacher.dtype]
+    return torch.bfloat16 if native_bf16(dev or device()) else DTYPES[recipe.train.precision]
 
 
 def prepare_teacher(teacher: torch.nn.Module, recipe: Recipe, micro_batch_size: int) -> torch.nn.Module:
