@@ -7,9 +7,12 @@ refused by torch's restricted unpickler.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import types
 
 import torch
+
+from ..errors import UserError
 
 
 def deepspeed_data_classes() -> list[type]:
@@ -20,10 +23,25 @@ def deepspeed_data_classes() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+def _refusal_detail(message: str) -> str:
+    """The line of torch's long weights_only message that says what was refused."""
+    for line in message.splitlines()[1:]:
+        line = line.strip()
+        if line and not line.startswith(("Check the documentation", "Please file an issue")):
+            return line
+    return "not a plain checkpoint"
+
+
 def load(path, map_location="cpu", **kwargs):
     kwargs.pop("weights_only", None)
-    with torch.serialization.safe_globals(deepspeed_data_classes()):
-        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    try:
+        with torch.serialization.safe_globals(deepspeed_data_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        # a checkpoint that only a full unpickler could read may run code: refuse it, in one line
+        raise UserError(f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain "
+                        f"values ({_refusal_detail(str(exc))}); loading it could run code. Use a checkpoint "
+                        f"written by ernie-tiny-ds, from a source you trust") from None
 
 
 def install_on_engine(engine) -> None:
