@@ -143,9 +143,65 @@ def _fill_auto(node, values: dict, prefix: str = ""):
     return node
 
 
+# deepspeed.overrides may set only these (dotted; "x.*" = anything under x). Every other key is
+# refused: some re-enable DeepSpeed loaders that unpickle with torch.load(weights_only=False)
+# (checkpoint.load_universal, a checkpoint engine), others start jobs or write files of their own
+# (autotuning, monitors, profilers), others fight the recipe (batch sizes). README lists this set.
+ALLOWED_OVERRIDES = (
+    "optimizer.type", "optimizer.params.*", "scheduler.type", "scheduler.params.*",
+    "zero_optimization.*", "bf16.*", "fp16.*",
+    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "communication_data_type", "seq_parallel_communication_data_type", "data_types.*",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "activation_checkpointing.*",
+    "wall_clock_breakdown", "memory_breakdown", "steps_per_print",
+)
+# keys the recipe sets: an override would disagree with the data loader and the schedule
+RECIPE_OWNED = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+                "train_batch_size": "train.micro_batch_size and train.grad_accum"}
+# never allowed, in a deepspeed.config file either: paths into DeepSpeed code that unpickles or runs jobs
+PICKLE_LOADING = ("checkpoint", "load_universal_checkpoint", "nebula", "checkpoint_engine", "autotuning",
+                  "elasticity", "data_efficiency", "curriculum_learning")
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path + ".")
+        else:
+            yield path
+
+
+def _allowed(path: str) -> bool:
+    return any(path == pattern or (pattern.endswith(".*") and path.startswith(pattern[:-1]))
+               for pattern in ALLOWED_OVERRIDES)
+
+
+def check_overrides(overrides: dict, config_source: dict | None = None, source: str = "deepspeed.config") -> None:
+    """Refuse deepspeed.overrides outside ALLOWED_OVERRIDES, and pickle-loading keys anywhere."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"deepspeed.overrides: expected a mapping, got {type(overrides).__name__}")
+    for path in _leaves(overrides):
+        top = path.split(".")[0]
+        if top in PICKLE_LOADING:
+            raise ConfigError(f"deepspeed.overrides.{path}: refused: it leads DeepSpeed to load checkpoints with "
+                              f"pickle (code could run) or to start jobs of its own")
+        if top in RECIPE_OWNED:
+            raise ConfigError(f"deepspeed.overrides.{path}: set {RECIPE_OWNED[top]} in the recipe instead")
+        if not _allowed(path):
+            raise ConfigError(f"deepspeed.overrides.{path}: not an override this tool allows; allowed: "
+                              f"{', '.join(ALLOWED_OVERRIDES)}")
+    for key in (config_source or {}):
+        if key in PICKLE_LOADING:
+            raise ConfigError(f"{source}: key {key!r} refused: it leads DeepSpeed to load checkpoints with pickle "
+                              f"(code could run) or to start jobs of its own")
+
+
 def build_ds_config(recipe: Recipe, world_size: int) -> dict:
     t, o = recipe.train, recipe.optim
-    raw = _deep_merge(read_ds_config(recipe.deepspeed.config), recipe.deepspeed.overrides)
+    base = read_ds_config(recipe.deepspeed.config)
+    check_overrides(recipe.deepspeed.overrides, base, f"deepspeed.config {recipe.deepspeed.config}")
+    raw = _deep_merge(base, recipe.deepspeed.overrides)
     auto = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
