@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         report_and_exit(f"{prefix}error: {exc}", code=2)  # other ranks may be blocked in a collective: do not wait
     except RuntimeError as exc:
         # another rank failed first (its own message says why); this one only saw its connection drop
+        from .data.corpus import describe_worker_failure
         from .runtime.rank_registry import describe_peer_loss, report_and_exit
         line = describe_peer_loss(exc)
+        if line is None:  # a DataLoader worker's death can surface anywhere in the main thread
+            worker = describe_worker_failure(exc, os.environ.get("RANK"))
+            line = f"error: {worker}" if worker else None
         if line is None:
             raise
         report_and_exit(line)

@@ -8,6 +8,10 @@ position. On resume the workers are rotated so that the worker whose turn came n
 """
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
 from typing import Iterator
 
 import torch
@@ -19,6 +23,43 @@ from .indexed import ShardLoader
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import SequenceStream
+
+# A worker that gives no batch for this long is reported (a hung filesystem read, a stopped process)
+# instead of blocking the rank until the collective timeout ends the job without a word of why.
+WORKER_TIMEOUT_S = float(os.environ.get("ERNIE_TINY_DS_WORKER_TIMEOUT_S", "600"))
+
+
+def describe_worker_failure(exc: BaseException, rank: int | str | None = None) -> str | None:
+    """One line for a DataLoader worker that hung or died, None for any other error. torch names
+    neither cause; its SIGCHLD handler can raise the death anywhere in the main thread, so the CLI
+    asks this too."""
+    text = str(exc)
+    who = "a DataLoader worker" + (f" of rank {rank}" if rank is not None else "")
+    if "DataLoader timed out after" in text:
+        return (f"data.num_workers: {who} gave no batch for {WORKER_TIMEOUT_S:g} s (stuck reading the corpus, or "
+                "stopped); check the corpus's filesystem, or set data.num_workers=0 to read in the training process")
+    match = re.search(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\) "
+                      r"(is killed by signal: ([^.]+)|exited unexpectedly)", text)
+    if match is None:
+        return None
+    how = f"killed by signal {match.group(3)}" if match.group(3) else "it exited unexpectedly"
+    likely = ", most likely the out-of-memory killer" if match.group(3) in (None, "Killed") else ""
+    return (f"data.num_workers: {who} (pid {match.group(1).strip()}) ended ({how}{likely}); lower "
+            "data.num_workers or data.shuffle_buffer, or give the job more host memory")
+
+
+def dead_worker_line(batches, rank: int) -> str | None:
+    """The same line from a DataLoader iterator whose worker process has ended abnormally."""
+    time.sleep(0.5)  # the dying worker may not have been reaped yet
+    for worker in getattr(batches, "_workers", []):
+        code = worker.exitcode
+        if code is None or code == 0:
+            continue
+        text = (f"DataLoader worker (pid {worker.pid}) is killed by signal: {signal.strsignal(-code)}." if code < 0
+                else f"DataLoader worker (pid {worker.pid}) exited unexpectedly")
+        return describe_worker_failure(RuntimeError(text), rank)
+    return None
+
 
 class _WorkerBatches(IterableDataset):
     """Runs inside a DataLoader worker: the endless batches of one SequenceStream, state attached."""
@@ -64,7 +105,17 @@ class StreamingCorpusLoader:
             while True:
                 yield self._inline.next_batch(self.batch_size)
         dataset = _WorkerBatches(self, list(self._states), self._next_worker)
-        for batch in DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2):
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                                  timeout=WORKER_TIMEOUT_S))
+        while True:
+            try:
+                batch = next(batches)
+            except (RuntimeError, OSError, EOFError) as exc:
+                # a worker that dies mid-transfer can also surface as a reset connection
+                line = describe_worker_failure(exc, self.rank) or dead_worker_line(batches, self.rank)
+                if line is None:
+                    raise
+                raise DataError(line) from None
             worker = batch.pop("_worker")
             if "_error" in batch:
                 raise DataError(batch["_error"])
