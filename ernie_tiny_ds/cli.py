@@ -69,6 +69,7 @@ COMMAND_MODULES = (
     ("finetune-teacher", ".workflows.finetune", "finetune the teacher on the task"),
     ("pipeline", ".workflows.pipeline", "run the four stages in order (and teacher finetuning)"),
     ("evaluate", ".workflows.evaluate", "task metrics of an exported model"),
+    ("predict", ".workflows.predict", "predictions on a task split as GLUE submission files"),
     ("push", ".workflows.push", "upload an exported model folder to the Hugging Face Hub"),
     ("launch", ".launch.runner", "run a sub-command under the deepspeed runner (hostfile, multi-node)"),
     ("submit", ".launch.submit", "submit a sub-command as a cluster job (Slurm)"),

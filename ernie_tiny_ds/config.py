@@ -68,8 +68,17 @@ class TaskConfig:
     name: Optional[str] = None        # a bundled task (sentiment, pair, similarity) or a free name
     train_file: Optional[str] = None
     dev_file: Optional[str] = None
-    text_columns: list[str] = field(default_factory=list)  # one (single sentence) or two (pair)
-    label_column: str = "label"
+    test_file: Optional[str] = None   # `predict --split test` on files (labels optional)
+    header: bool = True               # false: the files have no header row (GLUE's CoLA); columns are indices
+    # a `datasets` dataset instead of files: a local save_to_disk folder, else a Hub name (load_dataset)
+    dataset: Optional[str] = None
+    subset: Optional[str] = None      # the dataset's configuration (glue: cola, mnli, ...)
+    train_split: str = "train"
+    dev_split: Union[str, list[str]] = "validation"  # several: each is scored (mnli: matched, mismatched)
+    test_split: Union[str, list[str]] = "test"       # what `predict` writes by default
+    # columns by name, or by 0-based index when header is false; [] with a dataset: its string features
+    text_columns: list[Union[str, int]] = field(default_factory=list)  # one (single sentence) or two (pair)
+    label_column: Union[str, int] = "label"
     labels: list[str] = field(default_factory=list)        # class names in id order; [] = the train file's, sorted
     type: Literal["classification", "regression"] = "classification"
     max_seq_len: int = 128
@@ -388,7 +397,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
 # Paths written in a recipe are relative to the recipe file, so a recipe folder can move as a whole.
 _PATH_KEYS = (("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("student", "projections"),
               ("data", "corpus"),
-              ("data", "tokenizer"), ("task", "train_file"), ("task", "dev_file"))
+              ("data", "tokenizer"), ("task", "train_file"), ("task", "dev_file"),
+              ("task", "test_file"), ("task", "dataset"))
 
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:

@@ -46,3 +46,24 @@ def main_metric(task_name: str | None, task_type: str, configured: str | None = 
     if official in metrics_for(task_type):
         return official
     return DEFAULT_METRIC[task_type]
+
+
+# GLUE submissions: one TSV per task under these names; CoLA, SST-2, MRPC, QQP and WNLI are
+# scored on class ids (0/1), STS-B on numbers, the NLI tasks on label names
+SUBMISSION_NAME = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+                   "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", "ax": "AX"}
+SPLIT_SUFFIX = {"testmatched": "-m", "testmismatched": "-mm", "validationmatched": "-m",
+                "validationmismatched": "-mm"}
+SUBMITS_CLASS_IDS = {"cola", "sst2", "mrpc", "qqp", "wnli"}
+
+
+def submission_file(task_name: str | None, split: str, several: bool) -> str:
+    """`CoLA.tsv`, `MNLI-m.tsv`, …; another task: `<name>.tsv`, or `<name>-<split>.tsv` among several splits."""
+    key = benchmark_key(task_name)
+    base = SUBMISSION_NAME.get(key, task_name or "task")
+    suffix = SPLIT_SUFFIX.get(benchmark_key(split), f"-{split}" if several else "")
+    return f"{base}{suffix}.tsv"
+
+
+def submits_class_ids(task_name: str | None) -> bool:
+    return benchmark_key(task_name) in SUBMITS_CLASS_IDS

@@ -2,7 +2,9 @@
 sentence-pair tasks, classification or regression (STS-B style), from .tsv, .csv or .jsonl files.
 
 Files: a header row names the columns (.tsv: tab-separated, no quoting, as GLUE ships them;
-.csv: comma-separated with standard quoting); .jsonl (or .json): one JSON object per line.
+.csv: comma-separated with standard quoting); .jsonl (or .json): one JSON object per line. With
+task.header false (GLUE's CoLA) there is no header row and columns are 0-based indices. A
+`datasets` dataset (task.dataset) is read by data/task_datasets.py into the same examples.
 Labels: `task.labels` lists the class names in id order; when it is empty, the classes are the
 labels found in the train file, sorted (numerically when they are all numbers, else as text),
 and a dev label outside that set is an error. Label text is normalised first: surrounding
@@ -44,8 +46,9 @@ PAD_MULTIPLE = 8
 @dataclass
 class Example:
     texts: tuple[str, ...]      # one (single sentence) or two (pair) texts
-    label: int | float          # class id, or the regression target
+    label: int | float          # class id, or the regression target (-1 / nan: unlabelled test rows)
     source: str                 # "file:line", for messages
+    index: int | None = None    # the dataset's idx (else the row number): a submission file's index
 
 
 @dataclass
@@ -60,6 +63,8 @@ class TaskData:
     train_file: str
     dev_file: str | None
     metric: str | None = None   # task.metric (None: the official metric of the task's name, see benchmarks)
+    dev_splits: dict[str, list[Example]] = dataclasses.field(default_factory=dict)  # several dev splits
+                                # by name (mnli: matched, mismatched); `dev` is the first
 
     @property
     def num_labels(self) -> int:
@@ -75,8 +80,17 @@ def resolve_task(cfg: TaskConfig) -> TaskConfig:
     """The task config with a bundled task's files and fields filled in, checked for completeness."""
     from ..assets import BUNDLED_TASKS, task_dir
 
-    resolved = dataclasses.replace(cfg, text_columns=list(cfg.text_columns), labels=list(cfg.labels))
-    if cfg.name in BUNDLED_TASKS and cfg.train_file is None:
+    # columns are names, or 0-based indices (as text) when the files have no header row
+    resolved = dataclasses.replace(cfg, text_columns=[str(c) for c in cfg.text_columns], labels=list(cfg.labels),
+                                   label_column=str(cfg.label_column))
+    if not cfg.header:
+        for column in [*resolved.text_columns, resolved.label_column]:
+            if not column.isdigit():
+                raise ConfigError(f"task.header is false: columns are 0-based indices, got {column!r} "
+                                  f"(task.text_columns / task.label_column)")
+    if cfg.dataset is not None and (cfg.train_file is not None or cfg.dev_file is not None):
+        raise ConfigError("task.dataset: give a dataset or task files (train_file, dev_file), not both")
+    if cfg.name in BUNDLED_TASKS and cfg.train_file is None and cfg.dataset is None:
         folder = task_dir(cfg.name)
         meta = json.loads((folder / "task.json").read_text(encoding="utf-8"))
         resolved.train_file = str(folder / "train.tsv")
@@ -87,10 +101,10 @@ def resolve_task(cfg: TaskConfig) -> TaskConfig:
         if cfg.type != "classification" and cfg.type != meta["type"]:
             raise ConfigError(f"task.type: the bundled task {cfg.name!r} is {meta['type']}, not {cfg.type}")
         resolved.type = meta["type"]
-    if resolved.train_file is None:
+    if resolved.train_file is None and cfg.dataset is None:
         raise ConfigError(f"task.train_file: not set, and task.name {cfg.name!r} is not a bundled task "
-                          f"({', '.join(BUNDLED_TASKS)})")
-    if not 1 <= len(resolved.text_columns) <= 2:
+                          f"({', '.join(BUNDLED_TASKS)}); or set task.dataset")
+    if (resolved.text_columns or cfg.dataset is None) and not 1 <= len(resolved.text_columns) <= 2:
         raise ConfigError(f"task.text_columns: give one column (single sentence) or two (sentence pair), "
                           f"got {resolved.text_columns}")
     if resolved.type == "regression" and resolved.labels:
@@ -99,7 +113,8 @@ def resolve_task(cfg: TaskConfig) -> TaskConfig:
         raise ConfigError(f"task.labels: names repeat: {resolved.labels}")
     if not 8 <= resolved.max_seq_len <= 8192:
         raise ConfigError(f"task.max_seq_len must be in 8..8192, got {resolved.max_seq_len}")
-    main_metric(resolved.name, resolved.type, resolved.metric)  # a metric that fits the task type
+    if cfg.dataset is None:  # a dataset's type may come from its features: checked once they are read
+        main_metric(resolved.name, resolved.type, resolved.metric)  # a metric that fits the task type
     return resolved
 
 
@@ -115,8 +130,9 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text") from None
 
 
-def _rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """(line number, {column: value}) of every record; checks the columns and field counts."""
+def _rows(path: Path, columns: Sequence[str], header: bool = True) -> Iterator[tuple[int, dict]]:
+    """(line number, {column: value}) of every record; checks the columns and field counts. Without
+    a header row the columns are 0-based indices ("3") and every row needs as many fields as the widest one used."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unsupported task file type {path.suffix!r}; use .tsv, .csv or .jsonl (JSON lines)")
@@ -131,6 +147,9 @@ def _rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
         reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(stream)
+    if not header:
+        yield from _indexed_rows(path, reader, fmt, columns)
+        return
     try:
         header = next(reader)
         missing = [c for c in columns if c not in header]
@@ -143,6 +162,20 @@ def _rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
             if len(record) != len(header):
                 raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, the header has {len(header)}")
             yield reader.line_num, dict(zip(header, record))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed {fmt} row ({exc})") from None
+
+
+def _indexed_rows(path: Path, reader, fmt: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    need = max(int(c) for c in columns) + 1
+    try:
+        for record in reader:
+            if not record:
+                continue
+            if len(record) < need:
+                raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, column {need - 1} is used "
+                                f"(task.header is false: columns are 0-based indices)")
+            yield reader.line_num, {str(i): value for i, value in enumerate(record)}
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: malformed {fmt} row ({exc})") from None
 
@@ -164,10 +197,11 @@ def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> Iterator[tuple
         yield number, row
 
 
-def _raw_examples(path: Path, cfg: TaskConfig) -> list[tuple[str, tuple[str, ...], object]]:
-    """(source, texts, raw label) of every record in one file."""
+def _raw_examples(path: Path, cfg: TaskConfig, labelled: bool = True) -> list[tuple]:
+    """(source, texts, raw label) of every record in one file; unlabelled: the label column is optional."""
     out = []
-    for number, row in _rows(path, [*cfg.text_columns, cfg.label_column]):
+    columns = [*cfg.text_columns, cfg.label_column] if labelled else list(cfg.text_columns)
+    for number, row in _rows(path, columns, cfg.header):
         texts = []
         for column in cfg.text_columns:
             value = row[column]
@@ -175,7 +209,7 @@ def _raw_examples(path: Path, cfg: TaskConfig) -> list[tuple[str, tuple[str, ...
                 raise DataError(f"{path}:{number}: column {column!r} holds {type(value).__name__} {value!r}, "
                                 f"not text")
             texts.append(value)
-        out.append((f"{path}:{number}", tuple(texts), row[cfg.label_column]))
+        out.append((f"{path}:{number}", tuple(texts), row[cfg.label_column] if labelled else None))
     if not out:
         raise DataError(f"{path}: no examples (only a header)")
     return out
@@ -228,37 +262,89 @@ def _regression_target(source: str, raw: object) -> float:
 
 def _to_examples(raw: list, cfg: TaskConfig, label_ids: dict[str, int]) -> list[Example]:
     examples = []
-    for source, texts, label in raw:
+    for row, (source, texts, label, *index) in enumerate(raw):
+        if label is None:  # an unlabelled (test) row: predict only
+            examples.append(Example(texts, float("nan") if cfg.type == "regression" else -1, source,
+                                    index[0] if index else row))
+            continue
         if cfg.type == "regression":
-            examples.append(Example(texts, _regression_target(source, label), source))
+            examples.append(Example(texts, _regression_target(source, label), source, index[0] if index else row))
             continue
         name = _label_text(label, source)
         if name not in label_ids:
             raise DataError(f"{source}: unknown label {name!r}; the task's labels are {', '.join(label_ids)}")
-        examples.append(Example(texts, label_ids[name], source))
+        examples.append(Example(texts, label_ids[name], source, index[0] if index else row))
     return examples
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
     """Read and check the train (and, when given, dev) split of a task."""
     cfg = resolve_task(cfg)
-    train_raw = _raw_examples(Path(cfg.train_file), cfg)
-    dev_raw = _raw_examples(Path(cfg.dev_file), cfg) if cfg.dev_file else []
+    dev_raws: dict[str, list] = {}
+    if cfg.dataset is not None:
+        cfg, train_raw, dev_raws = _dataset_splits(cfg)
+        dev_raw = next(iter(dev_raws.values()), [])
+    else:
+        train_raw = _raw_examples(Path(cfg.train_file), cfg)
+        dev_raw = _raw_examples(Path(cfg.dev_file), cfg) if cfg.dev_file else []
     labels: list[str] = []
     if cfg.type == "classification":
         labels = [_label_text(name) for name in cfg.labels]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"task.labels: names repeat once whitespace is dropped and numbers compared as "
                               f"numbers: {cfg.labels}")
-        labels = labels or _sorted_labels({_label_text(label, source) for source, _, label in train_raw})
+        labels = labels or _sorted_labels({_label_text(label, source) for source, _, label, *_ in train_raw})
         if len(labels) < 2:
             raise DataError(f"{cfg.train_file}: a classification task needs at least 2 classes, found {labels}")
     label_ids = {name: i for i, name in enumerate(labels)}
+    dev_splits = {name: _to_examples(raw, cfg, label_ids) for name, raw in dev_raws.items()}
     return TaskData(name=cfg.name or Path(cfg.train_file).parent.name, type=cfg.type,
                     text_columns=list(cfg.text_columns), label_names=labels,
-                    train=_to_examples(train_raw, cfg, label_ids), dev=_to_examples(dev_raw, cfg, label_ids),
+                    train=_to_examples(train_raw, cfg, label_ids),
+                    dev=next(iter(dev_splits.values())) if dev_splits else _to_examples(dev_raw, cfg, label_ids),
                     max_seq_len=cfg.max_seq_len, train_file=cfg.train_file, dev_file=cfg.dev_file,
-                    metric=cfg.metric)
+                    metric=cfg.metric,
+                    dev_splits=dev_splits)
+
+
+def _dataset_splits(cfg: TaskConfig) -> tuple[TaskConfig, list, dict[str, list]]:
+    """task.dataset's train and dev splits; the config completed from its features (columns, type,
+    class names in the dataset's id order) and with `name: dataset[split]` where messages name a file."""
+    from .task_datasets import describe, get_split, open_dataset, raw_split, split_names
+
+    dataset = open_dataset(cfg)
+    train = get_split(dataset, cfg.train_split, "task.train_split")
+    columns, kind, names = describe(train, cfg)
+    devs = split_names(cfg.dev_split)
+    cfg = dataclasses.replace(cfg, text_columns=columns, type=kind, labels=cfg.labels or names,
+                              name=cfg.name or cfg.subset or Path(cfg.dataset).name,
+                              train_file=f"{cfg.dataset}[{cfg.train_split}]",
+                              dev_file=f"{cfg.dataset}[{devs[0]}]" if devs else None)
+    main_metric(cfg.name, cfg.type, cfg.metric)  # the type may have come from the features
+    train_raw = raw_split(train, cfg.train_split, cfg, columns, labelled=True)
+    dev_raws = {name: raw_split(get_split(dataset, name, "task.dev_split"), name, cfg, columns, labelled=True)
+                for name in devs}
+    return cfg, train_raw, dev_raws
+
+
+def load_split(cfg: TaskConfig, split: str) -> tuple[TaskData, list[Example]]:
+    """The task and the examples of one more split, labels optional (what `predict` scores): a split
+    name of task.dataset, or with files "train", "dev" or "test" (task.test_file)."""
+    task = load_task(cfg)
+    cfg = resolve_task(cfg)
+    if cfg.dataset is not None:
+        from .task_datasets import get_split, open_dataset, raw_split
+        resolved = dataclasses.replace(cfg, text_columns=task.text_columns, type=task.type, labels=task.label_names)
+        data = get_split(open_dataset(cfg), split, "--split")
+        raw = raw_split(data, split, resolved, task.text_columns, labelled=False)
+        return task, _to_examples(raw, resolved, {name: i for i, name in enumerate(task.label_names)})
+    files = {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file}
+    if split not in files:
+        raise ConfigError(f"--split: with task files use train, dev or test, got {split!r}")
+    if files[split] is None:
+        raise ConfigError(f"--split {split}: set task.{split}_file")
+    raw = _raw_examples(Path(files[split]), cfg, labelled=False)
+    return task, _to_examples(raw, cfg, {})
 
 
 # --------------------------------------------------------------------------- batches
@@ -285,12 +371,15 @@ def encode_batch(examples: Sequence[Example], tokenizer, max_seq_len: int, task_
     return batch
 
 
-def iter_dev_batches(task: TaskData, tokenizer, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The dev split in file order, labels included; the last batch may be smaller."""
-    if not task.dev:
+def iter_dev_batches(task: TaskData, tokenizer, batch_size: int,
+                     examples: Sequence[Example] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The dev split (or `examples`: another dev split) in file order, labels included; the last batch
+    may be smaller."""
+    examples = task.dev if examples is None else examples
+    if not examples:
         raise ConfigError(f"task.dev_file: task {task.name!r} has no dev split to evaluate on")
-    for start in range(0, len(task.dev), batch_size):
-        yield encode_batch(task.dev[start:start + batch_size], tokenizer, task.max_seq_len, task.type, True)
+    for start in range(0, len(examples), batch_size):
+        yield encode_batch(examples[start:start + batch_size], tokenizer, task.max_seq_len, task.type, True)
 
 
 class TaskLoader:

@@ -80,7 +80,13 @@ def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_on_task(model, tokenizer, task: TaskData, batch_size: int = 64) -> dict[str, float | None]:
     logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size))
-    return compute_metrics(task.type, logits, labels, task.main_metric)
+    metrics = compute_metrics(task.type, logits, labels, task.main_metric)
+    for name, examples in list(task.dev_splits.items())[1:]:  # the first is task.dev
+        # more dev splits (MNLI's mismatched): their main metric beside the first split's metrics
+        logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size, examples))
+        metrics[f"{name}/{task.main_metric}"] = compute_metrics(task.type, logits, labels,
+                                                                task.main_metric)[task.main_metric]
+    return metrics
 
 
 def check_model_fits_task(config, task: TaskData, where: str) -> None:
