@@ -70,6 +70,7 @@ COMMAND_MODULES = (
     ("pipeline", ".workflows.pipeline", "run the four stages in order (and teacher finetuning)"),
     ("evaluate", ".workflows.evaluate", "task metrics of an exported model"),
     ("predict", ".workflows.predict", "predictions on a task split as GLUE submission files"),
+    ("onnx", ".workflows.onnx_export", "model.onnx of an exported model, checked and timed against PyTorch"),
     ("push", ".workflows.push", "upload an exported model folder to the Hugging Face Hub"),
     ("launch", ".launch.runner", "run a sub-command under the deepspeed runner (hostfile, multi-node)"),
     ("submit", ".launch.submit", "submit a sub-command as a cluster job (Slurm)"),

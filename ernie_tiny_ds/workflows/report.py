@@ -87,6 +87,10 @@ def build_report(recipe: Recipe, out: Path) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": __import__("torch").get_num_threads(), "seq_len": seq_len},
     }
+    from .onnx_export import onnx_available, report_section
+    if recipe.release.onnx is True or (recipe.release.onnx == "auto" and onnx_available()):
+        # model.onnx ships in the student's folder; both graphs timed beside PyTorch in one run
+        report["onnx"] = report_section(models["teacher"], models["student"], out, seq_len)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", render_markdown(report))
     from .model_card import write_cards
@@ -127,4 +131,17 @@ def render_markdown(r: dict) -> str:
               f"sequence length {r['machine']['seq_len']}, measured in turns (teacher, student, …) in one process on "
               f"{r['machine']['processor']} ({r['machine']['platform']}), {r['machine']['torch_threads']} torch "
               "threads.", ""]
+    onnx = r.get("onnx")
+    if onnx:
+        same = onnx["pytorch_same_run"]
+        lines += ["## ONNX Runtime (CPU)", "",
+                  "| model | runtime | latency, batch 1 (ms) | throughput, batch 32 (seq/s) | max abs diff vs PyTorch |",
+                  "|---|---|---|---|---|"]
+        for who in ("teacher", "student"):
+            lines += [f"| {who} | PyTorch | {same[who]['latency_ms_batch1']:.2f} | {same[who]['throughput_batch32']:.1f} | |",
+                      f"| {who} | ONNX Runtime | {onnx[who]['latency_ms_batch1']:.2f} | "
+                      f"{onnx[who]['throughput_batch32']:.1f} | {onnx[who]['max_abs_diff']:.2g} |"]
+        lines += ["", f"Speed-up under ONNX Runtime {onnx['speedup']:.2f}× (PyTorch in the same run "
+                  f"{same['speedup']:.2f}×), opset {onnx['opset']}, all four timed in turns in one process. "
+                  f"The student's graph: `{onnx['student']['path']}`.", ""]
     return "\n".join(lines)
