@@ -57,6 +57,7 @@ class DataConfig:
     tokenizer_revision: Optional[str] = None  # Hub branch, tag or commit of data.tokenizer
     max_seq_len: int = 128
     shuffle_buffer: int = 1024        # streaming: sequences per seeded shuffle window
+    packing: Literal["document", "full"] = "document"  # streaming: full = fill sequences across documents
     num_workers: int = 0              # streaming: DataLoader worker processes per rank (0: in the training
                                       # process); shards ignore it (the memory-mapped reader outruns worker IPC)
     on_binary_file: Literal["error", "skip"] = "error"

@@ -98,7 +98,7 @@ class StreamingCorpusLoader:
 
     def _stream(self, worker: int) -> SequenceStream:
         consumer = Consumer(self.rank, self.world_size, worker, max(1, self.num_workers))
-        return SequenceStream(self.sources, self.cfg, self.tokenizer, consumer, self.seed, self.stats)
+        return SequenceStream(self.sources, self.cfg, self.tokenizer, consumer, self.seed, self.stats, self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._inline is not None:
@@ -126,11 +126,13 @@ class StreamingCorpusLoader:
     def state_dict(self) -> dict:
         streams = [self._inline.state_dict()] if self._inline is not None else list(self._states)
         return loader_state("streaming", rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
-                            seed=self.seed, next_worker=self._next_worker, streams=streams)
+                            seed=self.seed, packing=self.cfg.packing, batch_size=self.batch_size,
+                            next_worker=self._next_worker, streams=streams)
 
     def load_state_dict(self, state: dict) -> None:
+        # the window's contents depend on the packing, its order on the batch size (length grouping)
         check_state(state, "streaming", world_size=self.world_size, seed=self.seed, rank=self.rank,
-                    num_workers=self.num_workers)
+                    num_workers=self.num_workers, packing=self.cfg.packing, batch_size=self.batch_size)
         if self._inline is not None:
             self._inline.load_state_dict(state["streams"][0])
         else:

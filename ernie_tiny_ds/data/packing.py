@@ -1,7 +1,10 @@
 """Documents -> token sequences [CLS] ... [SEP] of at most max_seq_len, and sequences -> padded batches.
 
 Packing keeps the sentences of one document together: consecutive sentences fill a sequence until
-the next one does not fit; a sentence longer than a sequence is cut. Sequences never mix documents.
+the next one does not fit; a sentence longer than a sequence is cut. With data.packing: document
+(pack_pieces) sequences never mix documents; with data.packing: full (FullPacker, RoBERTa's
+FULL-SENTENCES) whole sentences fill each sequence across document boundaries, with a [SEP] between
+two documents, so only the last sequence of a window is short.
 Each document is tokenized whole (one string per document in the batched call: faster than one per
 sentence) and a sentence ends after a sentence-final punctuation token (. ! ? and CJK forms).
 Very long documents are first cut into pieces of at most PIECE_CHARS characters (at whitespace),
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 PIECE_CHARS = 32_768
+PAD_MULTIPLE = 8  # batch widths: tensor-core / SIMD friendly, and few distinct shapes
 _SENTENCE_FINAL = set(".!?\u3002\uff01\uff1f")
 
 
@@ -70,12 +74,18 @@ def sentence_final_ids(tokenizer) -> frozenset[int]:
     return frozenset(ends)
 
 
-def pack_ids(ids: list[int], ends: frozenset[int], room: int) -> list[list[int]]:
-    """Greedy over sentences: ids[start:end] is the sequence being filled, ids[end:bound] the next sentence."""
-    out: list[list[int]] = []
+def sentence_bounds(ids: list[int], ends: frozenset[int]) -> list[int]:
+    """The end index of each sentence of `ids` (the last one ends at len(ids))."""
     bounds = [i + 1 for i, token in enumerate(ids) if token in ends]
     if not bounds or bounds[-1] != len(ids):
         bounds.append(len(ids))
+    return bounds
+
+
+def pack_ids(ids: list[int], ends: frozenset[int], room: int) -> list[list[int]]:
+    """Greedy over sentences: ids[start:end] is the sequence being filled, ids[end:bound] the next sentence."""
+    out: list[list[int]] = []
+    bounds = sentence_bounds(ids, ends)
     start = end = 0
     for bound in bounds:
         if bound - start <= room:
@@ -99,18 +109,69 @@ def pack_pieces(pieces: list[str], encoder: TokenEncoder, max_seq_len: int) -> l
     return [[cls + seq + sep for seq in pack_ids(ids, encoder.sentence_ends, room)] for ids in encoder(pieces)]
 
 
-def collate(sequences: Sequence[Sequence[int]], max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """[B, L] int64 input_ids / attention_mask / token_type_ids, padding at the end only."""
-    input_ids = np.full((len(sequences), max_seq_len), pad_id, dtype=np.int64)
+class FullPacker:
+    """data.packing: full. Whole sentences fill [CLS] ... [SEP] sequences across documents, a [SEP]
+    closing each document that is followed by another in the same sequence; a sentence longer than
+    a sequence is cut. Feed it pieces in stream order; flush() hands out the sequence being filled."""
+
+    def __init__(self, encoder: TokenEncoder, max_seq_len: int):
+        self.encoder, self.room = encoder, max_seq_len - 2
+        self.cls, self.sep = encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id
+        self._current: list[int] = []
+
+    def add(self, pieces: list[str], new_document: list[bool]) -> list[list[int]]:
+        """The sequences completed by `pieces`; new_document[i]: piece i starts a document (else it
+        continues the previous piece's document, as the parts of a very long line do)."""
+        out: list[list[int]] = []
+        for ids, new in zip(self.encoder(pieces), new_document):
+            start = 0
+            for bound in sentence_bounds(ids, self.encoder.sentence_ends):
+                sentence = ids[start:bound]
+                start = bound
+                if not sentence:
+                    continue
+                joint = [self.sep] if new and self._current else []
+                if len(self._current) + len(joint) + len(sentence) <= self.room:
+                    self._current += joint + sentence
+                else:
+                    out += self.flush()
+                    while len(sentence) > self.room:  # a sentence longer than a sequence
+                        out.append([self.cls] + sentence[:self.room] + [self.sep])
+                        sentence = sentence[self.room:]
+                    self._current = list(sentence)
+                new = False
+        return out
+
+    def flush(self) -> list[list[int]]:
+        out = [[self.cls] + self._current + [self.sep]] if self._current else []
+        self._current = []
+        return out
+
+
+def batch_width(longest: int, max_seq_len: int, multiple: int | None = PAD_MULTIPLE) -> int:
+    """The batch's longest sequence rounded up to `multiple` (never past max_seq_len); None: max_seq_len."""
+    return max_seq_len if multiple is None else min(max_seq_len, -(-longest // multiple) * multiple)
+
+
+def collate(sequences: Sequence[Sequence[int]], max_seq_len: int, pad_id: int,
+            multiple: int | None = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+    """[B, W] int64 input_ids / attention_mask / token_type_ids, padding at the end only, W = the longest
+    sequence rounded up to `multiple` (None: W = max_seq_len, the old fixed width)."""
+    width = batch_width(max(map(len, sequences)), max_seq_len, multiple)
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     lengths = np.empty(len(sequences), dtype=np.int64)
     for row, seq in enumerate(sequences):
         input_ids[row, :len(seq)] = seq
         lengths[row] = len(seq)
-    return batch_from(input_ids, lengths)
+    return batch_from(input_ids, lengths, multiple)
 
 
-def batch_from(input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
-    """The model inputs of right-padded [B, L] int64 ids whose rows hold `lengths` tokens."""
+def batch_from(input_ids: np.ndarray, lengths: np.ndarray, multiple: int | None = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+    """The model inputs of right-padded [B, L] int64 ids whose rows hold `lengths` tokens, cut to the
+    longest row rounded up to `multiple` (the shard reader gathers into a full-width buffer)."""
+    width = batch_width(int(lengths.max(initial=1)), input_ids.shape[1], multiple)
+    if width < input_ids.shape[1]:
+        input_ids = np.ascontiguousarray(input_ids[:, :width])
     attention_mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
             "token_type_ids": torch.zeros(input_ids.shape, dtype=torch.long)}

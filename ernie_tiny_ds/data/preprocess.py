@@ -2,8 +2,10 @@
 
 Each of --workers processes reads its share of the corpus (the loader's sharding: whole files, or
 every W-th document) and writes one shard; packing is the streaming loader's, so both sources train
-on the same sequences. Everything is written into a hidden temporary folder that is renamed to
---output only once meta.json is in it: a killed run never leaves a folder that looks complete.
+on the same sequences (--packing full: the same filling across documents, one stream per worker
+instead of one per shuffle window, so only each shard's last sequence is short). Everything is
+written into a hidden temporary folder that is renamed to --output only once meta.json is in it:
+a killed run never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import DataError
 from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype, tokenizer_identity
-from .packing import TokenEncoder, pack_pieces
+from .packing import FullPacker, TokenEncoder, pack_pieces
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import Position, next_group, owned_pieces
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="folder of a Hugging Face fast tokenizer")
     parser.add_argument("--output", required=True, help="folder to create for the shards")
     parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--packing", default=DataConfig.packing, choices=("document", "full"),
+                        help="document: sequences never mix documents; full: fill them across documents")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (one shard each)")
     parser.add_argument("--format", default="auto", choices=("auto", "text", "jsonl", "parquet", "datasets"))
     parser.add_argument("--text-field", default="text")
@@ -52,15 +56,25 @@ def _worker(sources, cfg, tokenizer, worker: int, workers: int, folder: Path, dt
         encoder = TokenEncoder(tokenizer)
         documents = content = 0
         pieces = owned_pieces(sources, cfg, Consumer(0, 1, worker, workers), 0, Position(), stats)
+        full = FullPacker(encoder, cfg.max_seq_len) if cfg.packing == "full" else None
+        sep = tokenizer.sep_token_id
         while group := next_group(pieces):
             started = sum(after.piece == 1 for _, after in group)  # documents whose first piece is here
             before = content
-            for sequences in pack_pieces([text for text, _ in group], encoder, cfg.max_seq_len):
+            texts = [text for text, _ in group]
+            if full is not None:
+                packed = [full.add(texts, [after.piece == 1 for _, after in group])]
+            else:
+                packed = pack_pieces(texts, encoder, cfg.max_seq_len)
+            for sequences in packed:
                 for seq in sequences:
                     writer.add(seq)
-                    content += len(seq) - 2
+                    content += len(seq) - 1 - seq[1:].count(sep)  # not [CLS], [SEP]s (between documents too)
             documents += started
             queue.put(("progress", started, content - before))
+        for seq in full.flush() if full is not None else []:
+            writer.add(seq)
+            content += len(seq) - 1 - seq[1:].count(sep)
         shard = writer.close()
         queue.put(("done", worker, {"shard": shard, "documents": documents, "tokens": content,
                                     "invalid_utf8": stats.invalid_utf8}))
@@ -145,6 +159,7 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
             "tokens": sum(r["tokens"] for r in results),
             "sequences": sum(r["shard"]["sequences"] for r in results),
             "max_seq_len": cfg.max_seq_len,
+            "packing": cfg.packing,
             "dtype": dtype,
             "tokenizer": {"path": tokenizer_path, **tokenizer_identity(tokenizer)},
             "sources": sources,
@@ -171,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = replace(DataConfig(), corpus=args.input, format=args.format, text_field=args.text_field,
                   document_separator=args.document_separator, on_binary_file=args.on_binary_file,
-                  max_seq_len=args.max_seq_len)
+                  max_seq_len=args.max_seq_len, packing=args.packing)
     tokenizer = load_tokenizer(args.tokenizer, key="--tokenizer")
     meta = preprocess(cfg, tokenizer, args.tokenizer, Path(args.output), args.workers, args.overwrite,
                       progress=not args.no_progress)

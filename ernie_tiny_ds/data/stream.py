@@ -6,6 +6,12 @@ repeat. A window never spans two epochs; the file order changes every epoch (sha
 Because the window is a pure function of its start position, the state is a handful of plain values
 (epoch, file, byte offset, piece, document number, sequences already handed out of the window):
 the buffer and RNG state are rebuilt from it on resume instead of being stored.
+
+Length grouping: the shuffled window is sorted by length in chunks of GROUP_BATCHES batches, cut
+into batches, and the batch order shuffled again, so a batch holds sequences of similar length and
+pads little (collate pads to the batch's longest, rounded up to 8). The order is still a pure
+function of the window and the batch size, so resume stays exact and every sequence of a window
+is handed out once. With data.packing: full, sequences fill across documents (packing.FullPacker).
 """
 from __future__ import annotations
 
@@ -14,12 +20,13 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
 from ..errors import DataError
-from .packing import TokenEncoder, collate, pack_pieces, pieces_of
+from .packing import FullPacker, TokenEncoder, collate, pack_pieces, pieces_of
 from .sharding import Consumer, epoch_plan
 from .sources import ReadStats, read_records
 
 GROUP_CHARS = 65_536   # text tokenized per batched tokenizer call
 GROUP_PIECES = 512
+GROUP_BATCHES = 16     # length grouping: sort chunks of this many batches of the shuffled window
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,28 @@ def next_group(pieces: Iterator[tuple[str, Position]]) -> list[tuple[str, Positi
     return group
 
 
+def grouped_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+    """A shuffled order of range(len(lengths)) in which each run of `batch_size` holds similar lengths:
+    shuffle, sort chunks of GROUP_BATCHES batches by length (stable: equal lengths stay shuffled), cut
+    into batches, shuffle the whole batches. A short last batch stays last (it continues into the next
+    window), so it never splits a grouped batch."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if batch_size <= 1:
+        return order
+    chunk = batch_size * GROUP_BATCHES
+    order = [i for c in range(0, len(order), chunk) for i in sorted(order[c:c + chunk], key=lengths.__getitem__)]
+    full = len(order) - len(order) % batch_size
+    batches = [order[b:b + batch_size] for b in range(0, full, batch_size)]
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch] + order[full:]
+
+
 class SequenceStream:
     def __init__(self, sources: list[str], data_cfg, tokenizer, consumer: Consumer, seed: int,
-                 stats: Optional[ReadStats] = None):
+                 stats: Optional[ReadStats] = None, batch_size: int = 1):
         self.sources = sources
+        self.batch_size = batch_size  # the unit of length grouping; 1: a plain shuffle
         self.cfg = data_cfg
         self.tokenizer = tokenizer
         self.encoder = TokenEncoder(tokenizer)
@@ -92,13 +117,20 @@ class SequenceStream:
             self._pieces = self._pieces_from(start)
         sequences: list[list[int]] = []
         end = start
+        full = FullPacker(self.encoder, self.cfg.max_seq_len) if self.cfg.packing == "full" else None
         while len(sequences) < self.cfg.shuffle_buffer:
             group = next_group(self._pieces)
             if not group:
                 break
             end = group[-1][1]
-            for piece_sequences in pack_pieces([text for text, _ in group], self.encoder, self.cfg.max_seq_len):
+            texts = [text for text, _ in group]
+            if full is not None:  # after.piece == 1: the piece is the first of its document
+                sequences.extend(full.add(texts, [after.piece == 1 for _, after in group]))
+                continue
+            for piece_sequences in pack_pieces(texts, self.encoder, self.cfg.max_seq_len):
                 sequences.extend(piece_sequences)
+        if full is not None:  # a window is a pure function of its start: it never carries a part-filled sequence
+            sequences.extend(full.flush())
         return sequences, end
 
     def _next_window(self) -> None:
@@ -116,10 +148,9 @@ class SequenceStream:
         self._set_window(start, sequences, end)
 
     def _set_window(self, start: Position, sequences: list[list[int]], end: Position) -> None:
-        order = list(range(len(sequences)))
         rng = random.Random(f"window:{self.seed}:{self.consumer.index}:{start.epoch}:{start.file}:"
                             f"{start.offset}:{start.piece}")
-        rng.shuffle(order)
+        order = grouped_order([len(s) for s in sequences], self.batch_size, rng)
         self._window_start, self._window, self._order, self._emitted = start, sequences, order, 0
         self._cursor = end
 
@@ -135,8 +166,10 @@ class SequenceStream:
         self._emitted += 1
         return seq
 
-    def next_batch(self, batch_size: int):
-        return collate([self.next_sequence() for _ in range(batch_size)], self.cfg.max_seq_len,
+    def next_batch(self, batch_size: Optional[int] = None):
+        """The next batch, padded to its longest sequence rounded up to 8. Pass no size (or the stream's):
+        the window order groups lengths for the stream's batch size."""
+        return collate([self.next_sequence() for _ in range(batch_size or self.batch_size)], self.cfg.max_seq_len,
                        self.tokenizer.pad_token_id)
 
     @property
