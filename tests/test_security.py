@@ -108,3 +108,84 @@ def test_a_pickle_loading_override_is_one_line_on_the_command_line(tmp_path, tok
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "deepspeed.overrides.checkpoint.load_universal: refused" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out/general/checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- 19: the ssh launch
+def _fake_pdsh(tmp_path):
+    """pdsh and ssh stood in for (as in test_launch): each "remote" node runs the setup part of the
+    line deepspeed's runner hands pdsh (exports and cd) in bash, as a remote shell would."""
+    import shlex
+    import sys
+    from test_launch import executable
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "ssh", "#!/bin/sh\nexit 0\n")
+    launcher = f"{sys.executable} -u -m deepspeed.launcher.launch"
+    executable(bin_dir / "pdsh", f"""#!/bin/bash
+while [ "$1" != "-w" ]; do shift; done
+IFS=, read -ra hosts <<<"$2"; shift 2
+line="$*"
+for i in "${{!hosts[@]}}"; do
+  remote=${{line//%n/$i}}
+  setup=${{remote%%{shlex.quote(launcher)}*}}
+  env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "$setup true"
+done
+""")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    return bin_dir, hostfile
+
+
+@pytest.mark.parametrize("where", ["exported by deepspeed", ".deepspeed_env key"])
+def test_nothing_from_the_environment_runs_in_the_remote_shell(tmp_path, where):
+    bin_dir, hostfile = _fake_pdsh(tmp_path)
+    marker = tmp_path / "ran"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    extra = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    if where == "exported by deepspeed":
+        extra["PYTHONWARNINGS"] = f"$(touch {marker})"  # deepspeed exports PYTHON* itself, in double quotes
+    else:
+        (workdir / ".deepspeed_env").write_text(f"$(touch {marker})X=1\n")
+    proc = run_cli(["launch", "--hostfile", str(hostfile), "--num_gpus", "1", "--master_addr", "node-a", "--",
+                    "distill", "--config", "r.yaml"], cwd=workdir, extra_env=extra, timeout=120)
+    assert not marker.exists()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "$(touch" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_check_ssh_safe_covers_every_part_of_the_remote_line(tmp_path, monkeypatch):
+    from ernie_tiny_ds.launch.runner import check_ssh_safe
+    monkeypatch.chdir(tmp_path)
+    ok_env = {"ETS_PROBE": "two words; it's fine", "NCCL_SOCKET_IFNAME": "^docker0,lo"}
+    check_ssh_safe(["distill", "--config", "a recipe.yaml"], ok_env, "node-a", {"PYTHONPATH": "/opt/x y"})
+    refused = [
+        ({"X": "`id`"}, "node-a", {}), ({"X": 'a"b'}, "node-a", {}), ({"X": "a\\b"}, "node-a", {}),
+        ({"X": "%h"}, "node-a", {}), ({"A;B": "1"}, "node-a", {}),
+        ({}, "node-a;touch x", {}), ({}, "-oProxyCommand=x", {}), ({}, "node a", {}),
+        ({}, "node-a", {"PYTHONSTARTUP": "$(id)"}), ({}, "node-a", {"NCCL_DEBUG": "`id`"}),
+        ({}, "node-a", {"LD_LIBRARY_PATH": "/lib\"; id; \""}), ({}, "node-a", {"PYTHON$(id)": "1"}),
+    ]
+    for env, addr, launch_env in refused:
+        with pytest.raises(UserError, match="remote shell"):
+            check_ssh_safe(["distill"], env, addr, launch_env)
+    check_ssh_safe(["distill"], {}, "node-a", {"HOME_DIR": "$(id)"})  # not exported by the runner: not checked
+
+
+def test_the_runner_exports_no_prefix_we_do_not_check():
+    from deepspeed.launcher.runner import EXPORT_ENVS
+    from ernie_tiny_ds.launch.runner import RUNNER_EXPORTED_PREFIXES
+    assert set(EXPORT_ENVS) <= set(RUNNER_EXPORTED_PREFIXES)
+
+
+def test_master_addr_and_hostfile_names_are_host_names(tmp_path):
+    from test_launch import user_error
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\n")
+    message = user_error(["launch", "--hostfile", str(hostfile), "--no-ssh", "--node_rank", "0", "--master_addr",
+                          "node-a;id", "--dry-run", "--", "export", "--checkpoint", "c", "--output", "o"])
+    assert "--master_addr 'node-a;id' is not a host name" in message
+    hostfile.write_text("node-a slots=1\n-oProxyCommand=id slots=1\n")
+    message = user_error(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c",
+                          "--output", "o"])
+    assert "line 2: '-oProxyCommand=id' is not a host name" in message

@@ -34,6 +34,15 @@ FORWARDED_PREFIXES = ("NCCL_", "GLOO_SOCKET_", "TRITON_")
 _SSH_SAFE_WORD = re.compile(r"[\w@+=:,./-]*")
 _SSH_SAFE_SPACED = re.compile(r"[\w@+=:,./ -]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# an export value the runner wraps in double quotes (it escapes nothing): $ ` \ " still act there,
+# and pdsh itself rewrites %h, %n, %u anywhere in the line
+_SSH_UNSAFE_QUOTED = re.compile(r'[$`\\"!%\n\r]')
+# node 0's address goes unquoted into the remote line (--master_addr=ADDR): a host name or an IP
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# what deepspeed's runner exports to the remote nodes from the launching environment on its own:
+# runner.EXPORT_ENVS and every accelerator's export_envs() (variables whose names start so)
+RUNNER_EXPORTED_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL", "BKCL", "XPU", "XMLIR", "LD_LIBRARY", "PATH",
+                            "NEUWARE_HOME", "CNCL", "ASCEND", "HCCL")
 NOT_LAUNCHABLE = ("launch", "submit")
 
 
@@ -104,6 +113,8 @@ def read_hostfile(path: str) -> list[Host]:
         match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if match is None:
             raise UserError(f"{p} line {number}: expected 'HOST slots=N', got {line!r}")
+        if not _HOST.fullmatch(match[1]):  # '-oProxyCommand=…' would be an option to ssh
+            raise UserError(f"{p} line {number}: {match[1]!r} is not a host name or address")
         if any(h.name == match[1] for h in hosts):
             raise UserError(f"{p} line {number}: host {match[1]!r} is listed twice")
         if int(match[2]) < 1:
@@ -126,6 +137,8 @@ def user_env_files() -> dict[str, str]:
                 key, sep, value = line.partition("=")
                 if line.strip() and not sep:
                     raise UserError(f"{path} line {number}: expected KEY=VALUE")
+                if sep and not _ENV_NAME.fullmatch(key.strip()):
+                    raise UserError(f"{path} line {number}: {key.strip()!r} is not a variable name")
                 if sep:
                     found[key.strip()] = value.strip()
     return found
@@ -159,13 +172,28 @@ def deepspeed_runner() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def check_ssh_safe(command: list[str], env: dict[str, str]) -> None:
-    """Refuse what deepspeed's pdsh runner would hand to a remote shell unquoted."""
+def check_ssh_safe(command: list[str], env: dict[str, str], master_addr: str | None = None,
+                   launch_env: dict[str, str] | None = None) -> None:
+    """Refuse what deepspeed's pdsh runner would hand to a remote shell so that it runs or changes:
+    the sub-command's words, `export KEY=VALUE; ` of every .deepspeed_env entry and of the variables
+    the runner exports itself (RUNNER_EXPORTED_PREFIXES of the launching environment; a value with
+    other characters than [\\w@%+=:,./-] is put in double quotes, unescaped), `cd CWD;` and
+    `--master_addr=ADDR` (both unquoted)."""
     def bad(text: str, spaced_ok: bool) -> bool:
         return not (_SSH_SAFE_SPACED if spaced_ok else _SSH_SAFE_WORD).fullmatch(text)
 
+    def bad_export(key: str, value: str) -> bool:
+        return (not _ENV_NAME.fullmatch(key) or bool(_SSH_UNSAFE_QUOTED.search(value))
+                or value != value.strip())
+
+    launch_env = os.environ if launch_env is None else launch_env
+    exported = {k: v for k, v in launch_env.items() if k.startswith(RUNNER_EXPORTED_PREFIXES)}
     offenders = [a for a in command if bad(a, spaced_ok=True)]
-    offenders += [f"{k}={v}" for k, v in env.items() if bad(v, spaced_ok=True)]
+    offenders += [f"{k}={v}" for k, v in env.items() if bad_export(k, v)]
+    offenders += [f"{k}={v} (exported by deepspeed from this shell)" for k, v in sorted(exported.items())
+                  if k not in env and bad_export(k, v)]
+    if master_addr is not None and not _HOST.fullmatch(master_addr):
+        offenders.append(f"--master_addr {master_addr}")
     if bad(os.getcwd(), spaced_ok=False):
         offenders.append(f"working directory {os.getcwd()}")
     if offenders:
@@ -188,6 +216,8 @@ def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None
         raise UserError(f"--num_gpus must be >= 1, got {args.num_gpus}")
     if not 0 < args.master_port < 65536:
         raise UserError(f"--master_port must be in 1..65535, got {args.master_port}")
+    if args.master_addr is not None and not _HOST.fullmatch(args.master_addr):
+        raise UserError(f"--master_addr {args.master_addr!r} is not a host name or address")
     if args.node_rank is not None and not args.no_ssh:
         raise UserError("--node_rank needs --no-ssh (with ssh the runner numbers the nodes itself)")
     if args.no_ssh:
@@ -200,7 +230,7 @@ def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None
     uses_ssh = num_nodes > 1 and not args.no_ssh
     env = rank_environment(args.env, base_env, user_env_files() if uses_ssh else None)
     if uses_ssh:
-        check_ssh_safe(command, env)
+        check_ssh_safe(command, env, args.master_addr, base_env)
 
     cmd = deepspeed_runner()
     if args.hostfile:
