@@ -304,12 +304,21 @@ def native_bf16(dev: torch.device) -> bool:
     return dev.type == "cpu" and cpu_computes_bf16()
 
 
+# Off: with a bf16 teacher the demo's student kept 94.5 % of the teacher's accuracy instead of 100.3 %
+# (BENCHMARKS.md §6), more than the 0.5 points issue 15 allows, although the captured targets differ
+# by only ~1 %. Until more seeds show that was trajectory noise, auto stays the training precision;
+# teacher.dtype: bf16 asks for the (2.5x faster on this CPU) bf16 teacher explicitly.
+AUTO_BF16_TEACHER = False
+
+
 def teacher_dtype(recipe: Recipe, dev: torch.device | None = None) -> torch.dtype:
-    """The frozen teacher's precision: `teacher.dtype`, or for auto bf16 where the hardware computes it
-    natively (BENCHMARKS.md §6 measures what it changes), else the training precision."""
+    """The frozen teacher's precision: `teacher.dtype`, or for auto the training precision (bf16 where
+    the hardware computes it natively, once AUTO_BF16_TEACHER is on)."""
     if recipe.teacher.dtype != "auto":
         return DTYPES[recipe.teacher.dtype]
-    return torch.bfloat16 if native_bf16(dev or device()) else DTYPES[recipe.train.precision]
+    if AUTO_BF16_TEACHER and native_bf16(dev or device()):
+        return torch.bfloat16
+    return DTYPES[recipe.train.precision]
 
 
 def prepare_teacher(teacher: torch.nn.Module, recipe: Recipe, micro_batch_size: int) -> torch.nn.Module:
