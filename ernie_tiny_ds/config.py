@@ -86,6 +86,11 @@ class TaskConfig:
     # the metric that ranks models (report's `retained`); unset: the official one of a GLUE/CLUE task
     # name (cola: mcc, mrpc/qqp: acc_f1, stsb: pearson_spearman, ...), else accuracy / pearson
     metric: Optional[Literal["accuracy", "f1", "mcc", "acc_f1", "pearson", "spearman", "pearson_spearman"]] = None
+    # stage 4 with train.eval_every: which student the pipeline ships (and the report scores as "the
+    # student"): best (by the main metric; the default with eval_every) or last
+    ship: Optional[Literal["best", "last"]] = None
+    selection_split: Optional[float] = None  # a fraction of train held out (seeded) to pick the best checkpoint
+                                             # on, so the dev score stays honest; unset: the dev split picks
 
 
 @dataclass
@@ -131,6 +136,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5      # consecutive NaN/inf steps before the run stops
     progress_bar: bool = True
     stop_at_step: Optional[int] = None  # end this run (checkpointed) at this step: time-sliced jobs
+    eval_every: Optional[int] = None  # task_specific stage: score the student every N steps (and at the end)
+                                      # and export the best one to OUT/task_specific/student_best
     # where rank 0 also logs each metrics.jsonl row and the final report (runtime/trackers.py);
     # OUT/<stage>/tensorboard is always written
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
@@ -477,6 +484,10 @@ def validate(r: Recipe) -> None:
         _positive(getattr(r.train, name), f"train.{name}")
     if r.train.stop_at_step is not None:
         _positive(r.train.stop_at_step, "train.stop_at_step")
+    if r.train.eval_every is not None:
+        _positive(r.train.eval_every, "train.eval_every")
+    if r.task.selection_split is not None and not 0 < r.task.selection_split < 1:
+        raise ConfigError(f"task.selection_split must be a fraction in (0, 1), got {r.task.selection_split}")
     _positive(r.finetune.epochs, "finetune.epochs")
     _positive(r.finetune.lr, "finetune.lr")
     _positive(r.finetune.micro_batch_size, "finetune.micro_batch_size")

@@ -3,9 +3,14 @@
 GLUE reports CoLA as Matthews correlation, MRPC and QQP as the mean of accuracy and F1, STS-B as the
 mean of Pearson and Spearman, every other task (MNLI matched/mismatched included) as accuracy; the
 CLUE classification tasks report accuracy. A task of another name is scored by accuracy
-(classification) or Pearson (regression) unless `task.metric` says otherwise.
+(classification) or Pearson (regression) unless `task.metric` says otherwise. compute_metrics
+computes them (the evaluate command, the report and stage 4's best-checkpoint selection use it).
 """
 from __future__ import annotations
+
+import math
+
+import numpy as np
 
 from ..errors import ConfigError
 
@@ -67,3 +72,43 @@ def submission_file(task_name: str | None, split: str, several: bool) -> str:
 
 def submits_class_ids(task_name: str | None) -> bool:
     return benchmark_key(task_name) in SUBMITS_CLASS_IDS
+
+
+# --------------------------------------------------------------------------- computing them
+def _finite_or_none(value: float) -> float | None:
+    # constant predictions make correlations undefined: report null, not NaN (invalid JSON)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def compute_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray,
+                    main: str | None = None) -> dict[str, float | None]:
+    """Metrics of [N, num_labels] logits (or [N] / [N, 1] regression outputs) against gold labels;
+    with `main` a composite (acc_f1, pearson_spearman: GLUE's means of two), that one too."""
+    metrics = _base_metrics(task_type, logits, labels)
+    if main in COMPOSITES:
+        parts = [metrics[name] for name in COMPOSITES[main]]
+        metrics[main] = None if None in parts else float(np.mean(parts))
+    return metrics
+
+
+def _base_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if task_type == "regression":
+        import warnings
+
+        from scipy.stats import pearsonr, spearmanr
+
+        predictions = logits.reshape(len(labels))
+        with warnings.catch_warnings():  # constant input: the result is NaN, reported as null
+            warnings.simplefilter("ignore")
+            return {"pearson": _finite_or_none(pearsonr(predictions, labels)[0]),
+                    "spearman": _finite_or_none(spearmanr(predictions, labels)[0])}
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    predictions = logits.argmax(axis=-1)
+    num_labels = logits.shape[-1]
+    f1 = f1_score(labels, predictions, average="binary" if num_labels == 2 else "macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1),
+            "mcc": float(matthews_corrcoef(labels, predictions))}

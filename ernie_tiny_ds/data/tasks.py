@@ -65,6 +65,7 @@ class TaskData:
     metric: str | None = None   # task.metric (None: the official metric of the task's name, see benchmarks)
     dev_splits: dict[str, list[Example]] = dataclasses.field(default_factory=dict)  # several dev splits
                                 # by name (mnli: matched, mismatched); `dev` is the first
+    selection: list[Example] = dataclasses.field(default_factory=list)  # task.selection_split, held out of train
 
     @property
     def num_labels(self) -> int:
@@ -298,13 +299,31 @@ def load_task(cfg: TaskConfig) -> TaskData:
             raise DataError(f"{cfg.train_file}: a classification task needs at least 2 classes, found {labels}")
     label_ids = {name: i for i, name in enumerate(labels)}
     dev_splits = {name: _to_examples(raw, cfg, label_ids) for name, raw in dev_raws.items()}
+    train, selection = _hold_out(_to_examples(train_raw, cfg, label_ids), cfg.selection_split)
     return TaskData(name=cfg.name or Path(cfg.train_file).parent.name, type=cfg.type,
                     text_columns=list(cfg.text_columns), label_names=labels,
-                    train=_to_examples(train_raw, cfg, label_ids),
+                    train=train, selection=selection,
                     dev=next(iter(dev_splits.values())) if dev_splits else _to_examples(dev_raw, cfg, label_ids),
                     max_seq_len=cfg.max_seq_len, train_file=cfg.train_file, dev_file=cfg.dev_file,
                     metric=cfg.metric,
                     dev_splits=dev_splits)
+
+
+SELECTION_SEED = 20210604  # fixed: every rank, stage and run holds out the same examples
+
+
+def _hold_out(train: list[Example], fraction: float | None) -> tuple[list[Example], list[Example]]:
+    """(train, selection): `fraction` of train, drawn with a fixed seed, kept in file order."""
+    if fraction is None:
+        return train, []
+    if not 0 < fraction < 1:
+        raise ConfigError(f"task.selection_split must be a fraction in (0, 1), got {fraction}")
+    count = int(round(fraction * len(train)))
+    if not 0 < count < len(train):
+        raise ConfigError(f"task.selection_split: {fraction} of {len(train)} train examples holds out {count}; "
+                          f"choose a fraction that leaves examples on both sides")
+    held = set(np.random.default_rng(SELECTION_SEED).permutation(len(train))[:count].tolist())
+    return ([e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held])
 
 
 def _dataset_splits(cfg: TaskConfig) -> tuple[TaskConfig, list, dict[str, list]]:

@@ -19,6 +19,7 @@ from ..errors import ConfigError, UserError
 from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
 from ..losses import layer_map
 from .metrics import MetricsLogger
+from .selection import best_checkpoint_hook
 from ..distill.models import encoder_up_to, FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
 from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, TeacherOutput, start_projections
 from ..stages import STAGE_SPECS
@@ -172,6 +173,8 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
         return checkpoint.save(engine, ckpt_root, at_step, state, extra_files=lambda f: save_student_files(parts, f),
                                keep=r.train.keep_checkpoints)
 
+    after_step = best_checkpoint_hook(r, spec, parts, out_dir, rank, world, dev, zero_stage(parts.ds_config))
+
     # --- the loop: teacher forward, student forward + losses, backward, step
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every)
     batches = iter(loader)
@@ -203,6 +206,8 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
         if skipped:
             last["skipped_nonfinite"] = skipped
         logger.step(step, last, tokens=int(batch["attention_mask"].sum()) * world * r.train.grad_accum)
+        if after_step is not None:
+            after_step(step)  # stage 4 with train.eval_every: score, export the best (runtime/selection.py)
         requested = stop_request.requested()
         stopping = requested or step == r.train.stop_at_step
         if step % r.train.save_every == 0 or step == r.train.max_steps or stopping:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -19,50 +18,11 @@ import numpy as np
 import torch
 
 from ..config import TaskConfig, apply_overrides, load_recipe, load_section
-from ..data.benchmarks import COMPOSITES
+from ..data.benchmarks import compute_metrics  # noqa: F401  (its public home was here)
 from ..data.tasks import TaskData, iter_dev_batches, load_task
 from ..errors import ConfigError, UserError
 
 _GENERIC_LABEL = re.compile(r"LABEL_\d+")
-
-
-def _finite_or_none(value: float) -> float | None:
-    # constant predictions make correlations undefined: report null, not NaN (invalid JSON)
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def compute_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray,
-                    main: str | None = None) -> dict[str, float | None]:
-    """Metrics of [N, num_labels] logits (or [N] / [N, 1] regression outputs) against gold labels;
-    with `main` a composite (acc_f1, pearson_spearman: GLUE's means of two), that one too."""
-    metrics = _base_metrics(task_type, logits, labels)
-    if main in COMPOSITES:
-        parts = [metrics[name] for name in COMPOSITES[main]]
-        metrics[main] = None if None in parts else float(np.mean(parts))
-    return metrics
-
-
-def _base_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels)
-    if task_type == "regression":
-        import warnings
-
-        from scipy.stats import pearsonr, spearmanr
-
-        predictions = logits.reshape(len(labels))
-        with warnings.catch_warnings():  # constant input: the result is NaN, reported as null
-            warnings.simplefilter("ignore")
-            return {"pearson": _finite_or_none(pearsonr(predictions, labels)[0]),
-                    "spearman": _finite_or_none(spearmanr(predictions, labels)[0])}
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    predictions = logits.argmax(axis=-1)
-    num_labels = logits.shape[-1]
-    f1 = f1_score(labels, predictions, average="binary" if num_labels == 2 else "macro", zero_division=0)
-    return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1),
-            "mcc": float(matthews_corrcoef(labels, predictions))}
 
 
 def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:

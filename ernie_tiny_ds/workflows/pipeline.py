@@ -109,6 +109,9 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
         student = str(out / stage / "student")
         carried = out / stage / PROJECTIONS_FILE  # absent when the stage was exported before they were kept
         projections = str(carried) if carried.is_file() else None
+    if last == 4:  # best or last (task.ship): the report scores it as the student, pipeline_done names it
+        from ..runtime.selection import shipped_student
+        student = str(shipped_student(recipe, out))
     if last == 4 and rank == 0:
         from .report import build_report
         build_report(with_paths(recipe, student, finetuned), out)
