@@ -81,6 +81,7 @@ def build_report(recipe: Recipe, out: Path) -> dict:
         "stages": stage_section(out),
         "teacher": teacher,
         "student": student,
+        "selection": selection_section(recipe, out, Path(models["student"]), student["metrics"]),
         "retained": student_score / teacher_score if teacher_score else None,
         "speedup": teacher["latency_ms_batch1"] / student["latency_ms_batch1"],
         "throughput_ratio": student["throughput_batch32"] / teacher["throughput_batch32"],
@@ -99,6 +100,36 @@ def build_report(recipe: Recipe, out: Path) -> dict:
           f"({student_score:.4g} vs {teacher_score:.4g}), {report['speedup']:.2f}x faster at batch 1; "
           f"{out / 'report.md'}", flush=True)
     return report
+
+
+def selection_section(recipe: Recipe, out: Path, shipped: Path, shipped_metrics: dict) -> dict | None:
+    """Stage 4's best checkpoint beside its last one (both scored on dev) and which one ships; None
+    without train.eval_every's student_best/."""
+    from ..runtime.selection import BEST_DIR, read_best, ship_choice
+    from .evaluate import evaluate_model
+
+    stage = out / "task_specific"
+    best = read_best(stage / BEST_DIR)
+    if best is None:
+        return None
+    section = {"ships": "best" if shipped.resolve() == (stage / BEST_DIR).resolve() else "last",
+               "choice": ship_choice(recipe), "best_step": best["step"], "selected_on": best["split"],
+               "selection_score": best["score"]}
+    for who, folder in (("best", stage / BEST_DIR), ("last", stage / "student")):
+        section[who] = {"path": str(folder), "metrics": shipped_metrics if folder.resolve() == shipped.resolve()
+                        else evaluate_model(folder, recipe.task)}
+    return section
+
+
+def selection_lines(sel: dict | None, main: str) -> list[str]:
+    if sel is None:
+        return []
+    return ["", "## Best and last checkpoint (task-specific stage)", "",
+            f"The best checkpoint by {main} on the {sel['selected_on']} split (step {sel['best_step']}, "
+            f"{_fmt(sel['selection_score'])}) and the last one, both on dev; **{sel['ships']}** ships.", "",
+            f"| checkpoint | dev {main} |", "|---|---|",
+            f"| best (step {sel['best_step']}) | {_fmt(sel['best']['metrics'].get(main))} |",
+            f"| last | {_fmt(sel['last']['metrics'].get(main))} |"]
 
 
 def _fmt(value) -> str:
@@ -123,6 +154,7 @@ def render_markdown(r: dict) -> str:
               "|---|" + "---|" * len(metric_names)]
     for who, m in (("teacher", t), ("student", s)):
         lines.append(f"| {who} | " + " | ".join(_fmt(m["metrics"][k]) for k in metric_names) + " |")
+    lines += selection_lines(r.get("selection"), r["main_metric"])
     lines += ["", "## Size and speed", "",
               "| model | parameters | latency, batch 1 (ms) | throughput, batch 32 (seq/s) |", "|---|---|---|---|",
               f"| teacher | {t['params']:,} | {t['latency_ms_batch1']:.2f} | {t['throughput_batch32']:.1f} |",
