@@ -6,6 +6,11 @@ import time
 from pathlib import Path
 
 
+# train.report_to: runtime/trackers.activate puts the recipe's trackers here; rank 0's logger opens
+# one run per stage through them and forwards every row it writes to metrics.jsonl
+TRACKERS: list = []
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, title: str,
                  progress_bar: bool = True, log_every: int = 10):
@@ -15,9 +20,12 @@ class MetricsLogger:
         self._tokens = 0
         self._bar = None
         self._tb = None
+        self._runs = []
         if not self.active:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        self._runs = [trackers.open(title, out_dir, start_step) for trackers in TRACKERS]
+        self._start = self._last_time = time.perf_counter()  # a tracker's start-up is no step's time
         # a resumed run appends; lines past the checkpoint were never part of the resumed run
         self._lines = self._truncate(out_dir / "metrics.jsonl", start_step)
         try:
@@ -53,6 +61,8 @@ class MetricsLogger:
             self._tokens, self._last_time = 0, now
         self._lines.write(json.dumps(record) + "\n")
         self._lines.flush()
+        for run in self._runs:
+            run.log(step, record)
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -74,3 +84,5 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
         self._lines.close()
+        for run in self._runs:
+            run.close()

@@ -96,6 +96,9 @@ def build_report(recipe: Recipe, out: Path) -> dict:
     atomic_write_text(out / "report.md", render_markdown(report))
     from .model_card import write_cards
     write_cards(report, recipe, out)  # README.md in every stage's student folder: the export is a release
+    from ..runtime.metrics import TRACKERS
+    for trackers in TRACKERS:  # train.report_to (the report runs on rank 0 only)
+        trackers.log_report(report, out, [out / "report.json", out / "report.md"])
     print(f"report: student keeps {report['retained']:.1%} of the teacher's {main} "
           f"({student_score:.4g} vs {teacher_score:.4g}), {report['speedup']:.2f}x faster at batch 1; "
           f"{out / 'report.md'}", flush=True)
