@@ -142,6 +142,8 @@ class TrainConfig:
     # OUT/<stage>/tensorboard is always written
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     tracker_project: Optional[str] = None  # W&B project / MLflow experiment; default: output_dir's name
+    peak_tflops: Optional[float] = None  # the device's peak TFLOP/s for MFU in the log; unset: a table of
+                                      # known GPUs, else the measured matmul rate (runtime/flops.py)
 
 
 @dataclass
@@ -488,6 +490,8 @@ def validate(r: Recipe) -> None:
         _positive(r.train.eval_every, "train.eval_every")
     if r.task.selection_split is not None and not 0 < r.task.selection_split < 1:
         raise ConfigError(f"task.selection_split must be a fraction in (0, 1), got {r.task.selection_split}")
+    if r.train.peak_tflops is not None:
+        _positive(r.train.peak_tflops, "train.peak_tflops")
     _positive(r.finetune.epochs, "finetune.epochs")
     _positive(r.finetune.lr, "finetune.lr")
     _positive(r.finetune.micro_batch_size, "finetune.micro_batch_size")

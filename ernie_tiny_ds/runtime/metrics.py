@@ -1,9 +1,21 @@
-"""Rank-0 training log: progress bar, metrics.jsonl (the report reads it) and TensorBoard scalars."""
+"""Rank-0 training log: progress bar, metrics.jsonl (the report reads it) and TensorBoard scalars.
+
+Every row (and every printed line) carries the step, the loss terms, lr and the rates:
+  tokens_per_s   non-padding tokens of all ranks per second of this step
+  step_time_s    wall time of this step: from the previous row to this one. The loop logs after it
+                 read the loss on the host (a device sync), so in steady state the interval holds
+                 exactly one step's device work.
+  elapsed_s      wall time since this run's loop started
+  tflops, mfu    this rank's matrix-product FLOP/s (runtime/flops.py) and its share of the device's peak
+"""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+# row fields that are not loss terms (the report plots the others as losses)
+RATE_FIELDS = ("step", "lr", "tokens_per_s", "step_time_s", "elapsed_s", "tflops", "mfu", "skipped_nonfinite")
 
 
 # train.report_to: runtime/trackers.activate puts the recipe's trackers here; rank 0's logger opens
@@ -13,11 +25,12 @@ TRACKERS: list = []
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, title: str,
-                 progress_bar: bool = True, log_every: int = 10):
+                 progress_bar: bool = True, log_every: int = 10, peak_flops: float | None = None):
         self.active = rank == 0
         self.log_every = log_every
-        self._last_time = time.perf_counter()
-        self._tokens = 0
+        self.title, self.total_steps = title, total_steps
+        self.peak_flops = peak_flops  # FLOP/s of this device (the MFU denominator); None: no mfu
+        self._start = self._last_time = time.perf_counter()
         self._bar = None
         self._tb = None
         self._runs = []
@@ -50,15 +63,21 @@ class MetricsLogger:
         path.write_text("".join(k + "\n" for k in kept))
         return open(path, "a", encoding="utf-8")
 
-    def step(self, step: int, values: dict[str, float], tokens: int) -> None:
-        self._tokens += tokens
+    def step(self, step: int, values: dict[str, float], tokens: int, flops: float | None = None) -> None:
+        """One optimizer step: `values` the loss terms and lr, `tokens` of all ranks, `flops` of this rank.
+        Call it after the loss was read on the host, so the step's time is complete."""
         if not self.active:
             return
         now = time.perf_counter()
-        record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()}}
-        if step % self.log_every == 0:
-            record["tokens_per_s"] = round(self._tokens / max(now - self._last_time, 1e-9), 1)
-            self._tokens, self._last_time = 0, now
+        seconds = max(now - self._last_time, 1e-9)
+        self._last_time = now
+        record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()},
+                  "tokens_per_s": round(tokens / seconds, 1), "step_time_s": round(seconds, 4),
+                  "elapsed_s": round(now - self._start, 2)}
+        if flops is not None:  # 4 significant digits: a CPU test run reaches 1e-4 TFLOP/s
+            record["tflops"] = float(f"{flops / seconds / 1e12:.4g}")
+            if self.peak_flops:
+                record["mfu"] = float(f"{flops / seconds / self.peak_flops:.4g}")
         self._lines.write(json.dumps(record) + "\n")
         self._lines.flush()
         for run in self._runs:
@@ -69,8 +88,29 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}", value, step)
         if self._bar is not None:
             self._bar.update(1)
-            shown = {k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "lr")}
+            shown = {k: f"{v:.4g}" for k, v in record.items() if k not in RATE_FIELDS}
+            shown["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+            if "mfu" in record:
+                shown["MFU"] = f"{record['mfu']:.1%}"
             self._bar.set_postfix(shown, refresh=False)
+        elif step % self.log_every == 0 or step == self.total_steps:
+            print(self.line(record), flush=True)
+
+    def line(self, record: dict) -> str:
+        """A row as one log line: step, losses, lr, then the rates."""
+        parts = [f"{self.title} step {record['step']}/{self.total_steps}"]
+        parts += [f"{k} {v:.4g}" for k, v in record.items() if k not in RATE_FIELDS]
+        parts += [f"lr {record['lr']:.3g}"] if "lr" in record else []
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"{record['step_time_s']:.3f} s/step")
+        if "tflops" in record:
+            parts.append(f"{record['tflops']:.3g} TFLOP/s")
+        if "mfu" in record:
+            parts.append(f"MFU {record['mfu']:.2%}")
+        parts.append(f"{record['elapsed_s']:.0f} s elapsed")
+        if "skipped_nonfinite" in record:
+            parts.append(f"{record['skipped_nonfinite']} skipped (non-finite)")
+        return " | ".join(parts)
 
     def message(self, text: str) -> None:
         if self.active:

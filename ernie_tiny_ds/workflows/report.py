@@ -10,6 +10,7 @@ from ..files import atomic_write_text, write_atomic
 from ..config import STAGES, Recipe
 from ..stages import STAGE_SPECS
 from ..runtime.loop import DONE_FILE
+from ..runtime.metrics import RATE_FIELDS
 
 
 def read_curve(stage_dir: Path) -> list[dict]:
@@ -24,7 +25,7 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")  # no display on training nodes
     import matplotlib.pyplot as plt
 
-    names = [k for k in curve[0] if k not in ("step", "lr", "tokens_per_s", "skipped_nonfinite")]
+    names = [k for k in curve[0] if k not in RATE_FIELDS]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [row["step"] for row in curve]
     for name in names:
