@@ -6,7 +6,7 @@
 ours      the real stage-1 parts of ernie-tiny-ds (train.build_parts: SDPA models with capture hooks,
           the DeepSpeed engine over student + projections with torch's fused AdamW, attention
           transfer from Q/K through the kernel dispatch: fused Triton on CUDA, elsewhere the torch
-          path with its closed-form backward) and the loop body of train.py.
+          path with its closed-form backward) and the trainer's step (runtime.step.train_step).
 baseline  the same weights as Hugging Face models run with output_attentions=True and
           output_hidden_states=True (eager attention), the same latent loss computed on the
           materialised attention maps, a plain torch AdamW.
@@ -16,8 +16,8 @@ batch it fits, and tokens/s is the comparison); steps are timed alternately in t
 each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; on CPU each side
 runs again in its own subprocess and reports its peak resident set during the steps (VmHWM, reset
 just before) above the resident set before them.
-MFU counts the teacher forward and the student forward + backward matrix products against the
-measured dense matmul rate of this device. --max-seq also searches, on GPU, the longest sequence
+MFU counts the teacher forward and the student forward + backward matrix products (the trainer's
+count, runtime/flops.py) against the measured dense matmul rate of this device. --max-seq also searches, on GPU, the longest sequence
 each side fits at batch 8 within the memory the baseline needs at --seq-len. --phases adds, per
 side, the median time of each phase of a step and the profiler's time in matrix products.
 """
@@ -81,7 +81,6 @@ def random_batches(n: int, batch: int, seq_len: int, device, seed: int) -> list[
 
 class Ours:
     def __init__(self, args, max_positions: int):
-        from ernie_tiny_ds.config import STAGES  # noqa: F401  (ensures the package imports cleanly)
         from ernie_tiny_ds.runtime.engine import init_distributed
         from ernie_tiny_ds.stages import STAGE_SPECS
         from ernie_tiny_ds.runtime.loop import build_parts
@@ -91,18 +90,9 @@ class Ours:
         self.parts = build_parts(self.recipe, STAGE_SPECS["general"], rank=0, world=1)
 
     def step(self, batch: dict, mark=lambda phase: None) -> float:
-        from ernie_tiny_ds.runtime.loop import teacher_forward
+        from ernie_tiny_ds.runtime.step import train_step
 
-        p = self.parts
-        teacher_out = teacher_forward(p.teacher, p.teacher_capture, batch)
-        mark("teacher forward")
-        total, _ = p.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out, None)
-        mark("student forward + loss")
-        p.engine.backward(total)
-        mark("backward")
-        p.engine.step()
-        mark("optimizer")
-        return float(total.detach())
+        return float(train_step(self.parts, batch, mark).total)  # the trainer's own step, finite check included
 
     def zero_grad(self) -> None:
         self.parts.engine.optimizer.zero_grad()
@@ -130,9 +120,13 @@ class Baseline:
 
     @staticmethod
     def _eager_copy(model):
+        """The same model with eager attention, as built: a teacher that stage 1 cut after its deepest
+        mapped layer (distill.models.encoder_up_to: no pooler) is copied cut the same way."""
         import transformers
         config = copy.deepcopy(model.config)
-        clone = transformers.AutoModel.from_config(config, attn_implementation="eager")
+        config.num_hidden_layers = len(model.encoder.layer)
+        clone = transformers.AutoModel.from_config(config, attn_implementation="eager",
+                                                   add_pooling_layer=getattr(model, "pooler", None) is not None)
         clone.load_state_dict(model.state_dict())
         return clone
 
@@ -221,32 +215,6 @@ def matmul_share(side, batches: list[dict], device) -> tuple[float, float]:
     return matmul / 1000 / len(batches), total / 1000 / len(batches)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Dense matmul FLOP/s of this device (the MFU denominator)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
-
-
-def step_flops(args, tokens: int) -> float:
-    """Teacher forward + student forward and backward (3x forward): dense layers and attention products."""
-    (th, tl, _, tf), (sh, sl, _, sf) = SIZES[args.size]
-
-    def forward(hidden, layers, ffn):
-        dense = 2 * tokens * layers * (4 * hidden * hidden + 2 * hidden * ffn)
-        attention = 2 * tokens * layers * 2 * args.seq_len * hidden  # QK^T and PV
-        return dense + attention
-    return forward(th, tl, tf) + 3 * forward(sh, sl, sf)
-
-
 def memory_in_subprocess(args, side: str) -> float:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-side", side]
     # the child builds its own one-process group: drop the parent's rendezvous variables
@@ -333,7 +301,10 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     tokens_per_s = {name: b * args.seq_len * args.steps / median[name] for name, b in batch_of.items()}
     # the MFU denominator is the matmul rate in the step's precision (bf16 also on CPUs with native bf16)
-    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    from ernie_tiny_ds.runtime.flops import distill_step_flops, measured_matmul_flops
+
+    rate = measured_matmul_flops(device.type, torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                                 device.index)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"\n{args.size} teacher {SIZES[args.size][0]} -> student {SIZES[args.size][1]}, L={args.seq_len}, "
           f"batch {args.batch}, {args.precision}, {name}, torch threads {torch.get_num_threads()}; "
@@ -342,7 +313,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for side in ("ours", "baseline"):
         seconds = median[side] / args.steps
-        mfu = step_flops(args, batch_of[side] * args.seq_len) / seconds / rate
+        mfu = distill_step_flops(ours.parts, batch_of[side], args.seq_len) / seconds / rate
         print(f"| {side} | {batch_of[side]} | {seconds * 1000:.1f} | {tokens_per_s[side]:,.0f} | {peaks[side]:.0f} "
               f"| {mfu:.1%} |")
     per_round = sorted(o / b for o, b in zip(times["ours"], times["baseline"]))

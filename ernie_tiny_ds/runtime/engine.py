@@ -266,8 +266,9 @@ def engine_args() -> argparse.Namespace:
     return argparse.Namespace(device_rank=device_index())
 
 
-def build_student_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
-    """DeepSpeed engine over the student and its projections, with warm-up + linear decay."""
+def build_training_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
+    """DeepSpeed training engine over an objective module, with warm-up + linear decay: the student
+    and its projections (distillation stages) or the teacher's classifier (teacher finetuning)."""
     import deepspeed
 
     def scheduler(optimizer):

@@ -8,22 +8,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoint
 from . import rank_registry
 from ..config import Recipe
-from ..files import atomic_write_text
-from .engine import build_ds_config, build_student_engine, device, init_distributed, prepare_teacher, zero_stage
+from ..files import atomic_torch_save, atomic_write_text
+from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
 from ..errors import ConfigError, UserError
 from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
 from ..losses import layer_map
 from .metrics import MetricsLogger
+from .checkpointer import Checkpointer
 from .selection import best_checkpoint_hook
+from .flops import distill_step_flops, peak_flops
+from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)
 from ..distill.models import encoder_up_to, FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
-from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, TeacherOutput, start_projections
+from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, start_projections
 from ..stages import STAGE_SPECS
-from .collectives import all_reduce_values
+from . import recipe_changes
+from .collectives import all_reduce_values, wait_for_rank0
 from .stop import StopRequest
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 
@@ -57,24 +60,11 @@ def batch_to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[s
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def teacher_forward(teacher, capture: FeatureCapture, batch: dict) -> TeacherOutput:
-    with torch.no_grad():
-        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      token_type_ids=batch["token_type_ids"])
-    return TeacherOutput(capture.pop(), getattr(out, "logits", None))
-
-
 def global_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     """Loss terms averaged over ranks: the log shows one global loss (a control-plane collective)."""
     names = sorted(values)
     sums = all_reduce_values([float(values[n].detach().float().reshape(())) for n in names], "sum")
     return {n: v / max(world, 1) for n, v in zip(names, sums)}
-
-
-def all_ranks_finite(total: torch.Tensor, world: int) -> bool:
-    """True on every rank when no rank's loss is NaN or inf (a control-plane collective)."""
-    (flag,) = all_reduce_values([1.0 if torch.isfinite(total).item() else 0.0], "min")
-    return bool(flag)
 
 
 def engine_student_outputs(engine, student, batch: dict, stage: int) -> torch.Tensor:
@@ -130,6 +120,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
         "teacher_finetuned": spec.finetuned_teacher,
         "student_init": r.student.path or "fresh",
         "student_init_fingerprint": weights_fingerprint(student),
+        "recipe": recipe_changes.fingerprint(r, spec.name),  # a resume or a pipeline skip names what changed
     }
     try:
         mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
@@ -138,7 +129,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, use_labels=spec.labels)
     provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
     ds_config = build_ds_config(r, world)
-    engine = build_student_engine(objective, r, ds_config)
+    engine = build_training_engine(objective, r, ds_config)
     if not spec.labels:  # no logits in this stage: run the teacher only as deep as the layer map reads
         teacher = encoder_up_to(teacher, max(mapping))
     teacher_capture = FeatureCapture(teacher, layers=mapping)
@@ -166,65 +157,60 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     engine, loader = parts.engine, parts.loader
 
     # --- resume from the newest intact checkpoint
-    step = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, r.train.seed, what=stage)
-
-    def save(at_step: int) -> Path:
-        state = checkpoint.trainer_state(at_step, loader)
-        return checkpoint.save(engine, ckpt_root, at_step, state, extra_files=lambda f: save_student_files(parts, f),
-                               keep=r.train.keep_checkpoints)
+    step = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, r.train.seed, what=stage,
+                                     recipe=parts.provenance["recipe"])
+    checkpointer = Checkpointer(engine, ckpt_root, loader, every=r.train.save_every, last_step=r.train.max_steps,
+                                keep=r.train.keep_checkpoints, stop_request=StopRequest(r.output_dir),
+                                stop_at_step=r.train.stop_at_step, extra_files=lambda f: save_student_files(parts, f))
 
     after_step = best_checkpoint_hook(r, spec, parts, out_dir, rank, world, dev, zero_stage(parts.ds_config))
 
-    # --- the loop: teacher forward, student forward + losses, backward, step
-    logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every)
+    # --- the loop: fetch -> step -> log -> maybe save -> maybe stop
+    peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None  # only rank 0 logs
+    logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every,
+                           peak_flops=peak)
     batches = iter(loader)
-    stop_request = StopRequest(r.output_dir)
-    nonfinite = skipped = 0
-    last, batch, requested = {"loss": float("nan")}, None, False
+    nonfinite = skipped = tokens = 0
+    flops = 0.0
+    last, batch = {"loss": float("nan")}, None
     while step < r.train.max_steps:
         batch = batch_to_device(next(batches), dev)
-        teacher_out = teacher_forward(parts.teacher, parts.teacher_capture, batch)
-        total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out,
-                              batch.get("labels"))
-        if not all_ranks_finite(total, world):
+        result = train_step(parts, batch)
+        if not result.finite:
             nonfinite, skipped = nonfinite + 1, skipped + 1
-            bad = [n for n, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            bad = [n for n, v in result.terms.items() if not torch.isfinite(v)] or ["total"]
             logger.message(f"warning: non-finite loss ({', '.join(bad)}) at step {step + 1}: micro-batch skipped")
             if nonfinite >= r.train.max_nonfinite_steps:
                 raise NonFiniteLoss(f"{nonfinite} consecutive non-finite losses (term: {', '.join(bad)}) at step "
                                     f"{step + 1} of {stage}; lower optim.lr or check the data")
             continue
         nonfinite = 0
-        boundary = engine.is_gradient_accumulation_boundary()
-        lr = engine.get_lr()[0]  # the rate this step uses
-        engine.backward(total)
-        engine.step()
-        if not boundary:
+        tokens += result.tokens
+        flops += distill_step_flops(parts, *batch["input_ids"].shape)
+        if not result.boundary:
             continue
         step += 1
-        last = {**global_mean({"loss": total.detach(), **terms}, world), "lr": lr}
+        # global_mean reads the loss on the host: the step's device work is done before the logger times it
+        last = {**global_mean({"loss": result.total, **result.terms}, world), "lr": result.lr}
         if skipped:
             last["skipped_nonfinite"] = skipped
-        logger.step(step, last, tokens=int(batch["attention_mask"].sum()) * world * r.train.grad_accum)
+        # tokens of all ranks (theirs taken as this rank's), flops of this rank: its device's MFU
+        logger.step(step, last, tokens=tokens * world, flops=flops)
+        tokens, flops = 0, 0.0
         if after_step is not None:
             after_step(step)  # stage 4 with train.eval_every: score, export the best (runtime/selection.py)
-        requested = stop_request.requested()
-        stopping = requested or step == r.train.stop_at_step
-        if step % r.train.save_every == 0 or step == r.train.max_steps or stopping:
-            save(step)
-        if stopping:
+        if checkpointer.after_step(step):
             break
     logger.close()
 
     if step < r.train.max_steps:
         if rank == 0:
-            why = "stop requested (STOP file or SIGUSR1)" if requested else "train.stop_at_step"
-            stop_request.clear()
+            why = "stop requested (STOP file or SIGUSR1)" if checkpointer.requested else "train.stop_at_step"
+            checkpointer.stop_request.clear()
             print(f"{spec.title}: stopped at step {step} of {r.train.max_steps} ({why}); checkpoint saved; "
                   f"run the same command again to continue", flush=True)
         return StageResult(stage, step, last["loss"], out_dir / "student", complete=False)
-    if not (ckpt_root / checkpoint.tag_for(step)).is_dir():
-        save(step)
+    checkpointer.ensure_saved(step)
     final_loss = finish_stage(r, spec, parts, out_dir, step, last["loss"], batch, rank, world)
     return StageResult(stage, step, final_loss, out_dir / "student")
 
@@ -255,8 +241,8 @@ def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, f
                 **parts.provenance}
         if probe is not None:
             # the export must reproduce the engine's student; keep the probe so anyone can re-check it
-            torch.save({"batch": {k: v.cpu() for k, v in probe_batch.items()}, "outputs": probe.cpu()},
-                       out_dir / "export_probe.pt")
+            atomic_torch_save({"batch": {k: v.cpu() for k, v in probe_batch.items()}, "outputs": probe.cpu()},
+                              out_dir / "export_probe.pt")
             done["export_max_abs_diff"] = export_max_abs_diff(student_dir, probe_batch, probe)
             tolerance = 1e-4 if r.train.precision == "fp32" else 5e-2
             if done["export_max_abs_diff"] > tolerance:
@@ -265,7 +251,6 @@ def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, f
         atomic_write_text(done_file, json.dumps(done))
         print(f"{spec.title} done: {step} steps, final loss {final_loss:.6g}; student exported to {student_dir}",
               flush=True)
-    if world > 1:
-        dist.barrier()
+    wait_for_rank0()  # the export and its checks can outlast train.dist_timeout_s
     parts.engine.destroy()
     return final_loss

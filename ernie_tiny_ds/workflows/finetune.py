@@ -24,7 +24,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..config import Recipe, load_recipe
 from ..data.tasks import TaskData, build_task_loader, load_task
@@ -86,16 +85,16 @@ def _reusable(output: Path, task: TaskData) -> bool:
     return True
 
 
-def full_state_dict(engine, zero: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """fp32 CPU weights of the trained model on rank 0 (collective: ZeRO-3 parameters are gathered)."""
+def full_state_dict(module: torch.nn.Module, zero: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """fp32 CPU weights of a trained module on rank 0 (collective: ZeRO-3 parameters are gathered)."""
     import deepspeed
 
-    gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if zero == 3 \
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if zero == 3 \
         else contextlib.nullcontext()
     with gather:
         if rank != 0:
             return None
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output: Path, summary: dict) -> dict:
@@ -119,16 +118,22 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
     return metrics
 
 
-def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None) -> Path | None:
+def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None,
+                     overwrite: bool = False) -> Path | None:
     """Collective: every rank calls it; returns the finetuned teacher folder, or None when a stop
     request ended the run at a checkpoint (the same call resumes it)."""
+    # imported here, not at the top: the training stack (transformers, deepspeed) is heavy and the CLI's parsing imports this module
+    from ..distill.objective import ClassifierObjective
     from ..runtime import checkpoint
     from ..runtime import rank_registry
-    from ..runtime.engine import build_ds_config, build_student_engine, device, init_distributed, zero_stage
-    from ..losses import hard_label_loss
+    from ..runtime.checkpointer import Checkpointer
+    from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
     from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
     from ..runtime.stop import StopRequest
-    from ..runtime.loop import all_ranks_finite, batch_to_device, global_mean
+    from ..runtime.collectives import wait_for_rank0
+    from ..runtime.export import check_output
+    from ..runtime.loop import batch_to_device, global_mean
+    from ..runtime.step import StepParts, train_step
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)
@@ -136,6 +141,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
         if os.environ.get("RANK", "0") == "0":
             print(f"finetuned teacher already in {output} ({DONE_FILE}); reusing it", flush=True)
         return output
+    # before any training: the output replaces this folder at the end
+    check_output(output, "--output" if output_dir is not None else "output_dir", overwrite)
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     ckpt_root = output.with_name(output.name + ".checkpoints")
     rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
@@ -149,7 +156,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
     r = finetune_recipe(recipe, total)
     ds_config = build_ds_config(r, world)
-    engine = build_student_engine(model, r, ds_config)
+    objective = ClassifierObjective(model)  # the engine trains the classifier through train_step
+    engine = build_training_engine(objective, r, ds_config)
     if rank == 0:
         print(f"finetuning the teacher on {task.name} ({task.type}, {task.num_labels} output(s)): "
               f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
@@ -159,41 +167,38 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
 
     dev, batches, loss = device(), iter(loader), float("nan")
     log_every = max(1, total // 10)
-    stop_request = StopRequest(recipe.output_dir)
+    # no save at the last step: the finished output replaces the checkpoints
+    checkpointer = Checkpointer(engine, ckpt_root, loader, every=recipe.train.save_every, last_step=total,
+                                keep=recipe.train.keep_checkpoints, stop_request=StopRequest(recipe.output_dir),
+                                save_last=False)
+    parts = StepParts(engine)
     engine.train()
     for step in range(start + 1, total + 1):
         batch = batch_to_device(next(batches), dev)
-        labels = batch.pop("labels")
-        # the loss in fp32 whatever the training precision (cross-entropy, or MSE for one output)
-        step_loss = hard_label_loss(engine(**batch).logits, labels)
-        if not all_ranks_finite(step_loss.detach(), world):
+        result = train_step(parts, batch)  # grad_accum is 1: every step is an optimizer step
+        if not result.finite:
             raise UserError(f"finetune: non-finite loss at step {step}; lower finetune.lr or check the task data")
-        engine.backward(step_loss)
-        engine.step()
-        loss = global_mean({"loss": step_loss.detach()}, world)["loss"]
+        loss = global_mean({"loss": result.total}, world)["loss"]
         if rank == 0 and (step % log_every == 0 or step == total):
             print(f"finetune step {step}/{total} loss {loss:.4f}", flush=True)
-        requested = stop_request.requested()
-        if requested or (step % recipe.train.save_every == 0 and step < total):
-            checkpoint.save(engine, ckpt_root, step, checkpoint.trainer_state(step, loader),
-                            keep=recipe.train.keep_checkpoints)
-        if requested:
+        if checkpointer.after_step(step):
             if rank == 0:
-                stop_request.clear()
+                checkpointer.stop_request.clear()
                 print(f"finetune: stopped at step {step} of {total} (stop requested: STOP file or SIGUSR1); "
                       f"checkpoint saved; run the same command again to continue", flush=True)
             engine.destroy()
             return None
 
-    state = full_state_dict(engine, zero_stage(ds_config), rank)
+    state = full_state_dict(objective.classifier, zero_stage(ds_config), rank)  # the classifier's own keys
     if rank == 0:
         summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
                    "epochs": ft.epochs, "final_loss": loss, "world_size": world}
         metrics = save_finetuned(model.config, state, tokenizer, task, output, summary)
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
         print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}", flush=True)
-    if world > 1:
-        dist.barrier()
+    # the dev evaluation can outlast train.dist_timeout_s: the other ranks wait for it without that timeout
+    wait_for_rank0()
+    if rank == 0:  # after the wait: the rank registry in there lets the others name a rank 0 that dies
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
     engine.destroy()
     return output
 
@@ -202,9 +207,11 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe (teacher, task and finetune sections)")
     parser.add_argument("--output", help=f"output folder (default: OUTPUT_DIR/{DEFAULT_DIR})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output even when it is not an earlier finetuned teacher or export")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
 
 def run(args) -> int:
-    finetune_teacher(load_recipe(args.config, args.overrides), args.output)
+    finetune_teacher(load_recipe(args.config, args.overrides), args.output, overwrite=args.overwrite)
     return 0
