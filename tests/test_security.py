@@ -189,3 +189,67 @@ def test_master_addr_and_hostfile_names_are_host_names(tmp_path):
     message = user_error(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c",
                           "--output", "o"])
     assert "line 2: '-oProxyCommand=id' is not a host name" in message
+
+
+# --------------------------------------------------------------------------- 20: temporary files
+def _victim(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me\n")
+    return victim
+
+
+def test_preprocess_never_writes_through_a_planted_temp_name(tmp_path, tokenizer_dir):
+    from distributed import write_corpus
+    from ernie_tiny_ds.config import DataConfig
+    from ernie_tiny_ds.data.preprocess import preprocess
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
+    victim = _victim(tmp_path)
+    out = tmp_path / "shards"
+    # the names the old code used, planted as symlinks by someone who can write to the folder
+    for name in (f".shards.tmp-{os.getpid()}", f".shards.old-{os.getpid()}"):
+        (tmp_path / name).symlink_to(victim, target_is_directory=True)
+    cfg = DataConfig(corpus=str(write_corpus(tmp_path / "corpus", documents=16)), max_seq_len=32)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    meta = preprocess(cfg, tokenizer, tokenizer_dir, out, workers=1, progress=False)
+    again = preprocess(cfg, tokenizer, tokenizer_dir, out, workers=1, overwrite=True, progress=False)
+    assert meta["documents"] == again["documents"] == 16 and (out / "meta.json").is_file()
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert not list(tmp_path.glob(".shards.tmp-*-*"))  # its own temp folder is gone
+
+
+def test_a_checkpoint_save_never_writes_through_a_planted_partial_folder(tmp_path):
+    from ernie_tiny_ds.runtime import checkpoint
+    victim = _victim(tmp_path)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "step_00000002.partial").symlink_to(victim, target_is_directory=True)
+
+    class Engine:  # writes as DeepSpeed's save_checkpoint does: makedirs(exist_ok=True), then files
+        def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=False):
+            os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+            torch.save({"w": torch.zeros(1)}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+    final = checkpoint.save(Engine(), root, 2, {"step": 2})
+    assert final == root / "step_00000002" and not final.is_symlink()
+    assert (final / "mp_rank_00_model_states.pt").is_file() and checkpoint.verify(final) is None
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+
+
+def test_onnx_export_never_writes_through_a_planted_temp_name(tmp_path, monkeypatch):
+    from transformers import BertConfig, BertModel
+    from ernie_tiny_ds.workflows import onnx_export
+    victim = _victim(tmp_path) / "precious.txt"
+    out = tmp_path / "model.onnx"
+    (tmp_path / f".model.onnx.{os.getpid()}.tmp").symlink_to(victim)  # the old predictable name
+
+    def fake_export(_module, _args, path, **_kw):  # opens the path as the real exporter does
+        with open(path, "wb") as handle:
+            handle.write(b"onnx graph")
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    monkeypatch.setattr(onnx_export, "check_against_pytorch", lambda path, module: 0.0)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=32))
+    onnx_export.export_onnx(model, out)
+    assert out.read_bytes() == b"onnx graph" and not out.is_symlink()
+    assert victim.read_text() == "keep me\n"

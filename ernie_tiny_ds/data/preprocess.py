@@ -16,6 +16,7 @@ import os
 import queue as queue_module
 import shutil
 import sys
+import tempfile
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..files import replace_dir
 from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype, tokenizer_identity
 from .packing import FullPacker, TokenEncoder, pack_pieces
 from .sharding import Consumer
@@ -122,9 +124,12 @@ def _run_workers(sources, cfg, tokenizer, workers: int, folder: Path, dtype: str
 
 def _remove_stale_temps(output: Path) -> None:
     """Temporary folders of killed runs (their process is gone) for the same output."""
-    for temp in output.parent.glob(f".{output.name}.tmp-*"):
+    prefix = f".{output.name}.tmp-"
+    for temp in output.parent.glob(f"{prefix}*"):
+        if temp.is_symlink() or not temp.is_dir():
+            continue  # not a folder this tool made
         try:
-            os.kill(int(temp.name.rsplit("-", 1)[1]), 0)
+            os.kill(int(temp.name[len(prefix):].split("-")[0]), 0)  # .NAME.tmp-PID-RANDOM
         except ProcessLookupError:
             shutil.rmtree(temp, ignore_errors=True)
         except (ValueError, PermissionError):
@@ -144,9 +149,9 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
     sources = corpus_sources(cfg, stats)
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(output)
-    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
+    # created exclusively under a random name (a planted folder or symlink is never written through);
+    # the pid in it lets a later run tell a killed run's leftovers from a live one's
+    temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-{os.getpid()}-"))
     try:
         dtype = token_dtype(len(tokenizer))
         results = _run_workers(sources, cfg, tokenizer, workers, temp, dtype, progress)
@@ -168,13 +173,8 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
             "shards": [r["shard"] for r in results],
         }
         (temp / META).write_text(json.dumps(meta, indent=2))
-        if output.exists():  # --overwrite: move the old folder aside first, so a crash keeps one of the two
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(temp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(temp, output)
+        # --overwrite: the old folder goes aside (into an exclusive temp folder) first, so a crash keeps one
+        replace_dir(temp, output)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

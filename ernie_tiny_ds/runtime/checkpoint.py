@@ -117,6 +117,9 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, k
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(root)  # leftovers of a crash or a full disk during an earlier save
+        # DeepSpeed needs the name, so it cannot be random: create the folder here exclusively (a
+        # symlink or folder planted at the name makes this fail) for DeepSpeed to write into
+        os.mkdir(partial)
     _barrier()
     with _disk_full_is_one_line(root, partial):
         engine.save_checkpoint(str(root), tag=tag + PARTIAL, client_state={"step": step}, save_latest=False)
@@ -145,8 +148,11 @@ def remove_stale_partials(root: Path) -> None:
     if not root.is_dir():
         return
     for path in root.iterdir():
-        if path.name.startswith("step_") and path.name.endswith(PARTIAL) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name.startswith("step_") and path.name.endswith(PARTIAL):
+            if path.is_symlink():  # never ours: a save would write through it wherever it points
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_bytes(folder: Path) -> int | None:

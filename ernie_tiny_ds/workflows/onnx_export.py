@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -122,7 +123,10 @@ def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     out_name = "logits" if wrapper.has_head else "last_hidden_state"
     axes[out_name] = {0: "batch"} if wrapper.has_head else {0: "batch", 1: "sequence"}
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    # an exclusive temp file (mkstemp): a predictable name could be a planted symlink the exporter writes through
+    handle, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(), torch.no_grad():
