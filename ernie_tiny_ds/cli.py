@@ -33,7 +33,10 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .runtime.export import export_checkpoint
+    from pathlib import Path
+
+    from .runtime.export import check_output, export_checkpoint
+    check_output(args.output, "--output", args.overwrite, holds=Path(args.checkpoint))
     out = export_checkpoint(args.checkpoint, args.output)
     print(f"exported student to {out}")
     return 0
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ZeRO checkpoint -> Hugging Face folder")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or the folder holding `latest`")
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even when it is not an earlier export")
     p.set_defaults(func=cmd_export)
 
     # Commands whose module declares its own arguments: add_arguments(parser) and run(args) -> int.

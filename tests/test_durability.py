@@ -3,6 +3,7 @@ partial folders, injected fsync/rename faults), exports and their stage markers,
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -172,3 +173,73 @@ def test_a_fault_while_writing_a_marker_keeps_the_old_marker(tmp_path, monkeypat
         files.atomic_write_text(marker, json.dumps({"steps": 2}))
     assert json.loads(marker.read_text()) == {"steps": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["stage_done.json"]
+
+
+# --------------------------------------------------------------------------- item 5: --output folders
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
+    from distributed import run_cli, tiny_recipe
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    recipe = tiny_recipe(tmp, tokenizer_dir, vocab_size, train={"max_steps": 1, "save_every": 1})
+    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out/general/checkpoints"
+
+
+def export(checkpoint_dir, output, *extra, cwd=None):
+    from distributed import REPO, run_cli
+
+    return run_cli(["export", "--checkpoint", str(checkpoint_dir), "--output", str(output), *extra], cwd=cwd or REPO)
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    return line
+
+
+@pytest.mark.slow
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(one_checkpoint, tmp_path):
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    line = one_error_line(export(one_checkpoint, mine))
+    assert re.search(r"error: --output .*my_notes exists and is a folder that is not an earlier export .*"
+                     r"pass --overwrite", line)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    # an earlier export is replaced without asking; --overwrite replaces anything else
+    assert export(one_checkpoint, tmp_path / "student").returncode == 0
+    assert export(one_checkpoint, tmp_path / "student").returncode == 0
+    assert export(one_checkpoint, mine, "--overwrite").returncode == 0
+    assert (mine / "config.json").is_file() and not (mine / "thesis.tex").exists()
+
+
+@pytest.mark.slow
+def test_export_output_dot_is_one_line_even_with_overwrite(one_checkpoint, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        line = one_error_line(export(one_checkpoint, ".", *extra, cwd=tmp_path))
+        assert line == "error: --output .: refusing to replace the current folder; name a new folder for the export"
+    line = one_error_line(export(one_checkpoint, one_checkpoint.parent, "--overwrite"))
+    assert "refusing to replace a folder that holds" in line
+    assert (tmp_path / "keep.txt").is_file() and (one_checkpoint / "latest").is_file()
+
+
+def test_finetune_teacher_refuses_an_output_that_is_not_a_finetuned_teacher(tmp_path, tokenizer_dir, vocab_size):
+    import yaml
+    from distributed import run_cli, tiny_teacher
+
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "table.csv").write_text("1,2")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "data": {"tokenizer": tokenizer_dir},
+                                      "teacher": {"config": tiny_teacher(vocab_size, layers=2)},
+                                      "task": {"name": "sentiment", "max_seq_len": 32}}))
+    line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", str(mine)]))
+    assert re.search(r"error: --output .*results exists and is a folder that is not an earlier export", line)
+    line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", "."], cwd=tmp_path))
+    assert "refusing to replace the current folder" in line
+    assert (mine / "table.csv").read_text() == "1,2"

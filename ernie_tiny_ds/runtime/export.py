@@ -28,6 +28,39 @@ def _checkpoint_folder(path: Path) -> Path:
     return path
 
 
+def is_export(folder: Path, marker: str | None = None) -> bool:
+    """Whether `folder` looks like a model folder this tool wrote (what --output may replace unasked)."""
+    if marker is not None and (folder / marker).is_file():
+        return True
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def check_output(output: str | os.PathLike, flag: str, overwrite: bool, holds: Path | None = None) -> Path:
+    """Refuse an --output folder whose replacement would lose something: one that is not an earlier
+    export (unless --overwrite), and never the current folder, one above it, the home folder, or
+    the folder holding `holds` (the checkpoint being exported)."""
+    path = Path(output)
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    guarded = {cwd: "the current folder", Path.home().resolve(): "your home folder",
+               Path(resolved.anchor): "the filesystem root"}
+    guarded.update({parent: "a folder above the current one" for parent in cwd.parents if parent not in guarded})
+    if resolved in guarded:
+        raise UserError(f"{flag} {output}: refusing to replace {guarded[resolved]}; name a new folder for the export")
+    if holds is not None and (resolved == holds.resolve() or resolved in holds.resolve().parents):
+        raise UserError(f"{flag} {output}: refusing to replace a folder that holds {holds}; name a new folder")
+    if not path.exists() and not path.is_symlink():
+        return path
+    if overwrite:
+        return path
+    if path.is_dir() and not any(path.iterdir()):
+        return path  # an empty folder loses nothing
+    if path.is_dir() and is_export(path):
+        return path
+    what = "a file" if not path.is_dir() else "a folder that is not an earlier export (no config.json + *.safetensors)"
+    raise UserError(f"{flag} {output} exists and is {what}; pass --overwrite to replace it, or name a new folder")
+
+
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils import zero_to_fp32
 
@@ -87,6 +120,9 @@ def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        problem = export_problem(tmp)  # test-load before it replaces anything (and before any marker names it)
+        if problem is not None:
+            raise RuntimeError(f"the export written for {output} does not load: {problem}")
         return replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +141,15 @@ def load_exported(folder: str | os.PathLike):
     auto = transformers.AutoModelForSequenceClassification if architecture.endswith("ForSequenceClassification") \
         else transformers.AutoModel
     return auto.from_pretrained(folder).eval()
+
+
+def export_problem(folder: str | os.PathLike) -> str | None:
+    """None when the model folder loads, else why not (a truncated model.safetensors, a missing config)."""
+    try:
+        load_exported(folder)
+    except Exception as exc:  # whatever transformers/safetensors raise for a damaged folder
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return None
 
 
 def export_max_abs_diff(folder: str | os.PathLike, batch: dict, expected: torch.Tensor) -> float:
