@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from distributed import REPO, env, tiny_recipe, write_corpus
+
 from ernie_tiny_ds.config import DataConfig
 from ernie_tiny_ds.data import corpus
 from ernie_tiny_ds.data.corpus import StreamingCorpusLoader, describe_worker_failure

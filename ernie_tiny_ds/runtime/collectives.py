@@ -11,6 +11,7 @@ build the NCCL situation (a "cuda:gloo" default group) and exercise exactly the 
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -18,6 +19,11 @@ import torch.distributed as dist
 
 _CPU_CAPABLE = ("gloo", "mpi", "ucc")  # backends that take CPU tensors when named without a device
 _control: dict[int, Any] = {}          # id(default group) -> its control group (None: the default one)
+_patient: dict[int, Any] = {}          # id(default group) -> its gloo group for waits on rank 0's work
+# Rank-0-only work (an export, a dev evaluation, the report) can outlast train.dist_timeout_s; the
+# ranks that wait for it use a group without a practical timeout. A rank 0 that dies still ends the
+# wait at once: its gloo connections close, and the peer watch sees its process end.
+PATIENT_TIMEOUT = timedelta(days=30)
 
 
 def _serves_cpu(config: str) -> bool:
@@ -38,7 +44,18 @@ def control_group():
     if key not in _control:
         _control.clear()  # a new default group (tests create several in one process)
         _control[key] = None if _serves_cpu(dist.get_backend_config()) else dist.new_group(backend="gloo")
+        _patient.clear()
+        _patient[key] = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return _control[key]
+
+
+def wait_for_rank0() -> None:
+    """Every rank calls it where rank 0 did work of its own (an export, a dev evaluation, the report):
+    a barrier that waits as long as that work takes, not train.dist_timeout_s."""
+    if not _active():
+        return
+    control_group()  # made at start-up; here only when a test built the default group itself
+    dist.barrier(group=_patient[id(dist.group.WORLD)])
 
 
 def _active() -> bool:

@@ -15,10 +15,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch.distributed as dist
-
 from ..config import STAGES, Recipe, load_recipe
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
+from ..runtime import recipe_changes, stop
+from ..runtime.collectives import wait_for_rank0
 from ..stages import STAGE_SPECS
 from ..runtime.loop import DONE_FILE, run_stage
 from ..distill.objective import PROJECTIONS_FILE
@@ -40,6 +40,40 @@ def parse_stage(value: str) -> int:
 def stage_done(out: Path, stage: str) -> dict | None:
     path = out / stage / DONE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_finished_stage(recipe: Recipe, stage: str, done: dict, out: Path) -> None:
+    """A finished stage is skipped only when its recipe is the one it finished with (up to keys that
+    change how a run works, not what it learns); otherwise one line names every changed key."""
+    saved = done.get("recipe")
+    if saved is None:  # a marker written before recipes were kept
+        return
+    recipe_changes.check(saved, recipe_changes.fingerprint(recipe, stage), recipe_changes.SAFE_ON_SKIP,
+                         f"pipeline: the recipe of {stage} changed since it finished",
+                         f"rm -r {out / stage} (and the later stages' folders) to retrain it with this recipe, "
+                         "or use a new output_dir")
+
+
+def ensure_export(out: Path, stage: str, done: dict, rank: int) -> None:
+    """Rank 0 test-loads a finished stage's export (the next stage starts from it); one that does not
+    load (a truncated model.safetensors) is rebuilt from the stage's final checkpoint. Collective."""
+    from ..runtime.checkpoint import tag_for
+    from ..runtime.export import export_checkpoint, export_problem
+
+    student = out / stage / "student"
+    if rank == 0:
+        problem = export_problem(student) if student.is_dir() else "the folder is missing"
+        if problem is not None:
+            final = out / stage / "checkpoints" / tag_for(int(done["steps"]))
+            source = final if final.is_dir() else final.parent
+            print(f"warning: pipeline: the export of {stage} in {student} does not load ({problem}); "
+                  f"rebuilding it from {source}", flush=True)
+            try:
+                export_checkpoint(source, student)
+            except UserError as exc:
+                raise UserError(f"pipeline: the export of {stage} in {student} does not load ({problem}) and "
+                                f"cannot be rebuilt ({exc}); rm -r {out / stage} to retrain the stage") from None
+    wait_for_rank0()
 
 
 def with_paths(recipe: Recipe, student_path: str | None, finetuned: str | None) -> Recipe:
@@ -77,8 +111,10 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
 
     if first > last:
         raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
+    stop.install()  # from here on a SIGUSR1 is kept until a stage, or the check between stages, consumes it
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     out = Path(recipe.output_dir)
+    stop_request = stop.StopRequest(out)
     stages = list(STAGES[max(first, 1) - 1:last])
     finetuned, stopped = ensure_finetuned_teacher(recipe, out, stages, allowed=first == 0)
     if stopped:
@@ -86,20 +122,27 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
             print("pipeline: stopped during finetune; run the same command to resume", flush=True)
         return False
     student = initial_student(recipe, out, max(first, 1))
-    results = []
+    results, projections = [], None  # projections: the previous stage's, carried into the next
     for stage in stages:
+        staged = with_paths(recipe, student, finetuned)
+        if results:  # the previous stage's projections, or none (never the recipe's, meant for the first)
+            staged.student.projections = projections
         done = stage_done(out, stage)
         if done is not None:
+            check_finished_stage(staged, stage, done, out)
+            ensure_export(out, stage, done, rank)
             if rank == 0:
                 print(f"pipeline: {stage} already done ({done['steps']} steps, final loss "
                       f"{done['final_loss']:.6g}); skipping", flush=True)
         else:
+            if stop_request.requested():  # e.g. SIGUSR1 while the previous stage exported
+                if rank == 0:
+                    stop_request.clear()
+                    print(f"pipeline: stop requested before {stage}; run the same command to resume", flush=True)
+                return False
             if rank == 0:
                 print(f"pipeline: {STAGE_SPECS[stage].title} ({stage}) starting from "
                       f"{student or 'a fresh student'}", flush=True)
-            staged = with_paths(recipe, student, finetuned)
-            if results:  # the previous stage's projections, or none (never the recipe's, meant for the first)
-                staged.student.projections = projections
             result = run_stage(staged, stage)
             if not result.complete:
                 if rank == 0:
@@ -115,8 +158,7 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
     if last == 4 and rank == 0:
         from .report import build_report
         build_report(with_paths(recipe, student, finetuned), out)
-    if world > 1:
-        dist.barrier()
+    wait_for_rank0()  # the report can outlast train.dist_timeout_s: the other ranks wait without it
     if rank == 0:
         from ..files import atomic_write_text
         atomic_write_text(out / PIPELINE_DONE, json.dumps({"range": [first, last], "stages": results, "student": student}))
