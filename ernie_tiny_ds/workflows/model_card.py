@@ -38,6 +38,10 @@ def _shape(config: dict) -> str:
             f"vocabulary {config.get('vocab_size')}")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -81,8 +85,8 @@ def render_card(report: dict, recipe, folder: Path, stage: str = "task_specific"
     if not final:
         lines += [f"An intermediate student: the encoder after {STAGE_SPECS[stage].title}, without a task head. "
                   "The released model is the task_specific stage's student; its figures are below.", ""]
-    lines += [f"A {s['params'] / 1e6:.1f}M-parameter student ({_shape(config)}) distilled from "
-              f"**{teacher_source}** ({t['params'] / 1e6:.1f}M parameters"
+    lines += [f"A {_count(s['params'])}-parameter student ({_shape(config)}) distilled from "
+              f"**{teacher_source}** ({_count(t['params'])} parameters"
               + (f"; {_shape(_teacher_config(report))}" if _teacher_config(report) else "") + ") with the "
               "four-stage progressive distillation of ERNIE-Tiny (Su et al., 2021) by ernie-tiny-ds.", ""]
     main = report["main_metric"]
