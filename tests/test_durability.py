@@ -99,7 +99,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes_needed(tmp_path
 
     class FullDisk(FakeEngine):
         def save_checkpoint(self, root, tag, client_state, save_latest):
-            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
             (Path(root) / tag / "part.pt").write_bytes(b"x" * 10)
             raise OSError(errno.ENOSPC, "No space left on device")
 
