@@ -50,8 +50,9 @@ class _WandbRun:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             # WANDB_DIR wins when set; else the run's files stay beside the stage's outputs
+            # no reinit option (its values changed across wandb versions): every run is finished before the next
             self.run = wandb.init(project=project, name=name, group=group, config=config,
-                                  dir=None if os.environ.get("WANDB_DIR") else str(folder), reinit="create_new")
+                                  dir=None if os.environ.get("WANDB_DIR") else str(folder))
         except Exception as exc:  # wandb raises its own UsageError/CommError: no API key, no network
             raise UserError(f"train.report_to: wandb could not start a run: {' '.join(str(exc).split())} "
                             "(log in with `wandb login`, or set WANDB_MODE=offline)") from None
