@@ -243,3 +243,22 @@ def test_finetune_teacher_refuses_an_output_that_is_not_a_finetuned_teacher(tmp_
     line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", "."], cwd=tmp_path))
     assert "refusing to replace the current folder" in line
     assert (mine / "table.csv").read_text() == "1,2"
+
+
+def test_a_fault_while_trimming_metrics_on_resume_keeps_every_row(tmp_path, monkeypatch):
+    from ernie_tiny_ds.runtime.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+    path.write_text(rows)
+
+    def failing(*_args):
+        raise OSError(errno.EIO, "injected replace failure")
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):  # old code truncated the file in place, then wrote
+        MetricsLogger._truncate(path, start_step=2)
+    monkeypatch.undo()
+    assert path.read_text() == rows
+    MetricsLogger._truncate(path, start_step=2).close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]

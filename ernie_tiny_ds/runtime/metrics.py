@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 # row fields that are not loss terms (the report plots the others as losses)
 RATE_FIELDS = ("step", "lr", "tokens_per_s", "step_time_s", "elapsed_s", "tflops", "mfu", "skipped_nonfinite")
 
@@ -60,7 +62,8 @@ class MetricsLogger:
                         kept.append(line)
                 except ValueError:
                     continue
-        path.write_text("".join(k + "\n" for k in kept))
+        # replaced durably: a crash here must not cost the rows of the steps before the resumed one
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
         return open(path, "a", encoding="utf-8")
 
     def step(self, step: int, values: dict[str, float], tokens: int, flops: float | None = None) -> None:
