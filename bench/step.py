@@ -17,9 +17,10 @@ each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; o
 runs again in its own subprocess and reports its peak resident set during the steps (VmHWM, reset
 just before) above the resident set before them.
 MFU counts the teacher forward and the student forward + backward matrix products (the trainer's
-count, runtime/flops.py) against the measured dense matmul rate of this device. --max-seq also searches, on GPU, the longest sequence
-each side fits at batch 8 within the memory the baseline needs at --seq-len. --phases adds, per
-side, the median time of each phase of a step and the profiler's time in matrix products.
+count, runtime/flops.py) against the measured dense matmul rate of this device. --max-seq also
+searches, on GPU, the longest sequence each side fits at batch 8 within the memory the baseline
+needs at --seq-len. --phases adds, per side, the median time of each phase of a step and the
+profiler's time in matrix products.
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def random_batches(n: int, batch: int, seq_len: int, device, seed: int) -> list[
 class Ours:
     def __init__(self, args, max_positions: int):
         from ernie_tiny_ds.runtime.engine import init_distributed
-        from ernie_tiny_ds.stages import STAGE_SPECS
         from ernie_tiny_ds.runtime.loop import build_parts
+        from ernie_tiny_ds.stages import STAGE_SPECS
 
         self.recipe = recipe_for(args, max_positions)
         init_distributed(600)

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from distributed import read_metrics, run_cli, tiny_recipe
+
 from ernie_tiny_ds.runtime import checkpointer as checkpointer_module
 from ernie_tiny_ds.runtime.checkpointer import Checkpointer
 from ernie_tiny_ds.runtime.step import StepParts, train_step

@@ -122,18 +122,18 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
                      overwrite: bool = False) -> Path | None:
     """Collective: every rank calls it; returns the finetuned teacher folder, or None when a stop
     request ended the run at a checkpoint (the same call resumes it)."""
-    # imported here, not at the top: the training stack (transformers, deepspeed) is heavy and the CLI's parsing imports this module
-    from ..distill.objective import ClassifierObjective
-    from ..runtime import checkpoint
-    from ..runtime import rank_registry
-    from ..runtime.checkpointer import Checkpointer
-    from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
+    # imported here, not at the top: the training stack (transformers, deepspeed) is heavy, and the
+    # CLI's parsing imports this module
     from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
-    from ..runtime.stop import StopRequest
+    from ..distill.objective import ClassifierObjective
+    from ..runtime import checkpoint, rank_registry
+    from ..runtime.checkpointer import Checkpointer
     from ..runtime.collectives import wait_for_rank0
+    from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
     from ..runtime.export import check_output
     from ..runtime.loop import batch_to_device, global_mean
     from ..runtime.step import StepParts, train_step
+    from ..runtime.stop import StopRequest
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)
