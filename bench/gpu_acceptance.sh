@@ -82,9 +82,10 @@ END=$((T0 + BUDGET_S))
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-if [ "$DRY" = 1 ] && [ -z "${TORCH_EXTENSIONS_DIR:-}" ] && [ -d "$REPO/.venv" ]; then
-  # CPU: DeepSpeed JIT-builds its shm all-reduce op at start-up; reuse the venv's cache (launcher/setup_env.sh's)
-  export TORCH_EXTENSIONS_DIR="$REPO/.venv/torch_extensions"
+if [ "$DRY" = 1 ]; then
+  # CPU: DeepSpeed JIT-builds its shm all-reduce op at start-up: a cache kept from one dry run to the next,
+  # of its own (a cache shared with other jobs makes this one wait on their builds' lock)
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/gpu_acceptance_torch_extensions}"
 else
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}"
 fi
@@ -345,7 +346,7 @@ part4() {
   if [ "$DRY" = 1 ]; then
     show "${kern[@]}"; show "${step[@]}" --seq-len 128; show "${step[@]}" --seq-len 512
     # no GPU here: check that the scripts take these flags, then smoke-run both on CPU at toy sizes
-    local f rc1 rc2
+    local f
     { "$PY" bench/kernels.py --help; echo "---- CPU smoke run"
       timeout -k 10 "$(left "$d")" "$PY" bench/kernels.py --device cpu --lengths 64 --batch 1 --repeats 1; echo "exit $?"
     } > "$RES/4a_bench_kernels.log" 2>&1
@@ -425,8 +426,8 @@ if [ "$DRY" = 1 ]; then
   P2_STEPS=6 P2_STOP=3 P5_STEPS=3 P5_EPOCHS=0.02
   P5_STUDENT=(student.num_hidden_layers=2 student.hidden_size=32 student.num_attention_heads=4
               student.intermediate_size=64 data.max_seq_len=32 task.max_seq_len=32)
-  CAP_A=(240 240 240 480)    # parts 1, 2, 3, 5
-  CAP_B=300
+  CAP_A=($((BUDGET_S / 6)) $((BUDGET_S / 6)) $((BUDGET_S / 6)) $((BUDGET_S / 3)))   # parts 1, 2, 3, 5
+  CAP_B=$((BUDGET_S / 5))                                                            # part 4
 else
   # a 6L-384 teacher (MiniLM's shape), the default ERNIE-Tiny student 4L-312, L=128
   T_LAYERS=6 T_HIDDEN=384 T_HEADS=12 S_LAYERS=4 S_HIDDEN=312 S_HEADS=12 S_FFN=1200 SEQ=128 BATCH=32
