@@ -178,3 +178,18 @@ def test_preprocess_full_packing_keeps_every_sentence_once(wordpiece, wordpiece_
     by_document = preprocess(DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32), wordpiece,
                              wordpiece_dir, tmp_path / "doc", workers=2, progress=False)
     assert mixed and len(sequences) < 0.9 * by_document["sequences"]  # documents share sequences
+
+
+def test_padding_share_is_logged_as_a_rate_not_a_loss(tmp_path, capsys):
+    import json
+
+    from ernie_tiny_ds.runtime.metrics import RATE_FIELDS, MetricsLogger
+
+    batch = collate([[1] * 5, [1] * 17], max_seq_len=64, pad_id=0)  # 22 of 48 positions are content
+    share = round(1 - int(batch["attention_mask"].sum()) / batch["attention_mask"].numel(), 4)
+    logger = MetricsLogger(tmp_path, 0, 1, 0, "General Distillation", progress_bar=False, log_every=1)
+    logger.step(1, {"loss": 1.0, "padding": share}, tokens=22)
+    logger.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "padding" in RATE_FIELDS and row["padding"] == pytest.approx(26 / 48, abs=1e-4)
+    assert "54.2% padding" in capsys.readouterr().out

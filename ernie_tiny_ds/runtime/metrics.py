@@ -7,6 +7,7 @@ Every row (and every printed line) carries the step, the loss terms, lr and the 
                  exactly one step's device work.
   elapsed_s      wall time since this run's loop started
   tflops, mfu    this rank's matrix-product FLOP/s (runtime/flops.py) and its share of the device's peak
+  padding        share of padded positions in this rank's micro-batches of the step, when the loop gives it
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 from ..files import atomic_write_text
 
 # row fields that are not loss terms (the report plots the others as losses)
-RATE_FIELDS = ("step", "lr", "tokens_per_s", "step_time_s", "elapsed_s", "tflops", "mfu", "skipped_nonfinite")
+RATE_FIELDS = ("step", "lr", "tokens_per_s", "step_time_s", "elapsed_s", "tflops", "mfu", "skipped_nonfinite",
+               "padding")
 
 
 # train.report_to: runtime/trackers.activate puts the recipe's trackers here; rank 0's logger opens
@@ -93,6 +95,8 @@ class MetricsLogger:
             self._bar.update(1)
             shown = {k: f"{v:.4g}" for k, v in record.items() if k not in RATE_FIELDS}
             shown["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+            if "padding" in record:
+                shown["pad"] = f"{record['padding']:.0%}"
             if "mfu" in record:
                 shown["MFU"] = f"{record['mfu']:.1%}"
             self._bar.set_postfix(shown, refresh=False)
@@ -105,6 +109,7 @@ class MetricsLogger:
         parts += [f"{k} {v:.4g}" for k, v in record.items() if k not in RATE_FIELDS]
         parts += [f"lr {record['lr']:.3g}"] if "lr" in record else []
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        parts += [f"{record['padding']:.1%} padding"] if "padding" in record else []
         parts.append(f"{record['step_time_s']:.3f} s/step")
         if "tflops" in record:
             parts.append(f"{record['tflops']:.3g} TFLOP/s")
