@@ -128,18 +128,11 @@ def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_open(tmp_path
     assert wandb.run is None  # the W&B run opened first was finished
 
 
-def test_distill_on_two_ranks_logs_once(tmp_path, tokenizer_dir, vocab_size):
+def test_distill_on_two_ranks_logs_once(tmp_path, tokenizer_dir, vocab_size, offline_trackers):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 3, "save_every": 3})
-    env = local_only(tmp_path)
-    (tmp_path / "wandb").mkdir()
-    import os
-    os.environ.update(env)  # run_ranks passes os.environ on
-    try:
-        run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.report_to=[wandb,mlflow]",
-                   "train.tracker_project=two-ranks"], timeout=400)
-    finally:
-        for key in env:
-            os.environ.pop(key, None)
+    env = offline_trackers  # in os.environ, which run_ranks passes on
+    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.report_to=[wandb,mlflow]",
+               "train.tracker_project=two-ranks"], timeout=600)
     runs = wandb_runs(tmp_path / "wandb")
     assert [r["name"] for r in runs] == ["two-ranks/general"]
     assert [h["loss"] for h in runs[0]["history"]] == [r["loss"] for r in read_metrics(tmp_path / "out" / "general" /
