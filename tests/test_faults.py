@@ -121,6 +121,9 @@ BAD_INPUTS = {
     "bad layer map": (lambda v: v.update(losses={"layer_map": [1, 9]}), r"losses.layer_map: .*outside the teacher's layers 1..4"),
     "contradictory teacher": (lambda v: v["teacher"].update(path="/tmp"), r"teacher.*not both"),
     "relation heads": (lambda v: v.update(losses={"relation_heads": 5}), r"losses.relation_heads \(5\) must divide"),
+    "nan float": (lambda v: v["optim"].update(lr=float("nan")), r"optim.lr must be a finite number, got nan"),
+    "pickle-loading override": (lambda v: v.update(deepspeed={"overrides": {"checkpoint": {"load_universal": True}}}),
+                                r"deepspeed.overrides.checkpoint.load_universal: refused"),
 }
 
 
