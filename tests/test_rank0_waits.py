@@ -16,10 +16,10 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_does_not_end_the_jo
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "out"),
-        "teacher": {"config": tiny_teacher(vocab_size, layers=2)},
+        # a teacher and a dev split big enough that rank 0 scores it for well over dist_timeout_s
+        "teacher": {"config": tiny_teacher(vocab_size, layers=4, hidden=128)},
         "data": {"tokenizer": tokenizer_dir},
-        # a dev split big enough that rank 0 scores it for longer than dist_timeout_s
-        "task": keyword_task(tmp_path / "task", n_train=64, n_dev=3000),
+        "task": keyword_task(tmp_path / "task", n_train=64, n_dev=4000),
         "finetune": {"epochs": 1, "micro_batch_size": 16},
         "train": {"dist_timeout_s": 5, "save_every": 1000},
     }))
