@@ -272,3 +272,23 @@ def test_a_truncated_teacher_on_the_command_line_is_one_line(tmp_path, tokenizer
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "teacher.path: cannot load the weights" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_cased_tokenizer_with_an_uncased_teacher_stops_the_command(tmp_path, tokenizer_dir, vocab_size):
+    import shutil
+    teacher = _saved_bert(tmp_path / "teacher", vocab_size)
+    shutil.copytree(tokenizer_dir, teacher, dirs_exist_ok=True)  # the teacher ships its (uncased) tokenizer
+    cased = _tokenizer_variant(tokenizer_dir, tmp_path / "cased", lambda spec: spec["normalizer"].update(lowercase=False))
+    settings = json.loads((tmp_path / "cased/tokenizer_config.json").read_text())
+    (tmp_path / "cased/tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
+    values = yaml.safe_load(recipe.read_text())
+    values["teacher"] = {"path": str(teacher)}
+    values["data"]["tokenizer"] = cased
+    recipe.write_text(yaml.safe_dump(values))
+    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "keeps the case of its input but the teacher's" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "out/general/checkpoints").exists()
