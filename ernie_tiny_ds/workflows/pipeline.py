@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 from ..config import STAGES, Recipe, load_recipe
+from ..distill.objective import PROJECTIONS_FILE
 from ..errors import ConfigError, UserError
 from ..runtime import recipe_changes, stop
 from ..runtime.collectives import wait_for_rank0
-from ..stages import STAGE_SPECS
 from ..runtime.loop import DONE_FILE, run_stage
-from ..distill.objective import PROJECTIONS_FILE
+from ..stages import STAGE_SPECS
 
 FINETUNE = "finetune"
 PIPELINE_DONE = "pipeline_done.json"
@@ -161,7 +161,8 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
     wait_for_rank0()  # the report can outlast train.dist_timeout_s: the other ranks wait without it
     if rank == 0:
         from ..files import atomic_write_text
-        atomic_write_text(out / PIPELINE_DONE, json.dumps({"range": [first, last], "stages": results, "student": student}))
+        atomic_write_text(out / PIPELINE_DONE,
+                          json.dumps({"range": [first, last], "stages": results, "student": student}))
         print(f"pipeline: done ({', '.join(results) or 'nothing to run'}); student in {student}", flush=True)
     return True
 
