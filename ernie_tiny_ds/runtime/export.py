@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import safe_load
-from .checkpoint import LATEST, verify
 from ..errors import UserError
 from ..files import replace_dir, temp_dir_beside, write_atomic
+from . import safe_load
+from .checkpoint import LATEST, verify
 
 STUDENT_PREFIX = "student."
 STUDENT_DIR = "student_hf"  # inside each checkpoint: config + tokenizer of the student
