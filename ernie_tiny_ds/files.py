@@ -74,6 +74,24 @@ def temp_dir_beside(path: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
 
 
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Remove the temporary files and folders an earlier, interrupted write of `path` left beside it
+    (a crash, a full disk): nothing trusts them and they only fill the disk. Call it before a new
+    write of `path` starts; a symlink is unlinked, never followed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if stale.is_symlink() or not stale.is_dir():
+            stale.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a finished folder into place durably: its files synced, the old folder (if any) set
     aside and removed only after the new one is in place, the parent synced."""

@@ -283,3 +283,25 @@ def test_every_checkpoint_damaged_stops_every_rank_with_one_line(tmp_path, token
                      proc.stderr), proc.stderr[-3000:]
     assert "left the job" not in out
     assert not (tmp_path / "out/general/stage_done.json").exists()
+
+
+def test_an_interrupted_export_leaves_nothing_the_next_one_keeps(tmp_path):
+    """A full disk during an export leaves its temporary folder; the next export removes it."""
+    import transformers
+
+    from ernie_tiny_ds.runtime.export import export_problem, save_model_folder
+
+    output = tmp_path / "student"
+    stale = tmp_path / ".student.abc123.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    planted = tmp_path / ".student.link.tmp"
+    planted.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "precious").write_text("x")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    save_model_folder(transformers.BertModel(config), None, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "student"]
+    assert (tmp_path / "elsewhere" / "precious").is_file()  # a planted link is removed, not followed
+    assert export_problem(output) is None

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, UserError
-from ..files import atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree
+from ..files import atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree, remove_stale_temps
 from . import recipe_changes, safe_load
 from .collectives import all_gather_objects, broadcast_object
 
@@ -147,6 +147,7 @@ def remove_stale_partials(root: Path) -> None:
     """Remove `<tag>.partial` folders: saves that never finished; nothing trusts them, they only fill the disk."""
     if not root.is_dir():
         return
+    remove_stale_temps(root / LATEST)  # a `latest` whose write never finished
     for path in root.iterdir():
         if path.name.startswith("step_") and path.name.endswith(PARTIAL):
             if path.is_symlink():  # never ours: a save would write through it wherever it points

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from ..errors import UserError
-from ..files import replace_dir, temp_dir_beside, write_atomic
+from ..files import remove_stale_temps, replace_dir, temp_dir_beside, write_atomic
 from . import safe_load
 from .checkpoint import LATEST, verify
 
@@ -113,6 +113,7 @@ def save_projections(full: dict[str, torch.Tensor], path: Path) -> Path:
 
 def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer=None) -> Path:
     """Write model (safetensors) + tokenizer to `output` durably: a temp folder, synced, renamed at the end."""
+    remove_stale_temps(output)  # what an interrupted export (a full disk) left beside it
     tmp = temp_dir_beside(output)
     try:
         model.save_pretrained(tmp, safe_serialization=True)

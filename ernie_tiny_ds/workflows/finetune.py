@@ -28,7 +28,7 @@ import torch
 from ..config import Recipe, load_recipe
 from ..data.tasks import TaskData, build_task_loader, load_task
 from ..errors import ConfigError, UserError
-from ..files import atomic_write_text, replace_dir, temp_dir_beside
+from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
@@ -105,6 +105,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
 
     model = transformers.AutoModelForSequenceClassification.from_config(model_config, dtype=torch.float32)
     model.load_state_dict(state, strict=True)
+    remove_stale_temps(output)  # what an interrupted write (a full disk) left beside it
     tmp = temp_dir_beside(output)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
