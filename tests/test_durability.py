@@ -305,3 +305,24 @@ def test_an_interrupted_export_leaves_nothing_the_next_one_keeps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "student"]
     assert (tmp_path / "elsewhere" / "precious").is_file()  # a planted link is removed, not followed
     assert export_problem(output) is None
+
+
+def test_a_full_disk_during_an_export_is_one_line(tmp_path, monkeypatch):
+    import transformers
+
+    from ernie_tiny_ds.runtime.export import save_model_folder
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    model = transformers.BertModel(config)
+    needed = sum(p.numel() * 4 for p in model.parameters())
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(UserError) as info:
+        save_model_folder(model, None, tmp_path / "student")
+    assert str(info.value).startswith(f"no space left on the disk holding {tmp_path} (")
+    assert f"the weights of student need about {needed:,} bytes" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
