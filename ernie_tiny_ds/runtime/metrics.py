@@ -29,7 +29,8 @@ TRACKERS: list = []
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, title: str,
-                 progress_bar: bool = True, log_every: int = 10, peak_flops: float | None = None):
+                 progress_bar: bool = True, log_every: int = 10, peak_flops: float | None = None,
+                 tracked: bool = True):
         self.active = rank == 0
         self.log_every = log_every
         self.title, self.total_steps = title, total_steps
@@ -41,7 +42,8 @@ class MetricsLogger:
         if not self.active:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._runs = [trackers.open(title, out_dir, start_step) for trackers in TRACKERS]
+        # tracked=False: a log with no stage of its own (teacher finetuning's, beside its checkpoints)
+        self._runs = [trackers.open(title, out_dir, start_step) for trackers in TRACKERS] if tracked else []
         self._start = self._last_time = time.perf_counter()  # a tracker's start-up is no step's time
         # a resumed run appends; lines past the checkpoint were never part of the resumed run
         self._lines = self._truncate(out_dir / "metrics.jsonl", start_step)

@@ -134,7 +134,9 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from ..runtime.collectives import wait_for_rank0
     from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
     from ..runtime.export import check_output
+    from ..runtime.flops import finetune_step_flops, peak_flops
     from ..runtime.loop import batch_to_device, global_mean
+    from ..runtime.metrics import MetricsLogger
     from ..runtime.step import StepParts, train_step
     from ..runtime.stop import StopRequest
 
@@ -169,7 +171,10 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     start = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, ft.seed, what="finetuning")
 
     dev, batches, loss = device(), iter(loader), float("nan")
-    log_every = max(1, total // 10)
+    # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
+    peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None
+    logger = MetricsLogger(ckpt_root, rank, total, start, "finetune", progress_bar=False,
+                           log_every=max(1, total // 10), peak_flops=peak, tracked=False)
     # no save at the last step: the finished output replaces the checkpoints
     checkpointer = Checkpointer(engine, ckpt_root, loader, every=recipe.train.save_every, last_step=total,
                                 keep=recipe.train.keep_checkpoints, stop_request=StopRequest(recipe.output_dir),
@@ -181,10 +186,11 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
         result = train_step(parts, batch)  # grad_accum is 1: every step is an optimizer step
         if not result.finite:
             raise UserError(f"finetune: non-finite loss at step {step}; lower finetune.lr or check the task data")
-        loss = global_mean({"loss": result.total}, world)["loss"]
-        if rank == 0 and (step % log_every == 0 or step == total):
-            print(f"finetune step {step}/{total} loss {loss:.4f}", flush=True)
+        loss = global_mean({"loss": result.total}, world)["loss"]  # read on the host: the step's time is complete
+        logger.step(step, {"loss": loss, "lr": result.lr}, tokens=result.tokens * world,
+                    flops=finetune_step_flops(objective.classifier, *batch["input_ids"].shape))
         if checkpointer.after_step(step):
+            logger.close()
             if rank == 0:
                 checkpointer.stop_request.clear()
                 print(f"finetune: stopped at step {step} of {total} (stop requested: STOP file or SIGUSR1); "
@@ -192,6 +198,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
             engine.destroy()
             return None
 
+    logger.close()
     state = full_state_dict(objective.classifier, zero_stage(ds_config), rank)  # the classifier's own keys
     if rank == 0:
         summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
