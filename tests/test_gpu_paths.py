@@ -58,6 +58,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     from ernie_tiny_ds.runtime import checkpoint
     from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
     from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group
+    from ernie_tiny_ds.runtime import stop as stop_module
     from ernie_tiny_ds.runtime.stop import StopRequest
     from ernie_tiny_ds.runtime.loop import all_ranks_finite, global_mean
 
@@ -74,7 +75,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     results["finite_one_nan"] = all_ranks_finite(torch.tensor(float("nan") if rank == 1 else 0.5), 2)
     stop = StopRequest(Path(out_dir) / f"nowhere{rank}")
     results["stop_none"] = stop.requested()
-    stop._signalled = rank == 1  # SIGUSR1 reached rank 1 only
+    stop_module._signalled = rank == 1  # SIGUSR1 reached rank 1 only (a process-wide flag)
     results["stop_one"] = stop.requested()
     results["broadcast"] = broadcast_object({"from": rank})
     results["gathered"] = all_gather_objects(rank * 10)
