@@ -115,3 +115,26 @@ def test_a_truncated_export_under_a_done_marker_is_rebuilt_by_a_rerun(finished_s
                      r"from .*checkpoints/step_00000002", proc.stdout), proc.stdout[-3000:]
     assert "pipeline: general already done" in proc.stdout
     assert export_problem(weights.parent) is None
+
+
+@pytest.mark.slow
+def test_a_resumed_teacher_finetuning_applies_a_new_lr_and_refuses_a_new_task_length(tmp_path, tokenizer_dir,
+                                                                                    vocab_size):
+    from test_finetune import recipe as finetune_recipe
+
+    path = finetune_recipe(tmp_path, tokenizer_dir, vocab_size)
+    common = ["finetune-teacher", "--config", str(path), "finetune.epochs=1"]
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "STOP").touch()
+    first = run_cli(common)
+    assert "stopped at step 1" in first.stdout, first.stderr[-3000:]
+    # the distillation stages' settings are no part of finetuning: changing them refuses nothing
+    refused = run_cli(common + ["task.max_seq_len=16", "losses.hidden_weight=0.5", "train.max_steps=3"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert re.search(r"error: the recipe of finetuning changed since .*step_00000001 was written: "
+                     r"task.max_seq_len \(32 -> 16\); only .*finetune.lr.*; rm -r .*teacher_finetuned.checkpoints ",
+                     refused.stderr), refused.stderr[-3000:]
+    resumed = run_cli(common + ["finetune.lr=0.001", "losses.hidden_weight=0.5"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"warning: finetuning: finetune.lr changed from 0.003 to 0.001 .*applied", resumed.stdout)
+    assert "resumed finetuning from" in resumed.stdout

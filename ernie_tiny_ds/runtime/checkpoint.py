@@ -284,7 +284,12 @@ def agreed_tag(choice):
     return broadcast_object(choice, src=0)
 
 
-def _choose(root: Path, recipe: dict | None, what: str) -> dict:
+def run_folder(root: Path) -> Path:
+    """What to remove to start over: OUT/<stage> for a stage's checkpoints, else the checkpoint folder."""
+    return root.parent if root.name == "checkpoints" else root
+
+
+def _choose(root: Path, recipe: dict | None, what: str, safe: frozenset) -> dict:
     """Rank 0: the checkpoint to resume from, or the one-line error every rank raises, and the recipe
     keys that changed since that checkpoint was written."""
     remove_stale_partials(root)  # a crash or a full disk during the last save
@@ -296,9 +301,10 @@ def _choose(root: Path, recipe: dict | None, what: str) -> dict:
     if tag is not None and recipe is not None and (root / tag / RECIPE).is_file():
         saved = json.loads((root / tag / RECIPE).read_text())
         try:
-            changes = recipe_changes.check(saved, recipe, recipe_changes.SAFE_ON_RESUME,
+            changes = recipe_changes.check(saved, recipe, safe,
                                            f"the recipe of {what} changed since {root / tag} was written",
-                                           f"rm -r {root.parent} to start {what} over, or use a new output_dir")
+                                           f"rm -r {run_folder(root)} to start {what} over, or use a new "
+                                           "output_dir")
         except ConfigError as exc:
             return {"tag": None, "error": str(exc), "config": True}
     return {"tag": tag, "error": None, "changes": changes}
@@ -317,7 +323,9 @@ def apply_lr(engine, lr: float) -> None:
     sched._last_lr = rates
 
 
-def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str, recipe: dict | None = None) -> int:
+def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str, recipe: dict | None = None,
+                   safe: frozenset = recipe_changes.SAFE_ON_RESUME, lr_key: str = "optim.lr",
+                   schedule_keys: tuple = ("optim.lr", "train.max_steps")) -> int:
     """Restore the newest intact checkpoint under `root` (engine, data position, RNG) and return its
     step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0.
     Collective: rank 0 chooses (and alone reads the checksums), every rank loads that one.
@@ -325,7 +333,7 @@ def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str, 
     applied with a warning, others refused; later saves under `root` record it."""
     if recipe is not None:
         _recipes[Path(root).resolve()] = recipe
-    choice = agreed_tag(_choose(root, recipe, what) if rank == 0 else None)
+    choice = agreed_tag(_choose(root, recipe, what, safe) if rank == 0 else None)
     if choice["error"] is not None:
         raise (ConfigError if choice.get("config") else UserError)(choice["error"])
     tag = choice["tag"]
@@ -340,8 +348,8 @@ def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str, 
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     changed = {key for key, _old, _new in choice["changes"]}
-    if changed & {"optim.lr", "train.max_steps"} and recipe is not None:
-        apply_lr(engine, float(recipe_changes.flatten(recipe)["optim.lr"]))
+    if changed & set(schedule_keys) and recipe is not None:  # the schedule follows the new rate and length
+        apply_lr(engine, float(recipe_changes.flatten(recipe)[lr_key]))
     if rank == 0:
         for key, old, new in choice["changes"]:
             print(f"warning: {what}: {key} changed from {old!r} to {new!r} since {root / tag}; "

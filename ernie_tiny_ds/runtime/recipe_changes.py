@@ -31,9 +31,15 @@ _RUN_ONLY = {"train.save_every", "train.log_every", "train.progress_bar", "train
 SAFE_ON_SKIP = frozenset(_RUN_ONLY)
 SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"train.max_steps", "optim.lr"})
 
+# teacher finetuning: its own section sets the rate, length and batch (train.max_steps/micro_batch_size/
+# grad_accum and the optim rate are not read there)
+FINETUNE_SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"finetune.lr", "finetune.epochs"})
+
 HOW_APPLIED = {
     "optim.lr": "applied: the scheduler's base rate is reset to it from this step on",
+    "finetune.lr": "applied: the scheduler's base rate is reset to it from this step on",
     "train.max_steps": "applied: the warm-up/decay schedule now ends at the new step count",
+    "finetune.epochs": "applied: the warm-up/decay schedule now ends at the new step count",
 }
 
 
@@ -49,6 +55,18 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     if spec.data == "general":
         values.pop("task", None)
     return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def finetune_fingerprint(recipe: Recipe) -> dict:
+    """What teacher finetuning learns from: the pretrained teacher, the task, the finetune section and
+    the run settings it reads (not the distillation stages' batch, steps, losses or data)."""
+    values = to_dict(recipe)
+    values["teacher"].pop("finetuned_path", None)
+    train = {k: v for k, v in values["train"].items() if k not in ("max_steps", "micro_batch_size", "grad_accum")}
+    optim = {k: v for k, v in values["optim"].items() if k not in ("lr", "weight_decay", "warmup_ratio")}
+    kept = {"teacher": values["teacher"], "task": values["task"], "finetune": values["finetune"], "train": train,
+            "optim": optim, "deepspeed": values["deepspeed"], "data": {"tokenizer": values["data"]["tokenizer"]}}
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

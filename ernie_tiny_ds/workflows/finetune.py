@@ -129,7 +129,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     # CLI's parsing imports this module
     from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
     from ..distill.objective import ClassifierObjective
-    from ..runtime import checkpoint, rank_registry
+    from ..runtime import checkpoint, rank_registry, recipe_changes
     from ..runtime.checkpointer import Checkpointer
     from ..runtime.collectives import wait_for_rank0
     from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
@@ -168,7 +168,11 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
               f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
               f"ZeRO-{zero_stage(ds_config)}", flush=True)
 
-    start = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, ft.seed, what="finetuning")
+    # a changed finetune.lr or epochs applies on resume (with a warning); other changes are refused
+    start = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, ft.seed, what="finetuning",
+                                      recipe=recipe_changes.finetune_fingerprint(recipe),
+                                      safe=recipe_changes.FINETUNE_SAFE_ON_RESUME, lr_key="finetune.lr",
+                                      schedule_keys=("finetune.lr", "finetune.epochs"))
 
     dev, batches, loss = device(), iter(loader), float("nan")
     # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
