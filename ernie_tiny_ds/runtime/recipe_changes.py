@@ -12,6 +12,9 @@ compares it with the recipe of this run and names every key that changed:
 - everything else (model shapes, losses, data, batch sizes, precision, DeepSpeed config, …) is
   refused with the list of keys: `rm -r OUT/<stage>` retrains the stage, or use a new output_dir.
 
+Teacher finetuning keeps a fingerprint of what it reads (finetune_fingerprint): finetune.lr and
+finetune.epochs are safe on its resume, the distillation stages' settings are no part of it.
+
 Not part of the fingerprint: output_dir (a run folder may move), the stages/command_line
 bookkeeping (already merged into the sections), the finetune section (it shapes the teacher,
 whose path is compared), the finetuned teacher of a stage that does not use it, and the task of
