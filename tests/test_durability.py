@@ -326,3 +326,14 @@ def test_a_full_disk_during_an_export_is_one_line(tmp_path, monkeypatch):
     assert str(info.value).startswith(f"no space left on the disk holding {tmp_path} (")
     assert f"the weights of student need about {needed:,} bytes" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+def test_stale_partial_folders_and_temporaries_are_removed_at_resume(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 1)
+    (root / "step_00000002.partial").mkdir()
+    (root / "step_00000002.partial" / "half.pt").write_bytes(b"x" * 100)
+    (root / ".latest.abc.tmp").write_text("step_00000002")  # a `latest` whose rename never came
+    choice = checkpoint._choose(root, None, "general", checkpoint.recipe_changes.SAFE_ON_RESUME)
+    assert choice["tag"] == "step_00000001"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
