@@ -153,6 +153,9 @@ def test_metrics_rows_and_log_lines_carry_losses_lr_rates_and_mfu(tmp_path, toke
         # tokens/s = this step's real tokens (at most 4 x 32) over its time; mfu against train.peak_tflops
         assert row["tokens_per_s"] * row["step_time_s"] <= 4 * 32 * 1.01
         assert row["mfu"] == pytest.approx(row["tflops"] / 0.5, rel=1e-2, abs=1e-5)
+        # the padded share: positions of the step's batch that are not tokens
+        assert 0 <= row["padding"] < 1
+    assert any(row["padding"] > 0 for row in rows)  # documents of many lengths: some batch pads
     assert [row["elapsed_s"] for row in rows] == sorted(row["elapsed_s"] for row in rows)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("General Distillation step ")]
     assert [line.split()[3] for line in lines] == ["2/4", "4/4"], proc.stdout[-3000:]

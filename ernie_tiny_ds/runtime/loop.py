@@ -170,7 +170,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every,
                            peak_flops=peak)
     batches = iter(loader)
-    nonfinite = skipped = tokens = 0
+    nonfinite = skipped = tokens = positions = 0
     flops = 0.0
     last, batch = {"loss": float("nan")}, None
     while step < r.train.max_steps:
@@ -186,6 +186,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
             continue
         nonfinite = 0
         tokens += result.tokens
+        positions += batch["attention_mask"].numel()
         flops += distill_step_flops(parts, *batch["input_ids"].shape)
         if not result.boundary:
             continue
@@ -194,9 +195,10 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
         last = {**global_mean({"loss": result.total, **result.terms}, world), "lr": result.lr}
         if skipped:
             last["skipped_nonfinite"] = skipped
+        last["padding"] = round(1 - tokens / max(positions, 1), 4)  # this rank's padded share of the step
         # tokens of all ranks (theirs taken as this rank's), flops of this rank: its device's MFU
         logger.step(step, last, tokens=tokens * world, flops=flops)
-        tokens, flops = 0, 0.0
+        tokens, positions, flops = 0, 0, 0.0
         if after_step is not None:
             after_step(step)  # stage 4 with train.eval_every: score, export the best (runtime/selection.py)
         if checkpointer.after_step(step):
