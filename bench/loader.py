@@ -112,6 +112,7 @@ def started(loader):
 def child_rss(corpus: Path) -> None:
     """Child mode: stream one whole epoch as rank 0 of 64, print JSON with ru_maxrss."""
     import resource
+
     from ernie_tiny_ds.config import DataConfig
     from ernie_tiny_ds.data.corpus import build_general_loader
     loader = build_general_loader(DataConfig(corpus=str(corpus), max_seq_len=SEQ), tokenizer(), BATCH, 0, 64, 0)

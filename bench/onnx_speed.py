@@ -59,8 +59,8 @@ def main() -> None:
                          "onnxruntime": __import__("onnxruntime").__version__, "date": str(date.today())}
     print(json.dumps(timing, indent=2))
     p, o = timing["pytorch"], timing["onnxruntime"]
-    print(f"| teacher PyTorch / ORT (ms, b1) | student PyTorch / ORT (ms, b1) | teacher PyTorch / ORT (seq/s, b32) | "
-          f"student PyTorch / ORT (seq/s, b32) | speed-up PyTorch / ORT |")
+    print("| teacher PyTorch / ORT (ms, b1) | student PyTorch / ORT (ms, b1) | teacher PyTorch / ORT (seq/s, b32) | "
+          "student PyTorch / ORT (seq/s, b32) | speed-up PyTorch / ORT |")
     print(f"| {p['teacher']['latency_ms_batch1']:.2f} / {o['teacher']['latency_ms_batch1']:.2f} | "
           f"{p['student']['latency_ms_batch1']:.2f} / {o['student']['latency_ms_batch1']:.2f} | "
           f"{p['teacher']['throughput_batch32']:.1f} / {o['teacher']['throughput_batch32']:.1f} | "

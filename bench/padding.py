@@ -32,13 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from teacher_precision import default_teacher, documents  # noqa: E402
+
 from ernie_tiny_ds.config import DataConfig, LossConfig, StudentConfig  # noqa: E402
 from ernie_tiny_ds.data.corpus import build_general_loader  # noqa: E402
 from ernie_tiny_ds.data.packing import collate  # noqa: E402
 from ernie_tiny_ds.distill.models import FeatureCapture, build_student  # noqa: E402
 from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput  # noqa: E402
 from ernie_tiny_ds.losses import layer_map  # noqa: E402
-from teacher_precision import default_teacher, documents  # noqa: E402
 
 MODES = ("before", "document", "full")
 

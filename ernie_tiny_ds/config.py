@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .stages import STAGES  # the stage names, defined once beside what each stage is
 from .errors import ConfigError
+from .stages import STAGES  # the stage names, defined once beside what each stage is
 
 
 @dataclass

@@ -5,8 +5,8 @@ gradient, with and without query chunks, on every padding pattern. Fresh random 
 """
 import pytest
 import torch
-
 from attention_reference import assert_matches_reference, qk, random_mask, ref_attention_fp64, rel
+
 from ernie_tiny_ds import losses
 from ernie_tiny_ds.kernels import dispatch
 from ernie_tiny_ds.kernels.attention_transfer_torch import attention_transfer_torch

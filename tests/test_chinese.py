@@ -7,8 +7,8 @@ import random
 import pytest
 import transformers
 import yaml
-
 from distributed import run_cli, run_ranks
+
 from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.data.packing import TokenEncoder, pack_pieces, sentence_final_ids
 from ernie_tiny_ds.data.tokenizer import load_tokenizer

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 import transformers
-
 from distributed import run_cli
+
 from ernie_tiny_ds.config import TaskConfig
 from ernie_tiny_ds.data.tasks import load_split, load_task
 from ernie_tiny_ds.errors import ConfigError, DataError

@@ -3,9 +3,8 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModel
-
 from distributed import read_metrics, run_ranks, tiny_recipe
+from transformers import AutoModel
 
 pytestmark = pytest.mark.slow
 

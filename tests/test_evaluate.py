@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from distributed import run_cli
+
 from ernie_tiny_ds.config import TaskConfig
 from ernie_tiny_ds.errors import ConfigError, UserError
 from ernie_tiny_ds.workflows.evaluate import compute_metrics, evaluate_model

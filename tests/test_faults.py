@@ -8,7 +8,6 @@ import time
 
 import pytest
 import yaml
-
 from distributed import REPO, deepspeed_cmd, env, read_metrics, run_cli, run_ranks, tiny_recipe
 
 pytestmark = pytest.mark.slow

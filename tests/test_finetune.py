@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 import yaml
+from distributed import WORDS, run_cli, run_ranks, tiny_teacher
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distributed import WORDS, run_cli, run_ranks, tiny_teacher
 from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.data.tasks import load_task
 from ernie_tiny_ds.errors import ConfigError

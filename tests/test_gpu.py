@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed import REPO, env, read_metrics, tiny_recipe
 
 CUDA = torch.cuda.is_available()

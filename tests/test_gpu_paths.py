@@ -47,7 +47,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from distributed import REPO, env, read_metrics, run_ranks, tiny_recipe
 
 
@@ -56,11 +55,11 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     import json
 
     from ernie_tiny_ds.runtime import checkpoint
-    from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
-    from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group
     from ernie_tiny_ds.runtime import stop as stop_module
-    from ernie_tiny_ds.runtime.stop import StopRequest
+    from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group
     from ernie_tiny_ds.runtime.loop import all_ranks_finite, global_mean
+    from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
+    from ernie_tiny_ds.runtime.stop import StopRequest
 
     dist.init_process_group("cuda:gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     results = {}
@@ -120,8 +119,8 @@ def _fake_cuda(monkeypatch, count: int) -> None:
 
 @pytest.mark.parametrize("local_rank,count,expected", [(0, 8, 0), (5, 8, 5), (1, 1, 0), (3, 2, 1)])
 def test_local_rank_picks_the_cuda_device(monkeypatch, local_rank, count, expected):
-    from ernie_tiny_ds.runtime import engine
     from ernie_tiny_ds.errors import ConfigError
+    from ernie_tiny_ds.runtime import engine
 
     _fake_cuda(monkeypatch, count)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
@@ -138,8 +137,8 @@ def test_local_rank_picks_the_cuda_device(monkeypatch, local_rank, count, expect
 
 
 def test_nccl_without_cuda_is_one_clear_error(monkeypatch):
-    from ernie_tiny_ds.runtime import engine
     from ernie_tiny_ds.errors import ConfigError
+    from ernie_tiny_ds.runtime import engine
 
     _fake_cuda(monkeypatch, 0)
     with pytest.raises(ConfigError, match="'nccl' needs CUDA"):
@@ -213,8 +212,9 @@ def _batch(n: int = 3, length: int = 16) -> dict:
 
 
 def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
-    from ernie_tiny_ds.runtime import engine, loop as train
     from ernie_tiny_ds.config import load_recipe
+    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import loop as train
 
     recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", "teacher.dtype=bf16"])
     moved = {}

@@ -6,11 +6,10 @@ import re
 
 import pytest
 import yaml
+from distributed import run_cli, tiny_recipe
 
 from ernie_tiny_ds.config import TaskConfig, load_recipe
 from ernie_tiny_ds.errors import ConfigError, DataError, UserError
-
-from distributed import run_cli, tiny_recipe
 
 
 def _recipe(tmp_path, tokenizer_dir, vocab_size, **sections):
@@ -115,6 +114,7 @@ def _tokenizer_variant(src, dst, change):
 
 def _teacher_folder(tmp_path, tokenizer_dir, vocab_size):
     import shutil
+
     from transformers import BertConfig
     folder = tmp_path / "teacher"
     shutil.copytree(tokenizer_dir, folder)
@@ -125,6 +125,7 @@ def _teacher_folder(tmp_path, tokenizer_dir, vocab_size):
 
 def test_tokenizer_must_share_the_teachers_vocabulary_and_casing(tmp_path, tokenizer_dir, vocab_size):
     from transformers import AutoConfig
+
     from ernie_tiny_ds.data.tokenizer import check_vocab_matches, load_tokenizer
     teacher = AutoConfig.from_pretrained(_teacher_folder(tmp_path, tokenizer_dir, vocab_size))
     check_vocab_matches(load_tokenizer(tokenizer_dir), teacher, tokenizer_dir)  # the same vocabulary: fine
@@ -165,6 +166,7 @@ def _compress(kind: str, data: bytes) -> bytes:
 
 def _read_all(path):
     from types import SimpleNamespace
+
     from ernie_tiny_ds.data.sources import ReadStats, check_files, read_records
     cfg = SimpleNamespace(format="auto", text_field="text", document_separator="line", on_binary_file="error")
     stats = ReadStats()

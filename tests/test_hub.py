@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import transformers
-
 from distributed import run_cli, tiny_recipe, tiny_teacher
+
 from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.data.hub import looks_like_hub_id, resolve
 from ernie_tiny_ds.data.tokenizer import load_tokenizer, recipe_tokenizer_path

@@ -18,11 +18,22 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from ernie_tiny_ds import losses  # noqa: E402
-from ernie_tiny_ds import kernels  # noqa: E402
+from attention_reference import (  # noqa: E402
+    DEVICE,
+    assert_matches_reference,
+    qk,
+    random_mask,
+    ref_attention_fp64,
+    ref_soft_label_fp64,
+    rel,
+)
+
+from ernie_tiny_ds import (
+    kernels,  # noqa: E402
+    losses,  # noqa: E402
+)
 from ernie_tiny_ds.kernels import dispatch  # noqa: E402
 from ernie_tiny_ds.kernels.attention_transfer_triton import attention_transfer_triton  # noqa: E402
-from attention_reference import DEVICE, assert_matches_reference, qk, random_mask, ref_attention_fp64, ref_soft_label_fp64, rel  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from distributed import REPO, env, free_port, read_metrics, run_cli, tiny_recipe
 
 HOSTILE = "we ird $HOME `touch pwned`; 'q\" %j"

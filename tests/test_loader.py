@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus_fixtures import (
+    batch_sequences,
+    decoded_counts,
+    document,
+    load,
+    sentence_counts,
+    train_sentencepiece,
+    write_id_corpus,
+)
 
-from corpus_fixtures import (batch_sequences, decoded_counts, document, load, sentence_counts, train_sentencepiece,
-                             write_id_corpus)
 from ernie_tiny_ds.config import DataConfig
 from ernie_tiny_ds.data import sources
 from ernie_tiny_ds.data.corpus import build_general_loader

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 import yaml
-
 from distributed import run_cli
+
 from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.errors import UserError
 from ernie_tiny_ds.runtime.export import save_model_folder

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from ernie_tiny_ds.errors import UserError
 from ernie_tiny_ds.distill.models import FeatureCapture, inline_config
+from ernie_tiny_ds.errors import UserError
 
 SMALL = dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=64, type_vocab_size=2)

@@ -11,6 +11,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from distributed import run_cli  # noqa: E402
+
 from ernie_tiny_ds.runtime.export import save_model_folder  # noqa: E402
 from ernie_tiny_ds.workflows.onnx_export import OrtModel, check_against_pytorch, export_onnx  # noqa: E402
 

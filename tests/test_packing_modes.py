@@ -11,8 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from corpus_fixtures import batch_sequences, sentence_counts, write_id_corpus
+from test_loader import epochs, roundtrip, take
+
 from ernie_tiny_ds.config import DataConfig
 from ernie_tiny_ds.data.corpus import build_general_loader
 from ernie_tiny_ds.data.packing import FullPacker, TokenEncoder, batch_from, collate
@@ -20,7 +21,6 @@ from ernie_tiny_ds.data.sharding import Consumer
 from ernie_tiny_ds.data.sources import ReadStats, corpus_sources
 from ernie_tiny_ds.data.stream import GROUP_BATCHES, SequenceStream, grouped_order
 from ernie_tiny_ds.errors import DataError
-from test_loader import epochs, roundtrip, take
 
 _DOC_ID = re.compile(r"\bdoc(\d+)\b")
 
@@ -164,8 +164,9 @@ def test_state_from_another_packing_or_batch_size_is_refused(wordpiece, tmp_path
 
 
 def test_preprocess_full_packing_keeps_every_sentence_once(wordpiece, wordpiece_dir, tmp_path):
-    from ernie_tiny_ds.data.preprocess import preprocess
     from test_preprocess import _all_sequences
+
+    from ernie_tiny_ds.data.preprocess import preprocess
 
     docs = write_id_corpus(tmp_path / "corpus", documents=50, files=1, seed=2)
     meta = preprocess(DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32, packing="full"), wordpiece,

@@ -10,8 +10,8 @@ import time
 import pytest
 import transformers
 import yaml
-
 from distributed import REPO, deepspeed_cmd, env, read_metrics, run_ranks, tiny_recipe
+
 from ernie_tiny_ds.distill.models import weights_fingerprint
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from corpus_fixtures import batch_sequences, decoded_counts, load, sentence_counts, write_id_corpus
+
 from ernie_tiny_ds.config import DataConfig
 from ernie_tiny_ds.data import indexed
 from ernie_tiny_ds.data.corpus import build_general_loader

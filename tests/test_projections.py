@@ -5,12 +5,16 @@ import json
 import pytest
 import torch
 import transformers
+from distributed import run_cli, tiny_recipe, tiny_teacher
 from safetensors.torch import load_file
 
-from distributed import run_cli, tiny_recipe, tiny_teacher
 from ernie_tiny_ds.config import LossConfig
-from ernie_tiny_ds.distill.objective import (PROJECTIONS_FILE, DistillationObjective, projection_state,
-                                             projections_fingerprint)
+from ernie_tiny_ds.distill.objective import (
+    PROJECTIONS_FILE,
+    DistillationObjective,
+    projection_state,
+    projections_fingerprint,
+)
 from ernie_tiny_ds.runtime.export import consolidated_state_dict
 
 

@@ -6,10 +6,9 @@ import shutil
 
 import pytest
 import torch
+from distributed import run_cli, tiny_recipe
 
 from ernie_tiny_ds.errors import ConfigError, UserError
-
-from distributed import run_cli, tiny_recipe
 
 
 class _RunsCode:
@@ -116,6 +115,7 @@ def _fake_pdsh(tmp_path):
     line deepspeed's runner hands pdsh (exports and cd) in bash, as a remote shell would."""
     import shlex
     import sys
+
     from test_launch import executable
     bin_dir = tmp_path / "bin"
     executable(bin_dir / "ssh", "#!/bin/sh\nexit 0\n")
@@ -174,6 +174,7 @@ def test_check_ssh_safe_covers_every_part_of_the_remote_line(tmp_path, monkeypat
 
 def test_the_runner_exports_no_prefix_we_do_not_check():
     from deepspeed.launcher.runner import EXPORT_ENVS
+
     from ernie_tiny_ds.launch.runner import RUNNER_EXPORTED_PREFIXES
     assert set(EXPORT_ENVS) <= set(RUNNER_EXPORTED_PREFIXES)
 
@@ -201,6 +202,7 @@ def _victim(tmp_path):
 
 def test_preprocess_never_writes_through_a_planted_temp_name(tmp_path, tokenizer_dir):
     from distributed import write_corpus
+
     from ernie_tiny_ds.config import DataConfig
     from ernie_tiny_ds.data.preprocess import preprocess
     from ernie_tiny_ds.data.tokenizer import load_tokenizer
@@ -238,6 +240,7 @@ def test_a_checkpoint_save_never_writes_through_a_planted_partial_folder(tmp_pat
 
 def test_onnx_export_never_writes_through_a_planted_temp_name(tmp_path, monkeypatch):
     from transformers import BertConfig, BertModel
+
     from ernie_tiny_ds.workflows import onnx_export
     victim = _victim(tmp_path) / "precious.txt"
     out = tmp_path / "model.onnx"

@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 import transformers
-
 from distributed import run_ranks, tiny_recipe, tiny_teacher
+
 from ernie_tiny_ds.config import TaskConfig, load_recipe
 from ernie_tiny_ds.data.benchmarks import compute_metrics
 from ernie_tiny_ds.data.tasks import iter_dev_batches, load_task

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import REPO, read_metrics, tiny_recipe
 from slurm_cluster import FINAL_STATES, SlurmUnavailable, start_cluster, stop_cluster
 

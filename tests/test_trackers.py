@@ -11,6 +11,7 @@ pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
 from distributed import read_metrics, run_ranks, tiny_recipe  # noqa: E402
+
 from ernie_tiny_ds.config import load_recipe  # noqa: E402
 from ernie_tiny_ds.errors import UserError  # noqa: E402
 from ernie_tiny_ds.runtime import metrics  # noqa: E402

@@ -59,8 +59,12 @@ def resolve(value: str | None, key: str, revision: str | None = None, what: str 
 def _fetch(repo_id: str, key: str, revision: str | None, what: str) -> Path:
     # imported here: only recipes that name a Hub ID pay for the client's import
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cache = hub_cache_dir()
     at = f"@{revision}" if revision else ""

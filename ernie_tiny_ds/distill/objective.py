@@ -25,8 +25,7 @@ from torch import nn
 from .. import losses as losses_ref  # the torch reference (L means sequence length here)
 from ..config import LossConfig
 from ..kernels import dispatch
-from .models import Features, FeatureCapture
-
+from .models import FeatureCapture, Features
 
 PROJECTIONS = ("hidden_proj", "embedding_proj")
 PROJECTIONS_FILE = "projections.safetensors"  # beside a stage's student/ folder

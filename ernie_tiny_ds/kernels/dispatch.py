@@ -41,8 +41,9 @@ def interpreter_active() -> bool:
     kernel modules were first imported (triton decides interpreted vs compiled at decoration)."""
     if os.environ.get("TRITON_INTERPRET", "0").lower() not in _TRUE:
         return False
-    from .soft_label_triton import _soft_label_fwd
     from triton.runtime.interpreter import InterpretedFunction
+
+    from .soft_label_triton import _soft_label_fwd
     return isinstance(_soft_label_fwd, InterpretedFunction)
 
 

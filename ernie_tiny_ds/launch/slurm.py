@@ -12,8 +12,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
 from ..assets.shipped import shipped
+from ..errors import UserError
 
 DEFAULT_TEMPLATE = shipped("launcher/slurm/job.sbatch")
 LOG_NAME = "slurm-%j.out"

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .runner import parse_subcommand, strip_separator
-from .slurm import (DEFAULT_TEMPLATE, LOG_NAME, SlurmJob, partition_has_gpus, render, sbatch_command, submit,
-                    validate)
+from .slurm import DEFAULT_TEMPLATE, LOG_NAME, SlurmJob, partition_has_gpus, render, sbatch_command, submit, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import safe_load
+from ..assets.shipped import shipped
 from ..config import Recipe
 from ..errors import ConfigError
-from ..assets.shipped import shipped
+from . import safe_load
 
 DS_CONFIG_DIR = shipped("ds_configs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

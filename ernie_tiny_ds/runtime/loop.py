@@ -9,26 +9,31 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from . import rank_registry
 from ..config import Recipe
-from ..files import atomic_torch_save, atomic_write_text
-from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
-from ..errors import ConfigError, UserError
-from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
-from ..losses import layer_map
-from .metrics import MetricsLogger
-from .checkpointer import Checkpointer
-from .selection import best_checkpoint_hook
-from .flops import distill_step_flops, peak_flops
-from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)
-from ..distill.models import encoder_up_to, FeatureCapture, build_student, count_parameters, load_teacher, weights_fingerprint
-from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, start_projections
-from ..stages import STAGE_SPECS
-from . import recipe_changes
-from .collectives import all_reduce_values, wait_for_rank0
-from .stop import StopRequest
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+from ..distill.models import (
+    FeatureCapture,
+    build_student,
+    count_parameters,
+    encoder_up_to,
+    load_teacher,
+    weights_fingerprint,
+)
+from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, start_projections
+from ..errors import ConfigError, UserError
+from ..files import atomic_torch_save, atomic_write_text
+from ..losses import layer_map
+from ..stages import STAGE_SPECS
+from . import checkpoint, rank_registry, recipe_changes
+from .checkpointer import Checkpointer
+from .collectives import all_reduce_values, wait_for_rank0
+from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
+from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
+from .flops import distill_step_flops, peak_flops
+from .metrics import MetricsLogger
+from .selection import best_checkpoint_hook
+from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)
+from .stop import StopRequest
 
 DONE_FILE = "stage_done.json"
 

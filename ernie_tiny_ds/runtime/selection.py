@@ -98,7 +98,6 @@ class BestCheckpoint:
     def export(self, step: int, score: float) -> None:
         """Write the live student to student_best/ (rank 0; collective under ZeRO-3: parameters gathered)."""
         import deepspeed
-        import transformers
 
         student = self.parts.student
         gather = deepspeed.zero.GatheredParameters(list(student.parameters())) if self.zero == 3 \

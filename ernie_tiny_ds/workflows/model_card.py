@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 
 from ..data.hub import looks_like_hub_id
-from ..stages import STAGE_SPECS
 from ..errors import UserError
 from ..files import atomic_write_text
+from ..stages import STAGE_SPECS
 
 CARD = "README.md"
 

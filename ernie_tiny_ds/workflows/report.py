@@ -6,11 +6,11 @@ import json
 import platform
 from pathlib import Path
 
-from ..files import atomic_write_text, write_atomic
 from ..config import STAGES, Recipe
-from ..stages import STAGE_SPECS
+from ..files import atomic_write_text, write_atomic
 from ..runtime.loop import DONE_FILE
 from ..runtime.metrics import RATE_FIELDS
+from ..stages import STAGE_SPECS
 
 
 def read_curve(stage_dir: Path) -> list[dict]:
@@ -65,10 +65,9 @@ def build_report(recipe: Recipe, out: Path) -> dict:
 
     task = load_task(recipe.task)
     seq_len = recipe.task.max_seq_len
+    from ..data.hub import resolve as resolve_hub
     from .evaluate import evaluate_model
     from .speed import compare_inference
-
-    from ..data.hub import resolve as resolve_hub
     finetuned = resolve_hub(recipe.teacher.finetuned_path, "teacher.finetuned_path", recipe.teacher.finetuned_revision)
     models = {"teacher": finetuned, "student": recipe.student.path}
     speed = compare_inference(models["teacher"], models["student"], seq_len=seq_len)  # same threads, one process
