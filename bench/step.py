@@ -143,7 +143,8 @@ class Baseline:
         mask = batch["attention_mask"]
         token = mask.unsqueeze(-1).float()
         denom = token.sum() * t.hidden_states[0].shape[-1]
-        loss = (((self.embedding_proj(s.hidden_states[0].float()) - t.hidden_states[0].float()) ** 2) * token).sum() / denom
+        loss = (((self.embedding_proj(s.hidden_states[0].float()) - t.hidden_states[0].float()) ** 2)
+                * token).sum() / denom
         key_valid = mask[:, None, None, :].bool()
         rows = mask.sum() * s.attentions[0].shape[1]
         for i, g in enumerate(self.mapping, start=1):

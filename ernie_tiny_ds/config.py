@@ -317,7 +317,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(key + '.' if key else '') + close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    hint = (f"; did you mean '{(key + '.' if key else '') + close[0]}'?" if close
+            else f"; valid keys: {', '.join(valid)}")
     return ConfigError(f"unknown key '{(key + '.' if key else '') + name}'{hint}")
 
 

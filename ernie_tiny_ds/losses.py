@@ -100,7 +100,8 @@ def check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads):
         raise ValueError(
             f"student has {q_s.shape[1]} heads and teacher {q_t.shape[1]}: set relation_heads to transfer attention")
     if attention_mask.shape != (q_s.shape[0], q_s.shape[2]):
-        raise ValueError(f"attention_mask must be [B, L] = {(q_s.shape[0], q_s.shape[2])}, got {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must be [B, L] = {(q_s.shape[0], q_s.shape[2])}, "
+                         f"got {tuple(attention_mask.shape)}")
 
 
 def _attention_chunk_sum(q_s, k_s, q_t, k_t, row_mask, key_mask, kind: str) -> torch.Tensor:
@@ -163,12 +164,14 @@ def attention_denominator(mask: torch.Tensor, heads: int, kind: str) -> torch.Te
 
 
 # --------------------------------------------------------------------------- prediction layer
-def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
     """Batch-mean KL(softmax(teacher / T) || softmax(student / T)) * T^2 over rows [N, C]."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, "
+                         f"teacher {tuple(teacher_logits.shape)}")
     s = _at_least_fp32(student_logits).reshape(-1, student_logits.shape[-1]) / temperature
     t = _at_least_fp32(teacher_logits).reshape(-1, teacher_logits.shape[-1]) / temperature
     logp_s = torch.log_softmax(s, dim=-1)

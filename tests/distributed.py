@@ -83,7 +83,8 @@ def run_ranks(args: list[str], ranks: int = 2, timeout: int = 300, check: bool =
     proc = subprocess.run(deepspeed_cmd(args, ranks), env=env(), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 
 

@@ -100,7 +100,8 @@ def test_headerless_tsv_with_column_indices(tmp_path):
         task = load_task(TaskConfig(train_file=str(folder / "train.tsv"), dev_file=str(folder / "dev.tsv"),
                                     header=False, text_columns=columns, label_column=label))
         assert task.name == "CoLA" and task.main_metric == "mcc" and task.label_names == ["0", "1"]
-        assert [e.label for e in task.train] == [1, 0, 1, 0] and task.train[0].texts == ("Our friends won't buy this analysis.",)
+        assert ([e.label for e in task.train] == [1, 0, 1, 0]
+                and task.train[0].texts == ("Our friends won't buy this analysis.",))
         assert task.train[0].source.endswith("train.tsv:1")  # no header: the first line is an example
     with pytest.raises(ConfigError, match="task.header is false: columns are 0-based indices, got 'sentence'"):
         load_task(TaskConfig(train_file=str(folder / "train.tsv"), header=False, text_columns=["sentence"]))

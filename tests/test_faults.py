@@ -96,7 +96,8 @@ def test_diverging_loss_is_skipped_then_stops_naming_term_and_step(tmp_path, tok
     proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert re.search(r"non-finite loss \((attention|embedding|hidden)[^)]*\) at step \d+: micro-batch skipped", out), out[-3000:]
+    assert re.search(r"non-finite loss \((attention|embedding|hidden)[^)]*\) at step \d+: micro-batch skipped",
+                     out), out[-3000:]
     assert re.search(r"error: 2 consecutive non-finite losses \(term: [a-z_, ]+\) at step \d+ of general", out)
     assert "Traceback" not in out
 
@@ -110,14 +111,20 @@ def _bad_recipe(tmp_path, tokenizer_dir, vocab_size, change):
 
 
 BAD_INPUTS = {
-    "unknown key": (lambda v: v["train"].update(max_step=3), r"unknown key 'train.max_step'; did you mean 'train.max_steps'"),
-    "wrong type": (lambda v: v["train"].update(micro_batch_size="four"), r"train.micro_batch_size: expected an integer"),
+    "unknown key": (lambda v: v["train"].update(max_step=3),
+                    r"unknown key 'train.max_step'; did you mean 'train.max_steps'"),
+    "wrong type": (lambda v: v["train"].update(micro_batch_size="four"),
+                   r"train.micro_batch_size: expected an integer"),
     "negative": (lambda v: v["optim"].update(lr=-1.0), r"optim.lr must be > 0"),
-    "missing teacher": (lambda v: v.update(teacher={"path": "/no/such/teacher"}), r"teacher.path: folder not found: /no/such/teacher"),
-    "vocab mismatch": (lambda v: v["teacher"]["config"].update(vocab_size=100), r"tokenizer .* has \d+ tokens but the teacher's vocabulary has 100"),
-    "heads mismatch": (lambda v: v["student"].update(num_attention_heads=2), r"student.num_attention_heads \(2\) differs .* set losses.relation_heads"),
+    "missing teacher": (lambda v: v.update(teacher={"path": "/no/such/teacher"}),
+                        r"teacher.path: folder not found: /no/such/teacher"),
+    "vocab mismatch": (lambda v: v["teacher"]["config"].update(vocab_size=100),
+                       r"tokenizer .* has \d+ tokens but the teacher's vocabulary has 100"),
+    "heads mismatch": (lambda v: v["student"].update(num_attention_heads=2),
+                       r"student.num_attention_heads \(2\) differs .* set losses.relation_heads"),
     "empty glob": (lambda v: v["data"].update(corpus="/no/such/*.txt"), r"/no/such/\*.txt.* matches no file"),
-    "bad layer map": (lambda v: v.update(losses={"layer_map": [1, 9]}), r"losses.layer_map: .*outside the teacher's layers 1..4"),
+    "bad layer map": (lambda v: v.update(losses={"layer_map": [1, 9]}),
+                      r"losses.layer_map: .*outside the teacher's layers 1..4"),
     "contradictory teacher": (lambda v: v["teacher"].update(path="/tmp"), r"teacher.*not both"),
     "relation heads": (lambda v: v.update(losses={"relation_heads": 5}), r"losses.relation_heads \(5\) must divide"),
     "nan float": (lambda v: v["optim"].update(lr=float("nan")), r"optim.lr must be a finite number, got nan"),
@@ -179,7 +186,8 @@ def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab
     assert any(re.search(message, e) for e in errors), out[-3000:]
     assert all(re.search(message, e) or re.match(r"rank \d \(pid \d+\) left the job", e) for e in errors), out[-3000:]
     assert "Traceback" not in out
-    assert not (tmp_path / "out/general/checkpoints").exists() or not any((tmp_path / "out/general/checkpoints").iterdir())
+    assert (not (tmp_path / "out/general/checkpoints").exists()
+            or not any((tmp_path / "out/general/checkpoints").iterdir()))
 
 
 def test_an_empty_corpus_file_is_skipped_and_the_run_completes(tmp_path, tokenizer_dir, vocab_size):

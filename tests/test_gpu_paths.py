@@ -9,16 +9,18 @@ Audit of every path that differs on CUDA/NCCL, and what covers it:
 2. LOCAL_RANK -> the rank's CUDA device, ranks sharing a GPU (gloo) and NCCL's refusal of that:
    `test_local_rank_picks_the_cuda_device` (torch.cuda faked: the mapping is pure arithmetic).
 3. Dead-rank detection under NCCL: NCCL raises nothing while it waits for a dead peer (its watchdog
-   aborts the process after the timeout, naming no rank). `test_a_rank_stuck_where_nccl_leaves_it_is_ended_with_one_line`
-   kills a peer of a rank that is stuck with no error coming, as under NCCL; the peer watch must end
-   it with the same line as gloo's path. NCCL's own error texts: `test_nccl_error_texts_are_a_lost_peer`.
+   aborts the process after the timeout, naming no rank).
+   `test_a_rank_stuck_where_nccl_leaves_it_is_ended_with_one_line` kills a peer of a rank that is stuck
+   with no error coming, as under NCCL; the peer watch must end it with the same line as gloo's path.
+   NCCL's own error texts: `test_nccl_error_texts_are_a_lost_peer`.
 4. Device placement of batches (labels included), teacher, captured features: the teacher goes
    to `device()` in its dtype and the batch with every key (`test_teacher_and_batch_go_to_the_rank_device`);
    on a real GPU, bench/gpu_acceptance.sh trains every precision (tests/test_gpu.py).
 5. A bf16 teacher with an fp32 or a bf16 student: `test_bf16_teacher_with_fp32_and_bf16_student`
    (CPU computes bf16 natively; the losses run in fp32 whatever the inputs).
-6. Kernel dispatch on CUDA for every dtype a recipe allows: `test_dispatch_picks_triton_for_cuda_tensors_of_each_precision`
-   (the choice reads only device and dtype); the compiled kernels themselves: tests/test_gpu.py.
+6. Kernel dispatch on CUDA for every dtype a recipe allows:
+   `test_dispatch_picks_triton_for_cuda_tensors_of_each_precision` (the choice reads only device and dtype);
+   the compiled kernels themselves: tests/test_gpu.py.
 7. DeepSpeed's bf16 optimizer wrapper with ZeRO 1/2/3: `test_bf16_training_under_each_zero_stage` on 2
    real ranks. fp16: DeepSpeed's CPU accelerator has no fp16 training (its loss scaler and fused
    kernels are CUDA-only), so fp16 runs in tests/test_gpu.py only.

@@ -226,7 +226,8 @@ def test_resuming_with_more_ranks_than_the_checkpoint_is_one_line(tmp_path, toke
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     errors = {line.split("error: ", 1)[1] for line in out.splitlines() if "error: " in line}
-    assert errors and all(re.search(r"step_00000002 was written by 1 rank\(s\); this run has 2", e) for e in errors), out[-3000:]
+    assert errors and all(re.search(r"step_00000002 was written by 1 rank\(s\); this run has 2", e)
+                          for e in errors), out[-3000:]
     assert "Traceback" not in out
 
 
@@ -281,7 +282,8 @@ def test_a_cased_tokenizer_with_an_uncased_teacher_stops_the_command(tmp_path, t
     import shutil
     teacher = _saved_bert(tmp_path / "teacher", vocab_size)
     shutil.copytree(tokenizer_dir, teacher, dirs_exist_ok=True)  # the teacher ships its (uncased) tokenizer
-    cased = _tokenizer_variant(tokenizer_dir, tmp_path / "cased", lambda spec: spec["normalizer"].update(lowercase=False))
+    cased = _tokenizer_variant(tokenizer_dir, tmp_path / "cased",
+                               lambda spec: spec["normalizer"].update(lowercase=False))
     settings = json.loads((tmp_path / "cased/tokenizer_config.json").read_text())
     (tmp_path / "cased/tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)

@@ -113,7 +113,8 @@ def test_hard_label_cross_entropy_and_regression():
     want = float(-torch.log_softmax(logits.double(), -1)[torch.arange(6), labels].mean())
     assert L.hard_label_loss(logits, labels).item() == pytest.approx(want, rel=1e-6)
     pred, gold = torch.randn(6, 1), torch.randn(6)
-    assert L.hard_label_loss(pred, gold).item() == pytest.approx(float(((pred.double()[:, 0] - gold.double()) ** 2).mean()), rel=1e-6)
+    assert L.hard_label_loss(pred, gold).item() == pytest.approx(
+        float(((pred.double()[:, 0] - gold.double()) ** 2).mean()), rel=1e-6)
 
 
 def test_layer_maps():

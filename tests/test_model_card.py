@@ -107,7 +107,10 @@ class HubStub:
     NDJSON commit) on 127.0.0.1; it answers 'regular' upload mode for every file, so files travel
     base64 inside the commit (the LFS/Xet path of large files is not exercised)."""
     def __init__(self, root):
-        self.root = Path(root); self.requests = []; self.repos = {}; self.validated = []
+        self.root = Path(root)
+        self.requests = []
+        self.repos = {}
+        self.validated = []
         hub = self
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a): pass
@@ -117,15 +120,21 @@ class HubStub:
                     while True:
                         size = int(self.rfile.readline().strip(), 16)
                         if size == 0:
-                            self.rfile.readline(); return data
-                        data += self.rfile.read(size); self.rfile.readline()
+                            self.rfile.readline()
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
             def _send(self, code, obj):
                 body = json.dumps(obj).encode()
-                self.send_response(code); self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             def do_POST(self):
-                body = self._body(); parts = self.path.split("?")[0].strip("/").split("/")
+                body = self._body()
+                parts = self.path.split("?")[0].strip("/").split("/")
                 hub.requests.append(("POST", self.path, self.headers.get("authorization")))
                 if parts[:2] == ["api", "validate-yaml"]:
                     import yaml  # the Hub reads the card's front matter; bad YAML is a 400 with errors
@@ -138,24 +147,30 @@ class HubStub:
                         return self._send(400, {"errors": [{"message": str(exc)}]})
                     return self._send(200, {"errors": [], "warnings": []})
                 if parts[:3] == ["api", "repos", "create"]:
-                    req = json.loads(body); rid = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
-                    hub.repos[rid] = req; return self._send(200, {"url": f"{hub.url}/{rid}"})
+                    req = json.loads(body)
+                    rid = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+                    hub.repos[rid] = req
+                    return self._send(200, {"url": f"{hub.url}/{rid}"})
                 if parts[0] == "api" and parts[1] == "models" and parts[4] == "preupload":
                     files = json.loads(body)["files"]
-                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False} for f in files]})
                 if parts[0] == "api" and parts[1] == "models" and parts[4] == "commit":
                     rid = f"{parts[2]}/{parts[3]}"
                     for line in body.decode().splitlines():
                         item = json.loads(line)
                         if item["key"] == "file":
-                            dest = hub.root / rid / item["value"]["path"]; dest.parent.mkdir(parents=True, exist_ok=True)
+                            dest = hub.root / rid / item["value"]["path"]
+                            dest.parent.mkdir(parents=True, exist_ok=True)
                             dest.write_bytes(base64.b64decode(item["value"]["content"]))
                         elif item["key"] == "header":
                             hub.header = item["value"]
-                    return self._send(200, {"commitUrl": f"{hub.url}/{rid}/commit/{'c'*40}", "commitOid": "c" * 40, "pullRequestUrl": None})
+                    return self._send(200, {"commitUrl": f"{hub.url}/{rid}/commit/{'c'*40}", "commitOid": "c" * 40,
+                                            "pullRequestUrl": None})
                 self._send(404, {"error": f"stub: unknown {self.path}"})
             def do_GET(self):
-                hub.requests.append(("GET", self.path, None)); self._send(404, {"error": f"stub: unknown {self.path}"})
+                hub.requests.append(("GET", self.path, None))
+                self._send(404, {"error": f"stub: unknown {self.path}"})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -158,7 +158,8 @@ def test_state_from_another_packing_or_batch_size_is_refused(wordpiece, tmp_path
     write_id_corpus(tmp_path / "corpus", documents=10, files=2)
     state = build_general_loader(config(tmp_path / "corpus"), wordpiece, 2, 0, 1, seed=1).state_dict()
     with pytest.raises(DataError, match="packing=document"):
-        build_general_loader(config(tmp_path / "corpus", packing="full"), wordpiece, 2, 0, 1, seed=1).load_state_dict(state)
+        build_general_loader(config(tmp_path / "corpus", packing="full"), wordpiece, 2, 0, 1,
+                             seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="batch_size=2"):
         build_general_loader(config(tmp_path / "corpus"), wordpiece, 4, 0, 1, seed=1).load_state_dict(state)
 

@@ -49,7 +49,8 @@ def test_resuming_from_a_checkpoint_with_a_pickle_is_one_line_and_runs_nothing(t
         proc = run_cli(["distill", "--config", recipe, "--stage", "general"])
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and re.search(rf"{victim}: refused to load: .*could run code", errors[0]), proc.stderr[-3000:]
+        assert len(errors) == 1 and re.search(rf"{victim}: refused to load: .*could run code",
+                                              errors[0]), proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and not marker.exists()
         shutil.copy(tmp_path / "saved.pt", saved)
 
@@ -69,7 +70,8 @@ REFUSED_OVERRIDES = {
     "deepspeed.overrides.nebula.enabled=true": r"overrides.nebula.enabled: refused",
     "deepspeed.overrides.autotuning.enabled=true": r"overrides.autotuning.enabled: refused",
     "deepspeed.overrides.train_micro_batch_size_per_gpu=64": r"set train.micro_batch_size in the recipe",
-    "deepspeed.overrides.flops_profiler.output_file=/etc/passwd": r"overrides.flops_profiler.output_file: not an override",
+    "deepspeed.overrides.flops_profiler.output_file=/etc/passwd":
+        r"overrides.flops_profiler.output_file: not an override",
     "deepspeed.overrides.optimizer.fused=true": r"overrides.optimizer.fused: not an override",
 }
 
@@ -83,7 +85,8 @@ def test_overrides_outside_the_allow_list_are_refused(tmp_path, tokenizer_dir, v
 def test_allowed_overrides_reach_the_deepspeed_config(tmp_path, tokenizer_dir, vocab_size):
     config = _ds_config(tmp_path, tokenizer_dir, vocab_size, "deepspeed.overrides.zero_optimization.stage=2",
                         "deepspeed.overrides.zero_optimization.reduce_bucket_size=1000",
-                        "deepspeed.overrides.optimizer.params.foreach=true", "deepspeed.overrides.gradient_clipping=0.5",
+                        "deepspeed.overrides.optimizer.params.foreach=true",
+                        "deepspeed.overrides.gradient_clipping=0.5",
                         "deepspeed.overrides.bf16.enabled=false", "deepspeed.overrides.wall_clock_breakdown=true",
                         "deepspeed.overrides.communication_data_type=fp32")
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
@@ -105,7 +108,8 @@ def test_a_pickle_loading_override_is_one_line_on_the_command_line(tmp_path, tok
                     "deepspeed.overrides.checkpoint.load_universal=true"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "deepspeed.overrides.checkpoint.load_universal: refused" in errors[0], proc.stderr[-3000:]
+    assert (len(errors) == 1
+            and "deepspeed.overrides.checkpoint.load_universal: refused" in errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out/general/checkpoints").exists()
 
 

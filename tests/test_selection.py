@@ -20,7 +20,8 @@ def test_selection_split_holds_out_the_same_examples_every_time():
     full = load_task(TaskConfig(name="sentiment"))
     task = load_task(TaskConfig(name="sentiment", selection_split=0.1))
     again = load_task(TaskConfig(name="sentiment", selection_split=0.1))
-    assert len(task.selection) == round(0.1 * len(full.train)) and len(task.train) + len(task.selection) == len(full.train)
+    assert (len(task.selection) == round(0.1 * len(full.train))
+            and len(task.train) + len(task.selection) == len(full.train))
     assert [e.source for e in task.selection] == [e.source for e in again.selection]
     assert not {e.source for e in task.selection} & {e.source for e in task.train}
     assert [e.source for e in task.dev] == [e.source for e in full.dev]  # dev untouched: its score stays honest

@@ -119,7 +119,8 @@ def test_rows_and_report_reach_wandb_and_mlflow_from_rank_0_only(tmp_path, offli
 
 def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_open(tmp_path, offline_trackers, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
-    recipe = load_recipe(None, ["teacher.config={}", f"output_dir={tmp_path / 'out'}", "train.report_to=[wandb,mlflow]"])
+    recipe = load_recipe(None, ["teacher.config={}", f"output_dir={tmp_path / 'out'}",
+                                "train.report_to=[wandb,mlflow]"])
     activate(recipe)
     with pytest.raises(UserError, match=r"train.report_to: mlflow could not start a run at file://.*"
                                         r"MLFLOW_ALLOW_FILE_STORE=true") as err:

@@ -194,7 +194,8 @@ def build_tokenizer(out: Path, vocab_size: int = 4096) -> None:
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
-    files = sorted(str(p) for p in (out / "corpus").glob("*.txt")) + sorted(str(p) for p in (out / "tasks").rglob("*.tsv"))
+    files = (sorted(str(p) for p in (out / "corpus").glob("*.txt"))
+             + sorted(str(p) for p in (out / "tasks").rglob("*.tsv")))
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train(files, vocab_size=vocab_size, min_frequency=1, show_progress=False)
     tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True,

@@ -166,7 +166,8 @@ def collate(sequences: Sequence[Sequence[int]], max_seq_len: int, pad_id: int,
     return batch_from(input_ids, lengths, multiple)
 
 
-def batch_from(input_ids: np.ndarray, lengths: np.ndarray, multiple: int | None = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+def batch_from(input_ids: np.ndarray, lengths: np.ndarray,
+               multiple: int | None = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
     """The model inputs of right-padded [B, L] int64 ids whose rows hold `lengths` tokens, cut to the
     longest row rounded up to `multiple` (the shard reader gathers into a full-width buffer)."""
     width = batch_width(int(lengths.max(initial=1)), input_ids.shape[1], multiple)

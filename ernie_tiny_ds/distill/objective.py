@@ -128,7 +128,8 @@ class DistillationObjective(nn.Module):
         weights = self.weights()
         terms: dict[str, torch.Tensor] = {}
         if "embedding" in weights:
-            terms["embedding"] = losses_ref.hidden_mse_loss(self.embedding_proj(student.hidden[0]), t.hidden[0], attention_mask)
+            terms["embedding"] = losses_ref.hidden_mse_loss(self.embedding_proj(student.hidden[0]), t.hidden[0],
+                                                            attention_mask)
         if "hidden" in weights:
             terms["hidden"] = sum(
                 losses_ref.hidden_mse_loss(self.hidden_proj(student.hidden[i]), t.hidden[g], attention_mask)

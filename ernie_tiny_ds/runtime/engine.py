@@ -124,7 +124,8 @@ def read_ds_config(name_or_path: str) -> dict:
         path = DS_CONFIG_DIR / f"{name_or_path}.json"
     if not path.is_file():
         bundled = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-        raise ConfigError(f"deepspeed.config: {name_or_path!r} is neither a file nor a bundled config ({', '.join(bundled)})")
+        raise ConfigError(f"deepspeed.config: {name_or_path!r} is neither a file nor a bundled config "
+                          f"({', '.join(bundled)})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -156,7 +157,8 @@ ALLOWED_OVERRIDES = (
     "wall_clock_breakdown", "memory_breakdown", "steps_per_print",
 )
 # keys the recipe sets: an override would disagree with the data loader and the schedule
-RECIPE_OWNED = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+RECIPE_OWNED = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                "gradient_accumulation_steps": "train.grad_accum",
                 "train_batch_size": "train.micro_batch_size and train.grad_accum"}
 # never allowed, in a deepspeed.config file either: paths into DeepSpeed code that unpickles or runs jobs
 PICKLE_LOADING = ("checkpoint", "load_universal_checkpoint", "nebula", "checkpoint_engine", "autotuning",

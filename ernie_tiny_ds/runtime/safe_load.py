@@ -54,7 +54,8 @@ def install_on_engine(engine) -> None:
 def weights_only_torch_in(module: types.ModuleType):
     """Within the block, `module`'s calls to torch.load are weights_only (for DeepSpeed's zero_to_fp32)."""
     original = module.torch
-    proxy = types.SimpleNamespace(**{name: getattr(original, name) for name in dir(original) if not name.startswith("__")})
+    proxy = types.SimpleNamespace(**{name: getattr(original, name) for name in dir(original)
+                                     if not name.startswith("__")})
     proxy.load = lambda path, map_location=None, **kw: load(path, map_location=map_location,
                                                             **{k: v for k, v in kw.items() if k == "mmap"})
     module.torch = proxy

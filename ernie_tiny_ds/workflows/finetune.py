@@ -153,7 +153,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
 
     ft = recipe.finetune
-    tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)  # finetuning starts from the pretrained teacher
+    # finetuning starts from the pretrained teacher
+    tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_classifier(recipe, task)
     check_vocab_matches(tokenizer, model.config, tokenizer_dir)

@@ -93,7 +93,8 @@ def render_card(report: dict, recipe, folder: Path, stage: str = "task_specific"
     retained = report.get("retained")
     lines += ["## Results", "",
               f"On the dev split of **{report['task']}** the student keeps "
-              f"**{retained:.1%}** of the teacher's {main} and runs {report['speedup']:.2f}× faster at batch 1." if retained is not None else
+              f"**{retained:.1%}** of the teacher's {main} and runs {report['speedup']:.2f}× faster at batch 1."
+              if retained is not None else
               f"On the dev split of **{report['task']}**:",
               ""]
     names = list(t["metrics"])
@@ -111,7 +112,8 @@ def render_card(report: dict, recipe, folder: Path, stage: str = "task_specific"
     if onnx:
         lines.append(f"| ONNX Runtime (CPU) | {onnx['teacher']['latency_ms_batch1']:.2f} | "
                      f"{onnx['student']['latency_ms_batch1']:.2f} | {onnx['speedup']:.2f}× |")
-    lines += ["", "## Training", "", "| stage | teacher | data | steps | final loss | losses |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Training", "", "| stage | teacher | data | steps | final loss | losses |",
+              "|---|---|---|---|---|---|"]
     for st in report.get("stages", []):
         lines.append(f"| {st['title']} | {'finetuned' if STAGE_SPECS[st['name']].finetuned_teacher else 'pretrained'}"
                      f" | {_data_of(st['name'], recipe)} | {st['steps']} | {_fmt(st['final_loss'])} | "

@@ -184,7 +184,8 @@ def report_section(teacher_dir: str, student_dir: str, out: Path, seq_len: int) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="an exported Hugging Face folder (e.g. OUT/task_specific/student)")
+    parser.add_argument("--model", required=True,
+                        help="an exported Hugging Face folder (e.g. OUT/task_specific/student)")
     parser.add_argument("--output", help=f"the .onnx file (default: MODEL/{ONNX_FILE})")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, 17 or newer (default {OPSET})")
     parser.add_argument("--teacher", help="also time this model folder against MODEL under PyTorch and ONNX Runtime "

@@ -170,10 +170,12 @@ def render_markdown(r: dict) -> str:
     if onnx:
         same = onnx["pytorch_same_run"]
         lines += ["## ONNX Runtime (CPU)", "",
-                  "| model | runtime | latency, batch 1 (ms) | throughput, batch 32 (seq/s) | max abs diff vs PyTorch |",
+                  "| model | runtime | latency, batch 1 (ms) | throughput, batch 32 (seq/s) "
+                  "| max abs diff vs PyTorch |",
                   "|---|---|---|---|---|"]
         for who in ("teacher", "student"):
-            lines += [f"| {who} | PyTorch | {same[who]['latency_ms_batch1']:.2f} | {same[who]['throughput_batch32']:.1f} | |",
+            lines += [f"| {who} | PyTorch | {same[who]['latency_ms_batch1']:.2f} | "
+                      f"{same[who]['throughput_batch32']:.1f} | |",
                       f"| {who} | ONNX Runtime | {onnx[who]['latency_ms_batch1']:.2f} | "
                       f"{onnx[who]['throughput_batch32']:.1f} | {onnx[who]['max_abs_diff']:.2g} |"]
         lines += ["", f"Speed-up under ONNX Runtime {onnx['speedup']:.2f}× (PyTorch in the same run "
