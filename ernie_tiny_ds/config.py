@@ -255,13 +255,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _mismatch(key: str, expected: str, value: Any, typed: bool = True) -> ConfigError:
+    got = f"{type(value).__name__} {value!r}" if typed else repr(value)
+    return ConfigError(f"{key}: expected {expected}, got {got}")
+
+
+def _checked(ok: bool, key: str, expected: str, value: Any, typed: bool = True) -> Any:
+    """`value` when `ok`, else the error naming the key, what it expects and what it got."""
+    if not ok:
+        raise _mismatch(key, expected, value, typed)
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
+        return _build(tp, _checked(isinstance(value, dict), key, "a mapping", value), key)
     if origin in (Union, types.UnionType):
         errors = []
         for option in typing.get_args(tp):
@@ -269,44 +279,37 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise _mismatch(key, _type_name(tp), value)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
         return value
     if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        _checked(isinstance(value, list), key, _type_name(tp), value)
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _checked(isinstance(value, dict), key, "a mapping", value)
         args = typing.get_args(tp)
         if args and dataclasses.is_dataclass(args[1]):
             return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return value
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
+            raise _mismatch(key, "null", value, typed=False)
         return None
     if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
+        return _checked(isinstance(value, bool), key, "true or false", value, typed=False)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
+        return _checked(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        _checked(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
         return float(value)
     if tp is str:
         if not isinstance(value, str):

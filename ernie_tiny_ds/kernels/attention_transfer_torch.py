@@ -19,7 +19,7 @@ import math
 import torch
 
 from .. import losses as _ref
-from .dispatch import check_attention_inputs
+from .checks import check_attention_inputs
 
 
 def _chunk(q_s, k_s, q_t, k_t, keys, row_valid, is_kl: bool, want_loss: bool, want_grad: bool):

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import losses as _ref
-from .dispatch import check_attention_inputs
+from .checks import check_attention_inputs
 from .online_kl_triton import online_kl_finish, online_kl_start, online_kl_update
 
 
@@ -35,6 +35,22 @@ def _load_rows(ptr, offs_l, offs_d, stride_l, stride_d, L, D):
     """A [rows, BLOCK_D] tile; rows past L and columns past D (power-of-2 padding) read 0."""
     return tl.load(ptr + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d,
                    mask=(offs_l[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _head_of_program(H):
+    """Axis 0 of the grid walks (batch, head) pairs: this program's (bh, b, h)."""
+    bh = tl.program_id(0)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
+def _load_pair(S, T, b, h, s_b, s_h, s_l, s_d, t_b, t_h, t_l, t_d, offs, L, D_S, D_T,
+               BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """Rows `offs` of one (batch, head) of the student's and the teacher's tensor (Q or K)."""
+    x_s = _load_rows(S + b * s_b + h * s_h, offs, tl.arange(0, BLOCK_DS), s_l, s_d, L, D_S)
+    x_t = _load_rows(T + b * t_b + h * t_h, offs, tl.arange(0, BLOCK_DT), t_l, t_d, L, D_T)
+    return x_s, x_t
 
 
 @triton.jit
@@ -90,22 +106,18 @@ def _attention_transfer_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     """One program owns a query block of one (batch, head) and streams all key blocks."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _head_of_program(H)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    q_s = _load_rows(QS + b * sqs_b + h * sqs_h, offs_m, offs_ds, sqs_l, sqs_d, L, D_S)
-    q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
+    q_s, q_t = _load_pair(QS, QT, b, h, sqs_b, sqs_h, sqs_l, sqs_d, sqt_b, sqt_h, sqt_l, sqt_d,
+                          offs_m, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
     row_valid = tl.load(MASK + b * L + offs_m, mask=offs_m < L, other=0) != 0
 
     m_s, m_t, l_s, l_t, acc = online_kl_start(BLOCK_M)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = (tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0)[None, :]
-        k_s = _load_rows(KS + b * sks_b + h * sks_h, offs_n, offs_ds, sks_l, sks_d, L, D_S)
-        k_t = _load_rows(KT + b * skt_b + h * skt_h, offs_n, offs_dt, skt_l, skt_d, L, D_T)
+        k_s, k_t = _load_pair(KS, KT, b, h, sks_b, sks_h, sks_l, sks_d, skt_b, skt_h, skt_l, skt_d,
+                              offs_n, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
         s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
         s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
         if IS_KL:
@@ -139,14 +151,11 @@ def _attention_transfer_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     """One program owns a query block: dQ_s = scale_s * sum over key blocks of dS @ K_s."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _head_of_program(H)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    q_s = _load_rows(QS + b * sqs_b + h * sqs_h, offs_m, offs_ds, sqs_l, sqs_d, L, D_S)
-    q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
+    q_s, q_t = _load_pair(QS, QT, b, h, sqs_b, sqs_h, sqs_l, sqs_d, sqt_b, sqt_h, sqt_l, sqt_d,
+                          offs_m, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
     in_range = offs_m < L
     row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
     lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
@@ -156,8 +165,8 @@ def _attention_transfer_bwd_dq(
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0
-        k_s = _load_rows(KS + b * sks_b + h * sks_h, offs_n, offs_ds, sks_l, sks_d, L, D_S)
-        k_t = _load_rows(KT + b * skt_b + h * skt_h, offs_n, offs_dt, skt_l, skt_d, L, D_T)
+        k_s, k_t = _load_pair(KS, KT, b, h, sks_b, sks_h, sks_l, sks_d, skt_b, skt_h, skt_l, skt_d,
+                              offs_n, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
         s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
         s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
         ds = _grad_student_scores(s_s, s_t, lse_s[:, None], lse_t[:, None], d_row[:, None],
@@ -183,14 +192,11 @@ def _attention_transfer_bwd_dk(
     """One program owns a key block: dK_s = scale_s * sum over query blocks of dS^T @ Q_s.
     Tiles are key-major ([keys, queries], scores as K Q^T), so dS^T needs no transpose: a
     transposed operand made the fp32 (FMA) dot spill to local memory on sm_90."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _head_of_program(H)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    k_s = _load_rows(KS + b * sks_b + h * sks_h, offs_n, offs_ds, sks_l, sks_d, L, D_S)
-    k_t = _load_rows(KT + b * skt_b + h * skt_h, offs_n, offs_dt, skt_l, skt_d, L, D_T)
+    k_s, k_t = _load_pair(KS, KT, b, h, sks_b, sks_h, sks_l, sks_d, skt_b, skt_h, skt_l, skt_d,
+                          offs_n, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
     key_in_range = offs_n < L
     key_valid = tl.load(MASK + b * L + offs_n, mask=key_in_range, other=0) != 0
 
@@ -201,8 +207,8 @@ def _attention_transfer_bwd_dk(
         row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
         lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
         d_row = tl.load(D_ROWS + bh * L + offs_m, mask=in_range, other=0.0)
-        q_s = _load_rows(QS + b * sqs_b + h * sqs_h, offs_m, offs_ds, sqs_l, sqs_d, L, D_S)
-        q_t = _load_rows(QT + b * sqt_b + h * sqt_h, offs_m, offs_dt, sqt_l, sqt_d, L, D_T)
+        q_s, q_t = _load_pair(QS, QT, b, h, sqs_b, sqs_h, sqs_l, sqs_d, sqt_b, sqt_h, sqt_l, sqt_d,
+                              offs_m, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
         s_s = _scores(k_s, q_s, scale_s, PREC_S, UPCAST_S)  # [keys, queries]
         s_t = _scores(k_t, q_t, scale_t, PREC_T, UPCAST_T)
         ds = _grad_student_scores(s_s, s_t, lse_s[None, :], lse_t[None, :], d_row[None, :],

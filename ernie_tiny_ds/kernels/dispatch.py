@@ -9,8 +9,9 @@ backend "torch":  attention transfer in torch with a closed-form backward
                   [B, H, chunk, L], forward and backward); the soft-label loss from the reference
                   in ``ernie_tiny_ds.losses``, which defines what every path must return.
 
-The argument checks of the kernels and the torch path live here, once (``check_*_inputs``);
-each path calls them at its entry, so a call is checked exactly once whichever path runs it.
+The argument checks of the kernels and the torch path live in ``checks.py``, once
+(``check_*_inputs``, re-exported here); each path calls them at its entry, so a call is checked
+exactly once whichever path runs it.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import os
 import torch
 
 from .. import losses as _ref
+from .checks import KERNEL_DTYPES, check_attention_inputs, check_soft_label_inputs  # noqa: F401 (public here too)
 
 BACKENDS = ("auto", "triton", "torch")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
 _TRUE = ("1", "true", "yes", "on", "y")  # what triton's knobs accept as true
 
 
@@ -45,44 +46,6 @@ def interpreter_active() -> bool:
 
     from .soft_label_triton import _soft_label_fwd
     return isinstance(_soft_label_fwd, InterpretedFunction)
-
-
-# --------------------------------------------------------------------------- input checks
-def _check_fused(tensors: dict[str, torch.Tensor], *others: torch.Tensor) -> None:
-    """What the Triton kernels need beyond the reference's checks: one device, a kernel dtype."""
-    devices = {x.device for x in (*tensors.values(), *others)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    for name, x in tensors.items():
-        if x.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"{name} has dtype {x.dtype}; the Triton kernel takes {KERNEL_DTYPES} "
-                             "(use backend='torch' for others)")
-
-
-def check_attention_inputs(q_s, k_s, q_t, k_t, attention_mask, kind: str, relation_heads: int | None,
-                           fused: bool = False) -> None:
-    """Attention-transfer arguments (kind, shapes, heads, mask); `fused`: also what the kernels need."""
-    if kind not in _ref.ATTENTION_KINDS:
-        raise ValueError(f"attention kind must be one of {_ref.ATTENTION_KINDS}, got {kind!r}")
-    _ref.check_qk(q_s, k_s, q_t, k_t, attention_mask, relation_heads)
-    if fused:
-        _check_fused({"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}, attention_mask)
-        if q_s.dtype != k_s.dtype or q_t.dtype != k_t.dtype:
-            raise ValueError("q and k of one model must have the same dtype")
-
-
-def check_soft_label_inputs(student_logits, teacher_logits, temperature: float, fused: bool = False) -> None:
-    """Soft-label arguments (temperature, shapes); `fused`: also what the kernel needs. The torch
-    path is the reference itself, which checks the same temperature and shapes."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, "
-                         f"teacher {tuple(teacher_logits.shape)}")
-    if fused:
-        if student_logits.dim() == 0 or student_logits.numel() == 0:
-            raise ValueError(f"logits need at least one row and one class, got shape {tuple(student_logits.shape)}")
-        _check_fused({"student_logits": student_logits, "teacher_logits": teacher_logits})
 
 
 # --------------------------------------------------------------------------- backend choice

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .dispatch import check_soft_label_inputs
+from .checks import check_soft_label_inputs
 from .online_kl_triton import online_kl_finish, online_kl_start, online_kl_update
 
 # elements per program and step, sized so the sm_90 cubins do not spill registers (checked with

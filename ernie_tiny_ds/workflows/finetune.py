@@ -134,10 +134,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from ..runtime.collectives import wait_for_rank0
     from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
     from ..runtime.export import check_output
-    from ..runtime.flops import finetune_step_flops, peak_flops
-    from ..runtime.loop import batch_to_device, global_mean
+    from ..runtime.flops import peak_flops
     from ..runtime.metrics import MetricsLogger
-    from ..runtime.step import StepParts, train_step
     from ..runtime.stop import StopRequest
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
@@ -175,7 +173,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
                                       safe=recipe_changes.FINETUNE_SAFE_ON_RESUME, lr_key="finetune.lr",
                                       schedule_keys=("finetune.lr", "finetune.epochs"))
 
-    dev, batches, loss = device(), iter(loader), float("nan")
+    dev = device()
     # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
     peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None
     logger = MetricsLogger(ckpt_root, rank, total, start, "finetune", progress_bar=False,
@@ -184,26 +182,11 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     checkpointer = Checkpointer(engine, ckpt_root, loader, every=recipe.train.save_every, last_step=total,
                                 keep=recipe.train.keep_checkpoints, stop_request=StopRequest(recipe.output_dir),
                                 save_last=False)
-    parts = StepParts(engine)
-    engine.train()
-    for step in range(start + 1, total + 1):
-        batch = batch_to_device(next(batches), dev)
-        result = train_step(parts, batch)  # grad_accum is 1: every step is an optimizer step
-        if not result.finite:
-            raise UserError(f"finetune: non-finite loss at step {step}; lower finetune.lr or check the task data")
-        loss = global_mean({"loss": result.total}, world)["loss"]  # read on the host: the step's time is complete
-        logger.step(step, {"loss": loss, "lr": result.lr}, tokens=result.tokens * world,
-                    flops=finetune_step_flops(objective.classifier, *batch["input_ids"].shape))
-        if checkpointer.after_step(step):
-            logger.close()
-            if rank == 0:
-                checkpointer.stop_request.clear()
-                print(f"finetune: stopped at step {step} of {total} (stop requested: STOP file or SIGUSR1); "
-                      f"checkpoint saved; run the same command again to continue", flush=True)
-            engine.destroy()
-            return None
-
+    loss = _train_steps(engine, objective, iter(loader), logger, checkpointer, start, total, world, rank)
     logger.close()
+    if loss is None:  # a stop request: checkpointed, the same call resumes
+        engine.destroy()
+        return None
     state = full_state_dict(objective.classifier, zero_stage(ds_config), rank)  # the classifier's own keys
     if rank == 0:
         summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
@@ -216,6 +199,34 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
     engine.destroy()
     return output
+
+
+def _train_steps(engine, objective, batches, logger, checkpointer, start: int, total: int, world: int,
+                 rank: int) -> float | None:
+    """Steps start+1..total of teacher finetuning; the last global loss, or None when a stop request
+    ended the run at a checkpoint."""
+    from ..runtime.engine import device
+    from ..runtime.flops import finetune_step_flops
+    from ..runtime.loop import batch_to_device, global_mean
+    from ..runtime.step import StepParts, train_step
+
+    dev, parts, loss = device(), StepParts(engine), float("nan")
+    engine.train()
+    for step in range(start + 1, total + 1):
+        batch = batch_to_device(next(batches), dev)
+        result = train_step(parts, batch)  # grad_accum is 1: every step is an optimizer step
+        if not result.finite:
+            raise UserError(f"finetune: non-finite loss at step {step}; lower finetune.lr or check the task data")
+        loss = global_mean({"loss": result.total}, world)["loss"]  # read on the host: the step's time is complete
+        logger.step(step, {"loss": loss, "lr": result.lr}, tokens=result.tokens * world,
+                    flops=finetune_step_flops(objective.classifier, *batch["input_ids"].shape))
+        if checkpointer.after_step(step):
+            if rank == 0:
+                checkpointer.stop_request.clear()
+                print(f"finetune: stopped at step {step} of {total} (stop requested: STOP file or SIGUSR1); "
+                      f"checkpoint saved; run the same command again to continue", flush=True)
+            return None
+    return loss
 
 
 # --------------------------------------------------------------------------- CLI
