@@ -1,9 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Without CUDA the Triton kernels run under the interpreter, which triton picks when a kernel module
+# is first imported: set it here, before any test module can import one (whichever runs first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
