@@ -52,6 +52,28 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
+def fake_pdsh(bin_dir: Path, remote_shell: str, record: str = "") -> Path:
+    """ssh and pdsh stood in for: `pdsh -S -f N -w HOST1,HOST2 WORDS...` joins WORDS into the line a
+    remote shell would get (%n = host index). For each node, `bash -c REMOTE_SHELL` runs in an empty
+    environment, then `record` in the stand-in itself; both see $setup (the runner's exports and cd:
+    the line up to the launcher), $remote (the whole line), $launcher and $i (the node index)."""
+    executable(bin_dir / "ssh", "#!/bin/sh\nexit 0\n")  # the runner's reachability check
+    launcher = f"{sys.executable} -u -m deepspeed.launcher.launch"
+    executable(bin_dir / "pdsh", f"""#!/bin/bash
+while [ "$1" != "-w" ]; do shift; done
+IFS=, read -ra hosts <<<"$2"; shift 2
+line="$*"
+launcher={shlex.quote(launcher)}
+for i in "${{!hosts[@]}}"; do
+  remote=${{line//%n/$i}}
+  setup=${{remote%%"$launcher"*}}
+  env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c {remote_shell}
+  {record}
+done
+""")
+    return bin_dir
+
+
 @pytest.fixture()
 def hostile(tmp_path, tokenizer_dir, vocab_size):
     """A recipe whose folder and output_dir carry spaces, $, `, ;, quotes and %."""
@@ -120,21 +142,8 @@ def test_ssh_launch_refuses_what_the_remote_shell_would_run(tmp_path, hostile):
 def test_ssh_launch_exports_the_env_file_to_every_node(tmp_path):
     """The real deepspeed runner in ssh mode, with pdsh and ssh stood in for: each "remote" shell gets the exact
     line the runner hands pdsh, in an empty environment; it runs the exports and `cd`, and records the rest."""
-    bin_dir = tmp_path / "bin"
-    executable(bin_dir / "ssh", "#!/bin/sh\nexit 0\n")  # the runner's reachability check
-    launcher = f"{sys.executable} -u -m deepspeed.launcher.launch"
-    # pdsh -S -f N -w HOST1,HOST2 WORDS...: ssh joins WORDS into one line for the remote shell; %n = host index
-    executable(bin_dir / "pdsh", f"""#!/bin/bash
-while [ "$1" != "-w" ]; do shift; done
-IFS=, read -ra hosts <<<"$2"; shift 2
-line="$*"
-for i in "${{!hosts[@]}}"; do
-  remote=${{line//%n/$i}}
-  setup=${{remote%%{shlex.quote(launcher)}*}}
-  env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "$setup env > {tmp_path}/env-$i; pwd > {tmp_path}/cwd-$i"
-  printf '%s\\n' "${{remote#*{shlex.quote(launcher)}}}" > {tmp_path}/argv-$i
-done
-""")
+    bin_dir = fake_pdsh(tmp_path / "bin", f'"$setup env > {tmp_path}/env-$i; pwd > {tmp_path}/cwd-$i"',
+                        record=f'printf \'%s\\n\' "${{remote#*"$launcher"}}" > {tmp_path}/argv-$i')
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     workdir = tmp_path / "work"

@@ -115,25 +115,10 @@ def test_a_pickle_loading_override_is_one_line_on_the_command_line(tmp_path, tok
 
 # --------------------------------------------------------------------------- 19: the ssh launch
 def _fake_pdsh(tmp_path):
-    """pdsh and ssh stood in for (as in test_launch): each "remote" node runs the setup part of the
+    """pdsh and ssh stood in for (test_launch.fake_pdsh): each "remote" node runs the setup part of the
     line deepspeed's runner hands pdsh (exports and cd) in bash, as a remote shell would."""
-    import shlex
-    import sys
-
-    from test_launch import executable
-    bin_dir = tmp_path / "bin"
-    executable(bin_dir / "ssh", "#!/bin/sh\nexit 0\n")
-    launcher = f"{sys.executable} -u -m deepspeed.launcher.launch"
-    executable(bin_dir / "pdsh", f"""#!/bin/bash
-while [ "$1" != "-w" ]; do shift; done
-IFS=, read -ra hosts <<<"$2"; shift 2
-line="$*"
-for i in "${{!hosts[@]}}"; do
-  remote=${{line//%n/$i}}
-  setup=${{remote%%{shlex.quote(launcher)}*}}
-  env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "$setup true"
-done
-""")
+    from test_launch import fake_pdsh
+    bin_dir = fake_pdsh(tmp_path / "bin", '"$setup true"')
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     return bin_dir, hostfile
