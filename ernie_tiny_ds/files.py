@@ -39,10 +39,29 @@ def fsync_tree(folder: str | os.PathLike) -> None:
         fsync_dir(root)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def temp_file_beside(path: str | os.PathLike, prefix: str | None = None) -> tuple[int, str]:
+    """(fd, name) of a new, exclusively created file next to `path`. mkstemp makes it 0600; what
+    replaces `path` gets the permissions a plain open would give (0666 less the umask), so that
+    exports and reports stay readable by whoever could read the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write `path` through `write(handle)` on an exclusive temporary file, then fsync and rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -67,11 +86,14 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
-def temp_dir_beside(path: str | os.PathLike) -> Path:
-    """A new, exclusively created folder next to `path`, for building what will replace it."""
+def temp_dir_beside(path: str | os.PathLike, prefix: str | None = None) -> Path:
+    """A new, exclusively created folder next to `path`, for building what will replace it (0777 less
+    the umask, as mkdir gives, not mkdtemp's 0700)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp"))
+    os.chmod(folder, 0o777 & ~_UMASK)
+    return folder
 
 
 def remove_stale_temps(path: str | os.PathLike) -> None:

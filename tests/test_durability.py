@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,18 @@ def test_stale_partial_folders_and_temporaries_are_removed_at_resume(tmp_path):
     choice = checkpoint._choose(root, None, "general", checkpoint.recipe_changes.SAFE_ON_RESUME)
     assert choice["tag"] == "step_00000001"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_durable_writes_keep_the_permissions_a_plain_write_gives(tmp_path):
+    """Exclusive temp names (mkstemp 0600, mkdtemp 0700) must not leave exports and reports unreadable
+    to the rest of a shared cluster: the final file and folder get 0666/0777 less the umask."""
+    from ernie_tiny_ds.files import atomic_write_text, replace_dir, temp_dir_beside
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    marker = atomic_write_text(tmp_path / "marker.json", "{}")
+    assert stat.S_IMODE(marker.stat().st_mode) == 0o666 & ~mask
+    staging = temp_dir_beside(tmp_path / "export")
+    (staging / "config.json").write_text("{}")
+    export = replace_dir(staging, tmp_path / "export")
+    assert stat.S_IMODE(export.stat().st_mode) == 0o777 & ~mask

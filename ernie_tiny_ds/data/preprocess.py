@@ -16,7 +16,6 @@ import os
 import queue as queue_module
 import shutil
 import sys
-import tempfile
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..files import replace_dir
+from ..files import replace_dir, temp_dir_beside
 from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype, tokenizer_identity
 from .packing import FullPacker, TokenEncoder, pack_pieces
 from .sharding import Consumer
@@ -151,7 +150,7 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
     _remove_stale_temps(output)
     # created exclusively under a random name (a planted folder or symlink is never written through);
     # the pid in it lets a later run tell a killed run's leftovers from a live one's
-    temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-{os.getpid()}-"))
+    temp = temp_dir_beside(output, prefix=f".{output.name}.tmp-{os.getpid()}-")
     try:
         dtype = token_dtype(len(tokenizer))
         results = _run_workers(sources, cfg, tokenizer, workers, temp, dtype, progress)

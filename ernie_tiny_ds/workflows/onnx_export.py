@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import temp_file_beside
 from .speed import THROUGHPUT_BATCH, _alternating_medians, _inputs, _threads
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -124,7 +124,7 @@ def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance:
     out_name = "logits" if wrapper.has_head else "last_hidden_state"
     axes[out_name] = {0: "batch"} if wrapper.has_head else {0: "batch", 1: "sequence"}
     # an exclusive temp file (mkstemp): a predictable name could be a planted symlink the exporter writes through
-    handle, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    handle, name = temp_file_beside(output)
     os.close(handle)
     tmp = Path(name)
     start = time.perf_counter()
