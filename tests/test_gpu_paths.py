@@ -58,7 +58,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
 
     from ernie_tiny_ds.runtime import checkpoint
     from ernie_tiny_ds.runtime import stop as stop_module
-    from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group
+    from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group, wait_for_rank0
     from ernie_tiny_ds.runtime.loop import all_ranks_finite, global_mean
     from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
     from ernie_tiny_ds.runtime.stop import StopRequest
@@ -81,6 +81,8 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     results["broadcast"] = broadcast_object({"from": rank})
     results["gathered"] = all_gather_objects(rank * 10)
     results["checkpoint_choice"] = checkpoint.agreed_tag(f"step_{rank}")
+    wait_for_rank0()  # the rank-0-work wait: a gloo barrier too, so it must not touch the default group
+    results["waited_for_rank0"] = True
     results["nccl_abort"] = describe_peer_loss(dist.DistBackendError("NCCL communicator was aborted on rank 0."))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier(group=control_group())
@@ -102,6 +104,7 @@ def test_control_plane_under_a_group_without_cpu_backend(tmp_path):
         assert got["stop_none"] is False and got["stop_one"] is True
         assert got["broadcast"] == {"from": 0}
         assert got["gathered"] == [0, 10]
+        assert got["waited_for_rank0"] is True
         assert got["checkpoint_choice"] == "step_0"  # rank 0 chooses, every rank follows
         assert got["nccl_abort"].startswith(f"[rank {r}] error: another rank left the job")
 
