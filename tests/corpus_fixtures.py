@@ -68,15 +68,23 @@ def _training_text(folder: Path) -> Path:
 
 
 def train_wordpiece(folder: Path) -> str:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """A WordPiece tokenizer whose vocabulary is built, not trained: every word of the training text
+    whole, every character alone and as a continuation, and the numbers below 1000 as continuations. The tokenizers trainer breaks ties
+    between equal merge counts differently from run to run, so a trained vocabulary (and every
+    sequence length a test sees) would change between runs."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     folder.mkdir(parents=True, exist_ok=True)
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    text = _training_text(folder).read_text(encoding="utf-8").lower()
+    words = sorted(set(re.findall(r"[a-z]+", text)))           # docN becomes "doc" + "##N" pieces
+    chars = sorted(set(re.sub(r"\s", "", text)))
+    numbers = [f"##{n}" for n in range(1000)]                    # so docN costs two tokens, not 1 + digits
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words, *numbers]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=600, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    backend.train([str(_training_text(folder))], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
                                   pad_token="[PAD]", mask_token="[MASK]")
     out = folder / "wordpiece"

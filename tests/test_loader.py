@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import io
 import json
+import os
 import re
 import tracemalloc
 import warnings
@@ -223,8 +224,16 @@ def test_every_format_gives_the_plain_text_sequences(wordpiece, tmp_path, fmt):
 
 
 def test_default_corpus_is_the_bundled_one(wordpiece):
-    batch = take(build_general_loader(DataConfig(max_seq_len=32), wordpiece, 2, 0, 1, seed=0), 1)[0]
-    assert batch["input_ids"].shape == (2, 32) and batch["attention_mask"][:, 0].all()
+    from ernie_tiny_ds.assets import DEFAULT_CORPUS_DIR
+    bundled = sorted(DEFAULT_CORPUS_DIR.glob("*.txt"))
+    vocabulary = set(re.findall(r"[a-z]+", " ".join(p.read_text(encoding="utf-8").lower() for p in bundled)))
+    loader = build_general_loader(DataConfig(max_seq_len=32), wordpiece, 2, 0, 1, seed=0)
+    assert [os.path.realpath(p) for p in loader.sources] == [os.path.realpath(p) for p in bundled]
+    batch = take(loader, 1)[0]
+    assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 32
+    for row in batch_sequences(batch):
+        words = re.findall(r"[a-z]+", wordpiece.decode(row[1:-1]).replace("[UNK]", " "))
+        assert len(words) >= 3 and set(words[1:-1]) <= vocabulary  # the ends may be cut mid-word
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_shard_batches_are_cut_to_their_longest_row():
 def test_full_packer_fills_across_documents_with_sep_between(wordpiece):
     encoder = TokenEncoder(wordpiece)
     packer = FullPacker(encoder, 32)
-    docs = ["doc1 the red boat sails.", "doc2 tea is hot. doc2 it rains.", "doc3 a very " + "long " * 40 + "line."]
+    docs = ["doc1 the old ship.", "doc2 water city. doc2 old road.", "doc3 a very " + "long " * 40 + "line."]
     out = packer.add(docs, [True, True, True]) + packer.flush()
     cls, sep = wordpiece.cls_token_id, wordpiece.sep_token_id
     assert all(len(s) <= 32 and s[0] == cls and s[-1] == sep for s in out)
