@@ -68,10 +68,10 @@ def _training_text(folder: Path) -> Path:
 
 
 def train_wordpiece(folder: Path) -> str:
-    """A WordPiece tokenizer whose vocabulary is built, not trained: every word of the training text
-    whole, every character alone and as a continuation, and the numbers below 1000 as continuations. The tokenizers trainer breaks ties
-    between equal merge counts differently from run to run, so a trained vocabulary (and every
-    sequence length a test sees) would change between runs."""
+    """A WordPiece tokenizer whose vocabulary is built, not trained: every word of the training
+    text whole, every character alone and as a continuation, and the numbers below 1000 as
+    continuations. The tokenizers trainer breaks ties between equal merge counts differently from
+    run to run, so a trained vocabulary (and every sequence length a test sees) would change."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     folder.mkdir(parents=True, exist_ok=True)
