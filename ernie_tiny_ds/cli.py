@@ -82,6 +82,7 @@ COMMAND_MODULES = (
     ("pipeline", ".workflows.pipeline", "run the four stages in order (and teacher finetuning)"),
     ("evaluate", ".workflows.evaluate", "task metrics of an exported model"),
     ("predict", ".workflows.predict", "predictions on a task split as GLUE submission files"),
+    ("augment", ".workflows.augment", "TinyBERT-style augmented copies of the task's train file (masked-LM words)"),
     ("onnx", ".workflows.onnx_export", "model.onnx of an exported model, checked and timed against PyTorch"),
     ("push", ".workflows.push", "upload an exported model folder to the Hugging Face Hub"),
     ("launch", ".launch.runner", "run a sub-command under the deepspeed runner (hostfile, multi-node)"),

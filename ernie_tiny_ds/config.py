@@ -68,6 +68,9 @@ class DataConfig:
 class TaskConfig:
     name: Optional[str] = None        # a bundled task (sentiment, pair, similarity) or a free name
     train_file: Optional[str] = None
+    # `ernie-tiny-ds augment` output: stages 3-4 train on it instead of train_file (finetuning, dev and
+    # selection never read it)
+    augmented_train_file: Optional[str] = None
     dev_file: Optional[str] = None
     test_file: Optional[str] = None   # `predict --split test` on files (labels optional)
     header: bool = True               # false: the files have no header row (GLUE's CoLA); columns are indices
@@ -158,6 +161,18 @@ class FinetuneConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """`augment`: TinyBERT-style copies of the task's train file (workflows/augment.py)."""
+    copies: int = 20                  # augmented copies per train example (TinyBERT: 20)
+    replace_prob: float = 0.4         # chance that a word (a character in Chinese) is replaced
+    top_k: int = 15                   # the masked LM's candidates a replacement is drawn from
+    mlm_model: Optional[str] = None   # masked LM (folder or Hub ID) when teacher.path has no MLM head
+    seed: Optional[int] = None        # unset: train.seed
+    batch_size: int = 64              # masked sentences per MLM forward (does not change the output)
+    max_examples: Optional[int] = None  # augment only the first N train examples
+
+
+@dataclass
 class ReleaseConfig:
     """What an exported student carries besides its weights: a README.md model card, model.onnx."""
     license: str = "apache-2.0"       # the card's license (the teacher's terms may bind the student)
@@ -197,6 +212,7 @@ class Recipe:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     stages: dict[str, StageOverride] = field(default_factory=dict)
     # set by load_recipe, not a recipe key: the command-line overrides of the sections a stage can
     # override, so that for_stage lets them win over the recipe file's stages.<name> too
@@ -412,7 +428,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
 _PATH_KEYS = (("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("student", "projections"),
               ("data", "corpus"),
               ("data", "tokenizer"), ("task", "train_file"), ("task", "dev_file"),
-              ("task", "test_file"), ("task", "dataset"))
+              ("task", "test_file"), ("task", "dataset"), ("task", "augmented_train_file"),
+              ("augment", "mlm_model"))
 
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:
@@ -502,6 +519,12 @@ def validate(r: Recipe) -> None:
     if not 0 <= r.finetune.warmup_ratio < 1:
         raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {r.finetune.warmup_ratio}")
     _non_negative(r.finetune.weight_decay, "finetune.weight_decay")
+    for name in ("copies", "top_k", "batch_size"):
+        _positive(getattr(r.augment, name), f"augment.{name}")
+    if not 0 < r.augment.replace_prob <= 1:
+        raise ConfigError(f"augment.replace_prob must be in (0, 1], got {r.augment.replace_prob}")
+    if r.augment.max_examples is not None:
+        _positive(r.augment.max_examples, "augment.max_examples")
     for stage in r.stages:
         if stage not in STAGES:
             close = difflib.get_close_matches(stage, STAGES, n=1)

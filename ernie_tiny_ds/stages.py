@@ -12,6 +12,11 @@ class StageSpec:
     data: str                # "general" corpus or "task" data
     labels: bool             # soft-label + hard-label terms (student gets a task head)
 
+    @property
+    def augmented_data(self) -> bool:
+        """Task stages train on task.augmented_train_file when it is set (teacher finetuning never does)."""
+        return self.data == "task"
+
 
 STAGE_SPECS = {
     "general": StageSpec("general", "General Distillation", False, "general", False),

@@ -278,8 +278,9 @@ def _to_examples(raw: list, cfg: TaskConfig, label_ids: dict[str, int]) -> list[
     return examples
 
 
-def load_task(cfg: TaskConfig) -> TaskData:
-    """Read and check the train (and, when given, dev) split of a task."""
+def load_task(cfg: TaskConfig, augmented: bool = False) -> TaskData:
+    """Read and check the train (and, when given, dev) split of a task. `augmented` (stages 3-4): train
+    is task.augmented_train_file when set; labels, dev and the selection hold-out still come from the task."""
     cfg = resolve_task(cfg)
     dev_raws: dict[str, list] = {}
     if cfg.dataset is not None:
@@ -300,6 +301,10 @@ def load_task(cfg: TaskConfig) -> TaskData:
     label_ids = {name: i for i, name in enumerate(labels)}
     dev_splits = {name: _to_examples(raw, cfg, label_ids) for name, raw in dev_raws.items()}
     train, selection = _hold_out(_to_examples(train_raw, cfg, label_ids), cfg.selection_split)
+    if augmented and cfg.augmented_train_file is not None:
+        # `augment` left the held-out selection examples out already: train on every row of its file
+        cfg = dataclasses.replace(cfg, train_file=cfg.augmented_train_file)
+        train = _to_examples(_augmented_raw(cfg), cfg, label_ids)
     return TaskData(name=cfg.name or Path(cfg.train_file).parent.name, type=cfg.type,
                     text_columns=list(cfg.text_columns), label_names=labels,
                     train=train, selection=selection,
@@ -307,6 +312,14 @@ def load_task(cfg: TaskConfig) -> TaskData:
                     max_seq_len=cfg.max_seq_len, train_file=cfg.train_file, dev_file=cfg.dev_file,
                     metric=cfg.metric,
                     dev_splits=dev_splits)
+
+
+def _augmented_raw(cfg: TaskConfig) -> list[tuple]:
+    path = Path(cfg.augmented_train_file)
+    if not path.is_file():
+        raise ConfigError(f"task.augmented_train_file: file not found: {path} (write it with "
+                          f"`ernie-tiny-ds augment --config RECIPE --output {path}`, or unset the key)")
+    return _raw_examples(path, cfg)
 
 
 SELECTION_SEED = 20210604  # fixed: every rank, stage and run holds out the same examples
@@ -452,6 +465,6 @@ class TaskLoader:
 
 
 def build_task_loader(task_cfg: TaskConfig, tokenizer, batch_size: int, rank: int, world: int, seed: int,
-                      with_labels: bool) -> TaskLoader:
-    """The train loader of the recipe's task (stages 3-4 and teacher finetuning)."""
-    return TaskLoader(load_task(task_cfg), tokenizer, batch_size, rank, world, seed, with_labels)
+                      with_labels: bool, augmented: bool = False) -> TaskLoader:
+    """The train loader of the recipe's task (stages 3-4 and teacher finetuning); `augmented`: see load_task."""
+    return TaskLoader(load_task(task_cfg, augmented), tokenizer, batch_size, rank, world, seed, with_labels)

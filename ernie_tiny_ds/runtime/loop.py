@@ -57,7 +57,7 @@ def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
         return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed)
     from ..data.tasks import build_task_loader
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
-                             with_labels=spec.labels)
+                             with_labels=spec.labels, augmented=spec.augmented_data)
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ finetune.epochs are safe on its resume, the distillation stages' settings are no
 
 Not part of the fingerprint: output_dir (a run folder may move), the stages/command_line
 bookkeeping (already merged into the sections), the finetune section (it shapes the teacher,
-whose path is compared), the finetuned teacher of a stage that does not use it, and the task of
-a general-corpus stage.
+whose path is compared), the augment section (its output, task.augmented_train_file, is), the
+finetuned teacher of a stage that does not use it, and the task of a general-corpus stage.
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     r = recipe.for_stage(stage)
     spec = STAGE_SPECS[stage]
     values = to_dict(r)
-    for key in ("output_dir", "stages", "command_line", "finetune"):
+    for key in ("output_dir", "stages", "command_line", "finetune", "augment"):  # augment: only its output counts
         values.pop(key, None)
+    _drop_unset_augmented_file(values)
     if not spec.finetuned_teacher:
         values["teacher"].pop("finetuned_path", None)
     if spec.data == "general":
@@ -60,11 +61,19 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
+def _drop_unset_augmented_file(values: dict) -> None:
+    """An unset task.augmented_train_file is left out, so runs recorded before the key existed still match."""
+    task = values.get("task")
+    if isinstance(task, dict) and task.get("augmented_train_file") is None:
+        task.pop("augmented_train_file", None)
+
+
 def finetune_fingerprint(recipe: Recipe) -> dict:
     """What teacher finetuning learns from: the pretrained teacher, the task, the finetune section and
     the run settings it reads (not the distillation stages' batch, steps, losses or data)."""
     values = to_dict(recipe)
     values["teacher"].pop("finetuned_path", None)
+    values["task"].pop("augmented_train_file", None)  # finetuning never reads it
     train = {k: v for k, v in values["train"].items() if k not in ("max_steps", "micro_batch_size", "grad_accum")}
     optim = {k: v for k, v in values["optim"].items() if k not in ("lr", "weight_decay", "warmup_ratio")}
     kept = {"teacher": values["teacher"], "task": values["task"], "finetune": values["finetune"], "train": train,
