@@ -1,23 +1,33 @@
 """One General Distillation step: ernie-tiny-ds against the way common recipes write it.
 
-    python bench/step.py --size tiny  --seq-len 128                      # CPU
+    python bench/step.py --size tiny  --seq-len 128                      # CPU, bundled corpus
+    python bench/step.py --size tiny  --seq-len 128 --text /usr/share/doc  # CPU, real English prose
     python bench/step.py --size base  --seq-len 512 --precision bf16     # GPU: BERT-base -> 4L-312
 
 ours      the real stage-1 parts of ernie-tiny-ds (train.build_parts: SDPA models with capture hooks,
           the DeepSpeed engine over student + projections with torch's fused AdamW, attention
           transfer from Q/K through the kernel dispatch: fused Triton on CUDA, elsewhere the torch
-          path with its closed-form backward) and the trainer's step (runtime.step.train_step).
-baseline  the same weights as Hugging Face models run with output_attentions=True and
-          output_hidden_states=True (eager attention), the same latent loss computed on the
-          materialised attention maps, a plain torch AdamW.
+          path with its closed-form backward) and the trainer's step (runtime.step.train_step), on
+          the batches its loader makes with the recipe's defaults (length-grouped within the
+          shuffle window, padded to the batch's longest row rounded up to 8, data.packing).
+baseline  the common recipe: the same weights as Hugging Face models run with output_attentions=True
+          and output_hidden_states=True (eager attention, the whole teacher with its pooler, in
+          fp32 whatever the student's precision), the same latent loss computed on the
+          materialised attention maps, a plain torch AdamW, and batches of one document piece per
+          row in the plain shuffle order, padded to max_seq_len.
 
-Both sides get the same batches (with --batch auto, on GPU, each side runs the largest power-of-two
-batch it fits, and tokens/s is the comparison); steps are timed alternately in this process (rounds of --steps
-each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; on CPU each side
+Batches are real (--batches corpus, the default): both sides read the same text (the bundled corpus,
+or --text prose, e.g. /usr/share/doc) through the project's tokenizer and streaming reader, so they
+carry about the same content tokens, and the comparison that counts is time per content (non-pad)
+token; per step is shown too. --batches random keeps the synthetic lengths (50-100% of L) that the
+GPU memory searches use. With --batch auto (GPU) each side runs the largest power-of-two batch it
+fits, and content tokens/s is the comparison. Steps are timed alternately in this process (rounds of
+--steps each, the median round counts). Peak memory: CUDA max_memory_allocated on GPU; on CPU each side
 runs again in its own subprocess and reports its peak resident set during the steps (VmHWM, reset
 just before) above the resident set before them.
 MFU counts the teacher forward and the student forward + backward matrix products (the trainer's
-count, runtime/flops.py) against the measured dense matmul rate of this device. --max-seq also
+count, runtime/flops.py) of the content tokens only (padding is not useful work) against the
+measured dense matmul rate of this device. --max-seq also
 searches, on GPU, the longest sequence each side fits at batch 8 within the memory the baseline
 needs at --seq-len. --phases adds, per side, the median time of each phase of a step and the
 profiler's time in matrix products.
@@ -44,25 +54,37 @@ SIZES = {  # teacher, student (hidden, layers, heads, ffn)
 }
 
 
-def recipe_for(args, max_positions: int):
+def recipe_for(args, max_positions: int, corpus: str | None):
+    import yaml
+
     from ernie_tiny_ds.config import from_dict
 
     (th, tl, tH, tf), (sh, sl, sH, sf) = SIZES[args.size]
-    return from_dict({
+    values = {
         "output_dir": str(Path(args.workdir)),
         "teacher": {"config": {"model_type": "bert", "vocab_size": 30522, "hidden_size": th, "num_hidden_layers": tl,
                                "num_attention_heads": tH, "intermediate_size": tf,
                                "max_position_embeddings": max_positions, "hidden_dropout_prob": 0.0,
                                "attention_probs_dropout_prob": 0.0}},
         "student": {"hidden_size": sh, "num_hidden_layers": sl, "num_attention_heads": sH, "intermediate_size": sf},
-        "data": {"max_seq_len": args.seq_len},
+        "data": {"max_seq_len": args.seq_len, "corpus": corpus},
         "losses": {"kernels": "auto"},
         "train": {"max_steps": 10 ** 6, "micro_batch_size": 8 if args.batch == "auto" else int(args.batch),
                   "precision": args.precision,
                   "progress_bar": False},
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
         "deepspeed": {"config": args.zero_config},
-    })
+    }
+    for item in args.set:  # recipe keys beyond the defaults, for our side: e.g. teacher.dtype=bf16
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes section.key=value, got {item!r}")
+        *sections, leaf = key.split(".")
+        node = values
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(values)
 
 
 def random_batches(n: int, batch: int, seq_len: int, device, seed: int) -> list[dict]:
@@ -80,13 +102,37 @@ def random_batches(n: int, batch: int, seq_len: int, device, seed: int) -> list[
     return out
 
 
+def prose_corpus(args) -> str | None:
+    """--text as a corpus file of one prose paragraph per line (None: the recipe's default corpus)."""
+    if args.text is None:
+        return None
+    from teacher_precision import documents
+
+    path = Path(args.workdir) / "prose.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(d + "\n" for d in documents(Path(args.text), args.chars)), encoding="utf-8")
+    return str(path)
+
+
+def corpus_batches(recipe, tokenizer, side: str, count: int, batch: int, device) -> list[dict]:
+    """`count` real batches: ours as the recipe's loader makes them, the baseline's padded to max_seq_len."""
+    from padding import batches
+
+    mode = recipe.data.packing if side == "ours" else "before"
+    return [{k: v.to(device) for k, v in b.items()} for b in batches(recipe.data, tokenizer, mode, batch, count)]
+
+
+def content_tokens(batches: list[dict]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
 class Ours:
-    def __init__(self, args, max_positions: int):
+    def __init__(self, args, max_positions: int, corpus: str | None):
         from ernie_tiny_ds.runtime.engine import init_distributed
         from ernie_tiny_ds.runtime.loop import build_parts
         from ernie_tiny_ds.stages import STAGE_SPECS
 
-        self.recipe = recipe_for(args, max_positions)
+        self.recipe = recipe_for(args, max_positions, corpus)
         init_distributed(600)
         self.parts = build_parts(self.recipe, STAGE_SPECS["general"], rank=0, world=1)
 
@@ -106,8 +152,9 @@ class Baseline:
         parts = ours.parts
         dev = next(parts.student.parameters()).device
         teacher_module = getattr(parts.teacher, "module", parts.teacher)
-        self.teacher = self._eager_copy(teacher_module).to(dev).eval()
-        self.student = self._eager_copy(parts.student).to(dev).train()
+        self.teacher = self._eager_copy(teacher_module, pooler=True).to(dev, torch.float32).eval()
+        self.student = self._eager_copy(parts.student, pooler=getattr(parts.student, "pooler", None) is not None)
+        self.student.to(dev).train()
         # fp32 masters, as a plain AMP recipe keeps them (our engine may hold them in bf16)
         self.hidden_proj = copy.deepcopy(parts.objective.hidden_proj).to(dev, torch.float32)
         self.embedding_proj = copy.deepcopy(parts.objective.embedding_proj).to(dev, torch.float32)
@@ -115,20 +162,19 @@ class Baseline:
         params = [*self.student.parameters(), *self.hidden_proj.parameters(), *self.embedding_proj.parameters()]
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-        if self.dtype is not None:
-            self.teacher.to(self.dtype)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)  # the student's autocast
 
     @staticmethod
-    def _eager_copy(model):
-        """The same model with eager attention, as built: a teacher that stage 1 cut after its deepest
-        mapped layer (distill.models.encoder_up_to: no pooler) is copied cut the same way."""
+    def _eager_copy(model, pooler: bool):
+        """The same model with eager attention. The teacher gets a pooler back (the common recipe runs
+        AutoModel whole; stage 1 drops it, distill.models.encoder_up_to). Its layers are the ones ours
+        keeps: the bench's layer maps read the teacher's last layer, so that is all of them."""
         import transformers
         config = copy.deepcopy(model.config)
         config.num_hidden_layers = len(model.encoder.layer)
-        clone = transformers.AutoModel.from_config(config, attn_implementation="eager",
-                                                   add_pooling_layer=getattr(model, "pooler", None) is not None)
-        clone.load_state_dict(model.state_dict())
+        clone = transformers.AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=pooler)
+        missing, unexpected = clone.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
         return clone
 
     def step(self, batch: dict, mark=lambda phase: None) -> float:
@@ -252,6 +298,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", default="/tmp/ernie-tiny-ds-bench-step")
+    parser.add_argument("--batches", choices=["corpus", "random"], default="corpus",
+                        help="corpus: real batches from the bundled corpus or --text; random: synthetic lengths")
+    parser.add_argument("--text", default=None, help="file or folder of prose as the corpus (e.g. /usr/share/doc)")
+    parser.add_argument("--chars", type=int, default=2_000_000, help="--text: characters to read")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a recipe key for our side beyond its defaults (repeatable), e.g. losses.query_chunk=128")
     parser.add_argument("--max-seq", action="store_true", help="GPU: longest sequence each side fits")
     parser.add_argument("--phases", action="store_true",
                         help="also: median ms of each phase of a step, and the time in matrix products (profiler)")
@@ -262,7 +314,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     max_positions = 32768 if args.max_seq else max(512, args.seq_len)
-    ours = Ours(args, max_positions)
+    ours = Ours(args, max_positions, prose_corpus(args))
     device = next(ours.parts.student.parameters()).device
     baseline = Baseline(ours, args)
     if args.batch == "auto":
@@ -271,8 +323,12 @@ def main() -> None:
         batch_of = {"ours": largest_batch(ours, args, device), "baseline": largest_batch(baseline, args, device)}
     else:
         batch_of = {"ours": int(args.batch), "baseline": int(args.batch)}
-    # the same seed: at equal batch sizes both sides see the same sequences
-    batches_of = {name: random_batches(args.steps, b, args.seq_len, device, seed=1) for name, b in batch_of.items()}
+    if args.batches == "corpus":
+        batches_of = {name: corpus_batches(ours.recipe, ours.parts.tokenizer, name, args.steps, b, device)
+                      for name, b in batch_of.items()}
+    else:  # the same seed: at equal batch sizes both sides see the same sequences
+        batches_of = {name: random_batches(args.steps, b, args.seq_len, device, seed=1)
+                      for name, b in batch_of.items()}
 
     if args.memory_side:  # child process: one side only, peak RSS above the built models
         side = ours if args.memory_side == "ours" else baseline
@@ -301,28 +357,39 @@ def main() -> None:
         peaks = {name: memory_in_subprocess(args, name) for name in ("ours", "baseline")}
 
     median = {k: statistics.median(v) for k, v in times.items()}
-    tokens_per_s = {name: b * args.seq_len * args.steps / median[name] for name, b in batch_of.items()}
+    content = {name: content_tokens(batches_of[name]) for name in batch_of}
+    positions = {name: sum(b["input_ids"].numel() for b in batches_of[name]) for name in batch_of}
+    per_token = {name: median[name] / content[name] for name in batch_of}  # seconds per content token
     # the MFU denominator is the matmul rate in the step's precision (bf16 also on CPUs with native bf16)
     from ernie_tiny_ds.runtime.flops import distill_step_flops, measured_matmul_flops
 
     rate = measured_matmul_flops(device.type, torch.bfloat16 if args.precision == "bf16" else torch.float32,
                                  device.index)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
+    text = {"random": "random lengths", "corpus": args.text or "bundled corpus"}[args.batches]
     print(f"\n{args.size} teacher {SIZES[args.size][0]} -> student {SIZES[args.size][1]}, L={args.seq_len}, "
-          f"batch {args.batch}, {args.precision}, {name}, torch threads {torch.get_num_threads()}; "
-          f"median of {args.rounds} alternating rounds of {args.steps} steps\n")
-    print("| side | batch | step (ms) | tokens/s | peak memory (MiB) | MFU |")
-    print("|---|---|---|---|---|---|")
+          f"batch {args.batch}, {args.precision}, {text}, data.packing {ours.recipe.data.packing}, "
+          f"{' '.join(args.set) or 'recipe defaults'}, {name}, "
+          f"torch threads {torch.get_num_threads()}; median of {args.rounds} alternating rounds of {args.steps} "
+          "steps\n")
+    print("| side | batch | mean width | padded | step (ms) | content tokens/step | us per content token "
+          "| content tokens/s | peak memory (MiB) | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for side in ("ours", "baseline"):
         seconds = median[side] / args.steps
-        mfu = distill_step_flops(ours.parts, batch_of[side], args.seq_len) / seconds / rate
-        print(f"| {side} | {batch_of[side]} | {seconds * 1000:.1f} | {tokens_per_s[side]:,.0f} | {peaks[side]:.0f} "
-              f"| {mfu:.1%} |")
-    per_round = sorted(o / b for o, b in zip(times["ours"], times["baseline"]))
-    print(f"\nratio ours/baseline step time: {median['ours'] / median['baseline']:.3f} "
-          f"(per round {per_round[0]:.2f}-{per_round[-1]:.2f}); "
-          f"tokens/s ratio: {tokens_per_s['ours'] / tokens_per_s['baseline']:.2f}x; "
-          f"peak memory ratio: {peaks['ours'] / max(peaks['baseline'], 1e-9):.2f}; "
+        width = statistics.mean(b["input_ids"].shape[1] for b in batches_of[side])
+        flops = sum(distill_step_flops(ours.parts, 1, n) for b in batches_of[side]  # each row at its own length
+                    for n in b["attention_mask"].sum(1).tolist())
+        mfu = flops / median[side] / rate
+        print(f"| {side} | {batch_of[side]} | {width:.1f} | {1 - content[side] / positions[side]:.1%} "
+              f"| {seconds * 1000:.1f} | {content[side] / args.steps:,.0f} | {per_token[side] * 1e6:.1f} "
+              f"| {1 / per_token[side]:,.0f} | {peaks[side]:.0f} | {mfu:.1%} |")
+    per_round = sorted((o / content["ours"]) / (b / content["baseline"])
+                       for o, b in zip(times["ours"], times["baseline"]))
+    print(f"\nratio ours/baseline per content token: {per_token['ours'] / per_token['baseline']:.3f} "
+          f"(per round {per_round[0]:.2f}-{per_round[-1]:.2f}); per step: {median['ours'] / median['baseline']:.3f}; "
+          f"content tokens/s: {per_token['baseline'] / per_token['ours']:.2f}x; "
+          f"peak memory: {peaks['ours'] / max(peaks['baseline'], 1e-9):.2f}; "
           f"matmul rate {rate / 1e12:.2f} TFLOP/s")
     if args.phases:
         print_phases(sides, batches_of, device, args.rounds)
