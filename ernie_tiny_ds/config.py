@@ -159,6 +159,9 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     seed: int = 42                    # head initialisation, data order, dropout
+    eval_every: Optional[int] = None  # score the teacher every N steps (and at the end); default train.eval_every
+    # with eval_every: the teacher stages 2-4 distil from, best (by task.metric; the default) or last
+    ship: Optional[Literal["best", "last"]] = None
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""Best-checkpoint selection in the task-specific stage: every train.eval_every steps (and at the
-last step) the student is scored on the selection set (task.selection_split held out of train, else
-the dev split) by the task's main metric; a better score than any before exports the student to
-OUT/task_specific/student_best/ (with best.json: step, score, metric, split).
+"""Best-checkpoint selection, shared by the task-specific stage and teacher finetuning: every
+`eval_every` steps (and at the last step) the model is scored on the selection set
+(task.selection_split held out of train, else the dev split) by the task's main metric; a better
+score than any before exports the model to its best folder (with best.json: step, score, metric,
+split): OUT/task_specific/student_best/ in stage 4, OUT/teacher_finetuned_best/ in finetuning.
 
 Every rank scores its share of the examples (rank r takes examples r, r + world, …) and the
 predictions are gathered on every rank (a control-plane collective), so all ranks compute the same
 score and agree on whether it is the best. Each rank runs the same number of forward passes (a
 rank with fewer examples repeats its last batch and drops the result), which ZeRO-3's parameter
-gathering needs. The best score survives a resume: it is read back from best.json.
+gathering needs. The best score survives a resume: rank 0 reads it back from best.json and every
+rank takes its value.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import numpy as np
 import torch
 
 from ..data.benchmarks import compute_metrics
-from ..data.tasks import encode_batch, load_task
-from ..files import atomic_write_text, replace_dir, temp_dir_beside
-from .collectives import all_gather_objects
+from ..data.tasks import TaskData, encode_batch, load_task
+from ..errors import ConfigError
+from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
+from .collectives import all_gather_objects, broadcast_object
 
 BEST_DIR = "student_best"
 BEST_FILE = "best.json"
@@ -32,47 +35,62 @@ EVAL_BATCH = 32
 
 
 def read_best(folder: Path) -> dict | None:
-    path = folder / BEST_FILE
+    path = Path(folder) / BEST_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-class BestCheckpoint:
-    """after_step(step): score and maybe export (collective: every rank calls it at every step)."""
+def full_state_dict(module: torch.nn.Module, zero: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """fp32 CPU weights of a trained module on rank 0 (collective: ZeRO-3 parameters are gathered)."""
+    import deepspeed
 
-    def __init__(self, r, parts, out_dir: Path, rank: int, world: int, dev: torch.device, zero: int):
-        task = load_task(r.task)
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if zero == 3 \
+        else contextlib.nullcontext()
+    with gather:
+        if rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class Selector:
+    """Scores `model` and exports the best to `folder`; call it after every optimizer step on every
+    rank (collective). `resumed=False` forgets a best folder left by an earlier run (rank 0 removes
+    it); `after_eval` runs after the forward passes (stage 4 drops the features its hooks captured)."""
+
+    def __init__(self, task: TaskData, model: torch.nn.Module, tokenizer, folder: Path, every: int, last_step: int,
+                 rank: int, world: int, dev: torch.device, zero: int, key: str = "train.eval_every",
+                 resumed: bool = True, after_eval: Callable[[], object] | None = None):
         self.split = "selection" if task.selection else (next(iter(task.dev_splits), None) or "dev")
-        examples = task.selection or task.dev
-        if not examples:
-            from ..errors import ConfigError
-            raise ConfigError("train.eval_every: the task has no dev split (task.dev_file / task.dev_split) and no "
+        self.examples = task.selection or task.dev
+        if not self.examples:
+            raise ConfigError(f"{key}: the task has no dev split (task.dev_file / task.dev_split) and no "
                               "task.selection_split to pick the best checkpoint on")
-        self.task, self.parts, self.rank, self.world, self.dev, self.zero = task, parts, rank, world, dev, zero
-        self.every, self.last_step = r.train.eval_every, r.train.max_steps
-        self.mine = list(range(rank, len(examples), world))
-        self.examples = examples
-        self.batches = math.ceil(math.ceil(len(examples) / world) / EVAL_BATCH)  # equal on every rank
-        self.folder = out_dir / BEST_DIR
-        best = read_best(self.folder)
-        self.best_score = best["score"] if best is not None else None
-        self.max_seq_len = task.max_seq_len
+        self.task, self.model, self.tokenizer, self.folder = task, model, tokenizer, Path(folder)
+        self.every, self.last_step, self.rank, self.dev, self.zero = every, last_step, rank, dev, zero
+        self.after_eval = after_eval
+        self.mine = list(range(rank, len(self.examples), world))
+        self.batches = math.ceil(math.ceil(len(self.examples) / world) / EVAL_BATCH)  # equal on every rank
+        best = read_best(self.folder) if rank == 0 and resumed else None
+        self.best_score = broadcast_object(best["score"] if best is not None else None)  # one value on all ranks
+        if rank == 0 and not resumed:  # after the collective: every rank has looked at the folder by now
+            shutil.rmtree(self.folder, ignore_errors=True)  # a fresh run never ships an earlier run's best
 
     def _local_outputs(self) -> list[tuple[int, list[float]]]:
-        student, module = self.parts.student, self.parts.engine.module
-        module.eval()
+        was_training = self.model.training
+        self.model.eval()
         out: list[tuple[int, list[float]]] = []
         with torch.no_grad():
             for b in range(self.batches):
                 ids = self.mine[b * EVAL_BATCH:(b + 1) * EVAL_BATCH]
                 real = bool(ids)
                 ids = ids or self.mine[-EVAL_BATCH:] or [0]  # a filler pass keeps ranks in step
-                batch = encode_batch([self.examples[i] for i in ids], self.parts.tokenizer, self.max_seq_len,
+                batch = encode_batch([self.examples[i] for i in ids], self.tokenizer, self.task.max_seq_len,
                                      self.task.type, with_labels=False)
-                logits = student(**{k: v.to(self.dev) for k, v in batch.items()}).logits.float().cpu()
+                logits = self.model(**{k: v.to(self.dev) for k, v in batch.items()}).logits.float().cpu()
                 if real:
                     out += [(i, row.tolist()) for i, row in zip(ids, logits)]
-        self.parts.objective.capture.pop()  # the capture hooks kept this forward's features: drop them
-        module.train()
+        if self.after_eval is not None:
+            self.after_eval()
+        self.model.train(was_training)
         return out
 
     def score(self) -> float | None:
@@ -96,23 +114,17 @@ class BestCheckpoint:
             self.export(step, score)
 
     def export(self, step: int, score: float) -> None:
-        """Write the live student to student_best/ (rank 0; collective under ZeRO-3: parameters gathered)."""
-        import deepspeed
-
-        student = self.parts.student
-        gather = deepspeed.zero.GatheredParameters(list(student.parameters())) if self.zero == 3 \
-            else contextlib.nullcontext()
-        with gather:
-            state = {k: v.detach().float().cpu().clone() for k, v in student.state_dict().items()} \
-                if self.rank == 0 else None
+        """Write the live model to the best folder (rank 0; collective under ZeRO-3: parameters gathered)."""
+        state = full_state_dict(self.model, self.zero, self.rank)
         if self.rank != 0:
             return
-        model = type(student)(student.config)
+        model = type(self.model)(self.model.config)
         model.load_state_dict(state, strict=True)
+        remove_stale_temps(self.folder)  # what an interrupted export (a crash, a full disk) left beside it
         tmp = temp_dir_beside(self.folder)
         try:
             model.save_pretrained(tmp, safe_serialization=True)
-            self.parts.tokenizer.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / BEST_FILE, json.dumps({"step": step, "score": score, "metric":
                                                            self.task.main_metric, "split": self.split}))
             replace_dir(tmp, self.folder)
@@ -126,17 +138,26 @@ def best_checkpoint_hook(r, spec, parts, out_dir: Path, rank: int, world: int, d
     train.eval_every is set, else None."""
     if not spec.labels or r.train.eval_every is None:
         return None
-    return BestCheckpoint(r, parts, out_dir, rank, world, dev, zero)
+    return Selector(load_task(r.task), parts.student, parts.tokenizer, out_dir / BEST_DIR, r.train.eval_every,
+                    r.train.max_steps, rank, world, dev, zero, after_eval=parts.objective.capture.pop)
+
+
+def choose(ship: str | None, eval_every: int | None) -> str:
+    """An explicit ship setting, else best when the run evaluates, else last."""
+    return ship or ("best" if eval_every else "last")
+
+
+def pick(choice: str, best: Path, last: Path) -> Path:
+    """The best folder when chosen and written, else the last."""
+    return best if choice == "best" and (best / "config.json").is_file() else last
 
 
 def ship_choice(recipe) -> str:
     """task.ship, else best when the task-specific stage evaluates (train.eval_every), else last."""
-    return recipe.task.ship or ("best" if recipe.for_stage("task_specific").train.eval_every else "last")
+    return choose(recipe.task.ship, recipe.for_stage("task_specific").train.eval_every)
 
 
 def shipped_student(recipe, out: Path) -> Path:
     """The task-specific student the pipeline ships: student_best/ when chosen and written, else student/."""
-    best = Path(out) / "task_specific" / BEST_DIR
-    if ship_choice(recipe) == "best" and (best / "config.json").is_file():
-        return best
-    return Path(out) / "task_specific" / "student"
+    stage = Path(out) / "task_specific"
+    return pick(ship_choice(recipe), stage / BEST_DIR, stage / "student")

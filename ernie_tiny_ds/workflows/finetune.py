@@ -9,12 +9,15 @@ AutoModelForSequenceClassification, scores it on the dev split and renames it in
 done marker inside: a finished output is reused by a re-run. Checkpoints (every train.save_every
 steps, and on a stop request: STOP file or SIGUSR1) go to OUTPUT.checkpoints; the same command run
 again resumes from the newest intact one, and they are removed once the output is in place.
+With finetune.eval_every (default train.eval_every) the teacher is scored every N steps and at the
+last (runtime/selection.py: on task.selection_split, else dev) and the best is exported to
+OUTPUT_best/ (best.json: step, score, metric, split) beside the last; finetune.ship (default best
+when evaluating) picks the one stages 2-4 distil from (shipped_teacher).
     deepspeed --num_gpus 2 --module ernie_tiny_ds.cli finetune-teacher --config R [--output DIR]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -32,6 +35,38 @@ from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
+BEST_SUFFIX = "_best"
+
+
+def best_dir(output: Path) -> Path:
+    """Where the best teacher goes: beside the last, as the checkpoints are (OUTPUT_best/)."""
+    return output.with_name(output.name + BEST_SUFFIX)
+
+
+def last_and_best(teacher: Path) -> tuple[Path, Path]:
+    """(last, best) folders of a finetuned teacher given either of them."""
+    from ..runtime.selection import read_best
+
+    if teacher.name.endswith(BEST_SUFFIX) and read_best(teacher) is not None:
+        return teacher.with_name(teacher.name[:-len(BEST_SUFFIX)]), teacher
+    return teacher, best_dir(teacher)
+
+
+def eval_every(recipe: Recipe) -> int | None:
+    """finetune.eval_every, else train.eval_every (the recipe's own, not a stage's override)."""
+    return recipe.finetune.eval_every if recipe.finetune.eval_every is not None else recipe.train.eval_every
+
+
+def ship_choice(recipe: Recipe) -> str:
+    """finetune.ship, else best when finetuning evaluates, else last."""
+    from ..runtime.selection import choose
+    return choose(recipe.finetune.ship, eval_every(recipe))
+
+
+def shipped_teacher(recipe: Recipe, output: Path) -> Path:
+    """The finetuned teacher stages 2-4 distil from: the best when chosen and written, else the last."""
+    from ..runtime.selection import pick
+    return pick(ship_choice(recipe), best_dir(output), output)
 
 
 def build_classifier(recipe: Recipe, task: TaskData):
@@ -66,10 +101,12 @@ def finetune_recipe(recipe: Recipe, total_steps: int) -> Recipe:
         raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
     if ft.weight_decay < 0:
         raise ConfigError(f"finetune.weight_decay must be >= 0, got {ft.weight_decay}")
+    if ft.eval_every is not None and ft.eval_every <= 0:
+        raise ConfigError(f"finetune.eval_every must be > 0, got {ft.eval_every}")
     return dataclasses.replace(
         recipe,
         train=dataclasses.replace(recipe.train, micro_batch_size=ft.micro_batch_size, grad_accum=1,
-                                  max_steps=total_steps),
+                                  max_steps=total_steps, eval_every=eval_every(recipe)),
         optim=dataclasses.replace(recipe.optim, lr=ft.lr, weight_decay=ft.weight_decay,
                                   warmup_ratio=ft.warmup_ratio))
 
@@ -83,18 +120,6 @@ def _reusable(output: Path, task: TaskData) -> bool:
         raise ConfigError(f"{output} holds a teacher finetuned for another task ({done.get('type')}, labels "
                           f"{done.get('labels')}); remove it or pick another --output")
     return True
-
-
-def full_state_dict(module: torch.nn.Module, zero: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """fp32 CPU weights of a trained module on rank 0 (collective: ZeRO-3 parameters are gathered)."""
-    import deepspeed
-
-    gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if zero == 3 \
-        else contextlib.nullcontext()
-    with gather:
-        if rank != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output: Path, summary: dict) -> dict:
@@ -182,17 +207,25 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     checkpointer = Checkpointer(engine, ckpt_root, loader, every=recipe.train.save_every, last_step=total,
                                 keep=recipe.train.keep_checkpoints, stop_request=StopRequest(recipe.output_dir),
                                 save_last=False)
-    loss = _train_steps(engine, objective, iter(loader), logger, checkpointer, start, total, world, rank)
+    selector = _selector(r, task, objective.classifier, tokenizer, output, rank, world, zero_stage(ds_config),
+                         resumed=start > 0)
+    loss = _train_steps(engine, objective, iter(loader), logger, checkpointer, start, total, world, rank, selector)
     logger.close()
     if loss is None:  # a stop request: checkpointed, the same call resumes
         engine.destroy()
         return None
+    from ..runtime.selection import full_state_dict
     state = full_state_dict(objective.classifier, zero_stage(ds_config), rank)  # the classifier's own keys
     if rank == 0:
         summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
                    "epochs": ft.epochs, "final_loss": loss, "world_size": world}
+        if selector is not None:  # the best's step and score, and the choice stages 2-4 follow
+            from ..runtime.selection import read_best
+            summary.update(best=read_best(selector.folder), ship=ship_choice(recipe))
         metrics = save_finetuned(model.config, state, tokenizer, task, output, summary)
-        print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}", flush=True)
+        print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}"
+              f"{'' if selector is None else f'; best in {selector.folder}, {ship_choice(recipe)} is used'}",
+              flush=True)
     # the dev evaluation can outlast train.dist_timeout_s: the other ranks wait for it without that timeout
     wait_for_rank0()
     if rank == 0:  # after the wait: the rank registry in there lets the others name a rank 0 that dies
@@ -201,8 +234,25 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     return output
 
 
+def _selector(r: Recipe, task: TaskData, classifier, tokenizer, output: Path, rank: int, world: int, zero: int,
+              resumed: bool):
+    """The best-teacher selector when finetuning evaluates, else None; a fresh run forgets an earlier best."""
+    from ..runtime.engine import device
+    from ..runtime.selection import Selector, read_best
+
+    if r.train.eval_every is None:
+        return None
+    folder = best_dir(output)
+    key = "finetune.eval_every" if r.finetune.eval_every is not None else "train.eval_every"
+    if folder.exists() and read_best(folder) is None:  # every rank sees the same files: all stop alike
+        raise ConfigError(f"{key}: {folder} exists and is not a best teacher (no best.json); the best teacher "
+                          "is exported there: remove it or pick another --output")
+    return Selector(task, classifier, tokenizer, folder, r.train.eval_every, r.train.max_steps, rank, world,
+                    device(), zero, key=key, resumed=resumed)
+
+
 def _train_steps(engine, objective, batches, logger, checkpointer, start: int, total: int, world: int,
-                 rank: int) -> float | None:
+                 rank: int, selector=None) -> float | None:
     """Steps start+1..total of teacher finetuning; the last global loss, or None when a stop request
     ended the run at a checkpoint."""
     from ..runtime.engine import device
@@ -220,6 +270,8 @@ def _train_steps(engine, objective, batches, logger, checkpointer, start: int, t
         loss = global_mean({"loss": result.total}, world)["loss"]  # read on the host: the step's time is complete
         logger.step(step, {"loss": loss, "lr": result.lr}, tokens=result.tokens * world,
                     flops=finetune_step_flops(objective.classifier, *batch["input_ids"].shape))
+        if selector is not None:
+            selector(step)  # finetune.eval_every: score, export the best (runtime/selection.py)
         if checkpointer.after_step(step):
             if rank == 0:
                 checkpointer.stop_request.clear()

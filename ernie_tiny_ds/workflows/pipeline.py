@@ -1,7 +1,8 @@
 """`ernie-tiny-ds pipeline`: teacher finetuning, then stages 1-4, each starting from the student the
 previous stage wrote, then the report.
 
-    OUT/teacher_finetuned/   stage 0 (only when the recipe gives no finetuned teacher)
+    OUT/teacher_finetuned/   stage 0 (only when the recipe gives no finetuned teacher); with
+                             finetune.eval_every its best beside it in OUT/teacher_finetuned_best/
     OUT/<stage>/             checkpoints, metrics.jsonl, stage_done.json, student/ (the export)
     OUT/report.md|json|*.png after the task-specific stage
 
@@ -100,9 +101,11 @@ def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allow
     if not allowed:
         raise ConfigError("teacher.finetuned_path: these stages need a finetuned teacher; set it, or include "
                           "stage 0 (finetune) in the range")
-    from .finetune import finetune_teacher
+    from .finetune import finetune_teacher, shipped_teacher
     path = finetune_teacher(recipe, out / "teacher_finetuned")
-    return (str(path) if path is not None else None), path is None
+    if path is None:
+        return None, True
+    return str(shipped_teacher(recipe, path)), False  # finetune.ship: the best (by task.metric) or the last
 
 
 def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:

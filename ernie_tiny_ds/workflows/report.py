@@ -82,6 +82,7 @@ def build_report(recipe: Recipe, out: Path) -> dict:
         "teacher": teacher,
         "student": student,
         "selection": selection_section(recipe, out, Path(models["student"]), student["metrics"]),
+        "teacher_selection": teacher_selection_section(recipe, Path(models["teacher"]), teacher["metrics"]),
         "retained": student_score / teacher_score if teacher_score else None,
         "speedup": teacher["latency_ms_batch1"] / student["latency_ms_batch1"],
         "throughput_ratio": student["throughput_batch32"] / teacher["throughput_batch32"],
@@ -108,29 +109,47 @@ def build_report(recipe: Recipe, out: Path) -> dict:
 def selection_section(recipe: Recipe, out: Path, shipped: Path, shipped_metrics: dict) -> dict | None:
     """Stage 4's best checkpoint beside its last one (both scored on dev) and which one ships; None
     without train.eval_every's student_best/."""
-    from ..runtime.selection import BEST_DIR, read_best, ship_choice
-    from .evaluate import evaluate_model
+    from ..runtime.selection import BEST_DIR, ship_choice
 
     stage = out / "task_specific"
-    best = read_best(stage / BEST_DIR)
-    if best is None:
+    return best_and_last(recipe, stage / BEST_DIR, stage / "student", shipped, shipped_metrics, ship_choice(recipe))
+
+
+def teacher_selection_section(recipe: Recipe, teacher: Path, teacher_metrics: dict) -> dict | None:
+    """Teacher finetuning's best beside its last (both on dev) and which one stages 2-4 distilled from
+    (`teacher`); None without finetune.eval_every's best teacher."""
+    from .finetune import last_and_best, ship_choice
+
+    last, best = last_and_best(teacher)
+    return best_and_last(recipe, best, last, teacher, teacher_metrics, ship_choice(recipe))
+
+
+def best_and_last(recipe: Recipe, best: Path, last: Path, used: Path, used_metrics: dict, choice: str) -> dict | None:
+    """Both folders scored on dev (the used one's metrics reused), the best's step and selection score;
+    None when `best` holds no best.json."""
+    from ..runtime.selection import read_best
+    from .evaluate import evaluate_model
+
+    info = read_best(best)
+    if info is None:
         return None
-    section = {"ships": "best" if shipped.resolve() == (stage / BEST_DIR).resolve() else "last",
-               "choice": ship_choice(recipe), "best_step": best["step"], "selected_on": best["split"],
-               "selection_score": best["score"]}
-    for who, folder in (("best", stage / BEST_DIR), ("last", stage / "student")):
-        section[who] = {"path": str(folder), "metrics": shipped_metrics if folder.resolve() == shipped.resolve()
+    used = used.resolve()
+    section = {"ships": "best" if used == best.resolve() else "last", "choice": choice, "best_step": info["step"],
+               "selected_on": info["split"], "selection_score": info["score"]}
+    for who, folder in (("best", best), ("last", last)):
+        section[who] = {"path": str(folder), "metrics": used_metrics if folder.resolve() == used
                         else evaluate_model(folder, recipe.task)}
     return section
 
 
-def selection_lines(sel: dict | None, main: str) -> list[str]:
+def selection_lines(sel: dict | None, main: str, title: str = "checkpoint (task-specific stage)",
+                    verdict: str = "**{}** ships.") -> list[str]:
     if sel is None:
         return []
-    return ["", "## Best and last checkpoint (task-specific stage)", "",
-            f"The best checkpoint by {main} on the {sel['selected_on']} split (step {sel['best_step']}, "
-            f"{_fmt(sel['selection_score'])}) and the last one, both on dev; **{sel['ships']}** ships.", "",
-            f"| checkpoint | dev {main} |", "|---|---|",
+    return ["", f"## Best and last {title}", "",
+            f"The best by {main} on the {sel['selected_on']} split (step {sel['best_step']}, "
+            f"{_fmt(sel['selection_score'])}) and the last, both on dev; {verdict.format(sel['ships'])}", "",
+            f"| {title.split()[0]} | dev {main} |", "|---|---|",
             f"| best (step {sel['best_step']}) | {_fmt(sel['best']['metrics'].get(main))} |",
             f"| last | {_fmt(sel['last']['metrics'].get(main))} |"]
 
@@ -157,6 +176,8 @@ def render_markdown(r: dict) -> str:
               "|---|" + "---|" * len(metric_names)]
     for who, m in (("teacher", t), ("student", s)):
         lines.append(f"| {who} | " + " | ".join(_fmt(m["metrics"][k]) for k in metric_names) + " |")
+    lines += selection_lines(r.get("teacher_selection"), r["main_metric"], "teacher (finetuning)",
+                             "stages 2-4 distilled from the **{}** one.")
     lines += selection_lines(r.get("selection"), r["main_metric"])
     lines += ["", "## Size and speed", "",
               "| model | parameters | latency, batch 1 (ms) | throughput, batch 32 (seq/s) |", "|---|---|---|---|",
