@@ -1,23 +1,57 @@
-"""Do the progressive stages earn their cost? The demo pipeline's student against the same student
-trained by stage 4 (task-specific distillation) alone from random initialisation, same finetuned
-teacher, same stage-4 steps; both scored on the task's dev split.
+"""Do the progressive stages pay? ERNIE-Tiny's ablation at small scale.
 
-    python bench/progressive.py [--out runs/bench-progressive] [--ranks 2] [key.sub=value ...]
+For each task and seed the student is trained several ways from one finetuned teacher per task, and
+each result is scored on the task's dev split by its main metric (task.metric):
 
-Runs under the real deepspeed runner (2 CPU ranks by default); needs the `demo` extra (the real
-MiniLM teacher). Prints a markdown table for BENCHMARKS.md.
+  all         stages 1-4, each starting from the student the stage before exported
+  no-general  stages 2-4 (every "no-" variant leaves one stage out; the others keep their steps)
+  no-enhanced stages 1, 3, 4
+  no-adaptive stages 1, 2, 4
+  no-specific stages 1-3, then the task head trained on the hard labels alone (stage 4 with every
+              distillation weight 0: plain finetuning of the distilled student)
+  s4          stage 4 alone from random initialisation, its own steps
+  s4-equal    stage 4 alone with the steps of all four stages (the same compute as `all`)
+  reused      `all` with stage 1 replaced by --general-student, a general student trained once and
+              reused by every task (stage 1 is task-independent, so its cost is shared)
+
+    python bench/progressive.py [key.sub=value ...] --tasks pair similarity --seeds 0 1 2
+                                [--variants all s4-equal] [--train-examples 2000] [--general-student DIR]
+
+(recipe overrides go before the options that take several values)
+
+Every stage runs as `ernie-tiny-ds distill --stage S` under the real deepspeed runner (2 CPU ranks by
+default) with the demo recipe and the real MiniLM teacher of the `demo` extra. A finished stage
+(its stage_done.json) is not run again, so an interrupted bench continues where it stopped. Prints a
+markdown table (mean +- std over seeds, and each seed's score) and writes OUT/ablation.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+STAGES = ("general", "general_enhanced", "task_adaptive", "task_specific")
+VARIANTS = {  # name -> the stages it runs, in order
+    "all": STAGES,
+    "no-general": STAGES[1:],
+    "no-enhanced": (STAGES[0], STAGES[2], STAGES[3]),
+    "no-adaptive": (STAGES[0], STAGES[1], STAGES[3]),
+    "no-specific": STAGES,
+    "s4": STAGES[3:],
+    "s4-equal": STAGES[3:],
+    "reused": STAGES[1:],
+}
+LABELS_ONLY = ["stages.task_specific.losses.hidden_weight=0", "stages.task_specific.losses.embedding_weight=0",
+               "stages.task_specific.losses.attention_weight=0", "stages.task_specific.losses.soft_label_weight=0"]
 
 
 def minilm_folder() -> str:
@@ -32,58 +66,97 @@ def deepspeed(ranks: int, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+def low_resource_task(task_cfg, count: int, folder: Path) -> list[str]:
+    """Overrides that train on `count` rows of the task's train file (a seeded permutation, fixed across
+    seeds and variants, so every run sees the same small task); dev stays whole."""
+    from ernie_tiny_ds.data.tasks import resolve_task
+
+    resolved = resolve_task(task_cfg)
+    lines = Path(resolved.train_file).read_text(encoding="utf-8").splitlines(keepends=True)
+    header, rows = (lines[:1], lines[1:]) if resolved.header else ([], lines)
+    if count >= len(rows):
+        raise SystemExit(f"--train-examples {count}: the task has only {len(rows)} training rows")
+    keep = sorted(random.Random(1234).sample(range(len(rows)), count))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"train-{count}{Path(resolved.train_file).suffix}"
+    path.write_text("".join(header + [rows[i] for i in keep]), encoding="utf-8")
+    fields = {"train_file": str(path), "dev_file": resolved.dev_file, "type": resolved.type,
+              "text_columns": resolved.text_columns, "label_column": resolved.label_column,
+              "labels": resolved.labels, "metric": resolved.metric}
+    return [f"task.{key}={json.dumps(value)}" for key, value in fields.items() if value not in (None, [])]
+
+
+def run_variant(variant: str, base: list[str], out: Path, ranks: int, total_steps: int,
+                general_student: str | None) -> Path:
+    """Runs the variant's stages in `out` (skipping finished ones); returns its final student folder."""
+    student = general_student if variant == "reused" else None
+    for stage in VARIANTS[variant]:
+        extra = [f"output_dir={out}"]
+        if student is not None:
+            extra.append(f"student.path={student}")
+        if stage == "task_specific" and variant == "s4-equal":
+            extra.append(f"stages.task_specific.train.max_steps={total_steps}")
+        if stage == "task_specific" and variant == "no-specific":
+            extra += LABELS_ONLY
+        if not (out / stage / "stage_done.json").is_file():
+            deepspeed(ranks, ["distill", "--stage", stage, *base, *extra])
+        student = str(out / stage / "student")
+    return Path(student)
+
+
+def summary(scores: list[float]) -> str:
+    if len(scores) == 1:
+        return f"{scores[0]:.4f}"
+    return f"{statistics.mean(scores):.4f} +- {statistics.stdev(scores):.4f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-progressive")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-ablation")
+    parser.add_argument("--tasks", nargs="+", default=["pair"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--train-examples", type=int, help="low-resource variant: this many training rows")
+    parser.add_argument("--general-student", help="the `reused` variant's stage-1 student (an exported folder)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--config", default="demo")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
-    common = ["--config", args.config, f"teacher.path={minilm_folder()}", *args.overrides]
+    if "reused" in args.variants and args.general_student is None:
+        parser.error("the `reused` variant needs --general-student (e.g. OUT/general/student of an earlier run)")
 
-    progressive_out = args.out / "progressive"
-    seconds_all = deepspeed(args.ranks, ["pipeline", *common, f"output_dir={progressive_out}"])
-    finetuned = progressive_out / "teacher_finetuned"
-    alone_out = args.out / "stage4_only"
-    seconds_alone = deepspeed(args.ranks, ["distill", "--stage", "task_specific", *common,
-                                           f"teacher.finetuned_path={finetuned}", f"output_dir={alone_out}"])
-
-    from ernie_tiny_ds.config import STAGES, load_recipe
+    from ernie_tiny_ds.config import load_recipe
     from ernie_tiny_ds.data.tasks import load_task
     from ernie_tiny_ds.workflows.evaluate import evaluate_model
 
-    recipe = load_recipe(args.config, common[2:])
-    # the same compute as the whole pipeline: stage 4 alone for the sum of all stages' steps
-    total_steps = sum(recipe.for_stage(stage).train.max_steps for stage in STAGES)
-    equal_out = args.out / "stage4_only_equal_steps"
-    seconds_equal = deepspeed(args.ranks, ["distill", "--stage", "task_specific", *common,
-                                           f"teacher.finetuned_path={finetuned}", f"output_dir={equal_out}",
-                                           f"stages.task_specific.train.max_steps={total_steps}"])
-    main_metric = load_task(recipe.task).main_metric
-    rows = {"teacher (finetuned)": evaluate_model(finetuned, recipe.task),
-            "student, stages 1-4": evaluate_model(progressive_out / "task_specific" / "student", recipe.task),
-            "student, stage 4 only (random init), same stage-4 steps": evaluate_model(
-                alone_out / "task_specific" / "student", recipe.task),
-            f"student, stage 4 only (random init), {total_steps} steps = all stages' steps": evaluate_model(
-                equal_out / "task_specific" / "student", recipe.task)}
-    names = list(next(iter(rows.values())))
-    print(f"\nTask {recipe.task.name}, dev split; main metric {main_metric}; {args.ranks} CPU ranks; "
-          f"{platform.processor() or platform.machine()}; this run: pipeline {seconds_all:.0f} s (finished stages "
-          f"are reused), stage 4 alone {seconds_alone:.0f} s and {seconds_equal:.0f} s\n")
-    print("| model | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for label, metrics in rows.items():
-        print(f"| {label} | " + " | ".join(_cell(metrics[n]) for n in names) + " |")
-    (args.out / "progressive.json").write_text(json.dumps(
-        {"main_metric": main_metric, "rows": rows, "seconds": {"pipeline": seconds_all, "stage4_only": seconds_alone,
-                                                 "stage4_only_equal_steps": seconds_equal}},
-        indent=2))
+    results: dict = {}
+    for task in args.tasks:
+        task_out = args.out / (task if args.train_examples is None else f"{task}-{args.train_examples}")
+        common = ["--config", args.config, f"teacher.path={minilm_folder()}", f"task.name={task}",
+                  "train.progress_bar=false", *args.overrides]
+        if args.train_examples is not None:
+            common += low_resource_task(load_recipe(args.config, common[2:]).task, args.train_examples, task_out)
+        recipe = load_recipe(args.config, common[2:])
+        teacher = task_out / "teacher_finetuned"
+        if not (teacher / "config.json").is_file():  # one finetuned teacher per task, shared by every run
+            deepspeed(args.ranks, ["finetune-teacher", *common, "--output", str(teacher)])
+        common.append(f"teacher.finetuned_path={teacher}")
+        total_steps = sum(recipe.for_stage(stage).train.max_steps for stage in STAGES)
+        metric = load_task(recipe.task).main_metric
+        rows = {"teacher": [evaluate_model(teacher, recipe.task)[metric]]}
+        for variant in args.variants:
+            rows[variant] = []
+            for seed in args.seeds:
+                student = run_variant(variant, [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}",
+                                      args.ranks, total_steps, args.general_student)
+                rows[variant].append(evaluate_model(student, recipe.task)[metric])
+        results[task_out.name] = {"metric": metric, "rows": rows, "total_steps": total_steps}
+        print(f"\nTask {task_out.name}: dev {metric}, seeds {args.seeds}, {args.ranks} CPU ranks, "
+              f"{platform.processor() or platform.machine()}; all four stages = {total_steps} steps\n")
+        print("| variant | mean +- std | per seed |\n|---|---|---|")
+        for name, scores in rows.items():
+            print(f"| {name} | {summary(scores)} | {', '.join(f'{s:.4f}' for s in scores)} |")
+        (args.out / "ablation.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
