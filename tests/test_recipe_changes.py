@@ -134,7 +134,8 @@ def test_a_resumed_teacher_finetuning_applies_a_new_lr_and_refuses_a_new_task_le
     assert re.search(r"error: the recipe of finetuning changed since .*step_00000001 was written: "
                      r"task.max_seq_len \(32 -> 16\); only .*finetune.lr.*; rm -r .*teacher_finetuned.checkpoints ",
                      refused.stderr), refused.stderr[-3000:]
-    resumed = run_cli(common + ["finetune.lr=0.001", "losses.hidden_weight=0.5"])
+    resumed = run_cli(common + ["finetune.lr=0.001", "losses.hidden_weight=0.5", "finetune.ship=last"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"warning: finetuning: finetune.lr changed from 0.003 to 0.001 .*applied", resumed.stdout)
+    assert re.search(r"warning: finetuning: finetune.ship changed from None to 'last' .*applied", resumed.stdout)
     assert "resumed finetuning from" in resumed.stdout

@@ -12,8 +12,9 @@ compares it with the recipe of this run and names every key that changed:
 - everything else (model shapes, losses, data, batch sizes, precision, DeepSpeed config, …) is
   refused with the list of keys: `rm -r OUT/<stage>` retrains the stage, or use a new output_dir.
 
-Teacher finetuning keeps a fingerprint of what it reads (finetune_fingerprint): finetune.lr and
-finetune.epochs are safe on its resume, the distillation stages' settings are no part of it.
+Teacher finetuning keeps a fingerprint of what it reads (finetune_fingerprint): finetune.lr,
+finetune.epochs and the selection keys (eval_every, ship) are safe on its resume, the distillation
+stages' settings are no part of it.
 
 Not part of the fingerprint: output_dir (a run folder may move), the stages/command_line
 bookkeeping (already merged into the sections), the finetune section (it shapes the teacher,
@@ -35,14 +36,19 @@ SAFE_ON_SKIP = frozenset(_RUN_ONLY)
 SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"train.max_steps", "optim.lr"})
 
 # teacher finetuning: its own section sets the rate, length and batch (train.max_steps/micro_batch_size/
-# grad_accum and the optim rate are not read there)
-FINETUNE_SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"finetune.lr", "finetune.epochs"})
+# grad_accum and the optim rate are not read there); eval_every and ship choose among checkpoints, they
+# do not change what is learnt
+FINETUNE_SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"finetune.lr", "finetune.epochs", "finetune.eval_every",
+                                                 "finetune.ship", "train.eval_every"})
 
 HOW_APPLIED = {
     "optim.lr": "applied: the scheduler's base rate is reset to it from this step on",
     "finetune.lr": "applied: the scheduler's base rate is reset to it from this step on",
     "train.max_steps": "applied: the warm-up/decay schedule now ends at the new step count",
     "finetune.epochs": "applied: the warm-up/decay schedule now ends at the new step count",
+    "finetune.eval_every": "applied: the teacher is scored at the new cadence; the best so far is kept",
+    "train.eval_every": "applied to finetuning through finetune.eval_every; the best so far is kept",
+    "finetune.ship": "applied: it picks the teacher that stages 2-4 distil from",
 }
 
 
