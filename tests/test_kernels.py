@@ -277,10 +277,13 @@ def build(kernel, meta, pointers, name):
 for dtype in (torch.bfloat16, torch.float32):
     q_s, q_t = torch.empty(1, 1, 1, 26, dtype=dtype), torch.empty(1, 1, 1, 64, dtype=dtype)
     pointers = {n: "*" + TY[dtype] for n in ("QS", "KS", "QT", "KT")}
-    pointers.update({n: "*fp32" for n in ("ROWS", "LSE_S", "LSE_T", "D_ROWS", "DQ", "DK")}, MASK="*i32")
+    pointers.update({n: "*fp32" for n in ("ROWS", "LSE_S", "LSE_T", "D_ROWS", "DX")}, MASK="*i32")
     meta = at._meta(q_s, q_t, True, at.default_tiling(512, dtype == torch.float32))
-    for kernel in (at._attention_transfer_fwd, at._attention_transfer_bwd_dq, at._attention_transfer_bwd_dk):
-        build(kernel, meta, pointers, f"{kernel.fn.__name__} {TY[dtype]}")
+    # the backward kernel compiles once per walk order (KEY_MAJOR is a constexpr)
+    for name, kernel, walk in (("fwd", at._attention_transfer_fwd, {}),
+                               ("bwd dQ", at._attention_transfer_bwd, {"KEY_MAJOR": False}),
+                               ("bwd dK", at._attention_transfer_bwd, {"KEY_MAJOR": True})):
+        build(kernel, {**meta, **walk}, pointers, f"_attention_transfer {name} {TY[dtype]}")
 for kernel in (sl._soft_label_fwd, sl._soft_label_bwd):
     pointers = {"S": "*bf16", "T": "*bf16", "DS": "*fp32", "ROWS": "*fp32", "LSE_S": "*fp32", "LSE_T": "*fp32",
                 "D_ROWS": "*fp32"}

@@ -9,8 +9,8 @@ forward walks the keys block by block and keeps only running statistics in regis
   kind "mse": running sum of (s_s - s_t)^2 over valid keys.
 
 No L x L tile ever leaves registers. The forward saves the two per-row LSEs; the backward
-recomputes score tiles FlashAttention-style in two kernels (one owns query blocks -> dQ_s,
-one owns key blocks -> dK_s), so there are no atomics and the result is deterministic.
+recomputes score tiles FlashAttention-style in one kernel launched twice (programs own query
+blocks -> dQ_s, then key blocks -> dK_s), so there are no atomics and the result is deterministic.
 The teacher gets no gradient.
 """
 from __future__ import annotations
@@ -140,83 +140,66 @@ def _attention_transfer_fwd(
 
 
 @triton.jit
-def _attention_transfer_bwd_dq(
-    QS, KS, QT, KT, MASK, LSE_S, LSE_T, D_ROWS, DQ,
+def _attention_transfer_bwd(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, D_ROWS, DX,
     sqs_b, sqs_h, sqs_l, sqs_d, sks_b, sks_h, sks_l, sks_d,
     sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d,
-    sdq_b, sdq_h, sdq_l, sdq_d,
+    sdx_b, sdx_h, sdx_l, sdx_d,
     H, L, D_S, D_T, scale_s, scale_t,
-    IS_KL: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    KEY_MAJOR: tl.constexpr, IS_KL: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
-    """One program owns a query block: dQ_s = scale_s * sum over key blocks of dS @ K_s."""
+    """One program owns a block of one axis and walks the other, recomputing the score tiles:
+      KEY_MAJOR false: a query block, DX = dQ_s = scale_s * sum over key blocks of dS @ K_s;
+      KEY_MAJOR true:  a key block,   DX = dK_s = scale_s * sum over query blocks of dS^T @ Q_s.
+    Key-major tiles are [keys, queries] (scores as K Q^T), so dS^T needs no transpose: a transposed
+    operand made the fp32 (FMA) dot spill to local memory on sm_90. KEY_MAJOR is a constexpr, so each
+    launch compiles only its own branch."""
     bh, b, h = _head_of_program(H)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
-    q_s, q_t = _load_pair(QS, QT, b, h, sqs_b, sqs_h, sqs_l, sqs_d, sqt_b, sqt_h, sqt_l, sqt_d,
-                          offs_m, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
-    in_range = offs_m < L
-    row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
-    lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
-    d_row = tl.load(D_ROWS + bh * L + offs_m, mask=in_range, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_valid = tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0
+    if KEY_MAJOR:
+        offs_x = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_s, k_t = _load_pair(KS, KT, b, h, sks_b, sks_h, sks_l, sks_d, skt_b, skt_h, skt_l, skt_d,
-                              offs_n, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
-        s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
-        s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
-        ds = _grad_student_scores(s_s, s_t, lse_s[:, None], lse_t[:, None], d_row[:, None],
-                                  row_valid[:, None] & key_valid[None, :], IS_KL)
-        # dS stays fp32 (rounding it to bf16 alone costs ~5e-3 relative error); tf32 on GPU for 16-bit inputs
-        dq += tl.dot(ds, k_s.to(tl.float32), input_precision=PREC_S)
-    dq = dq * scale_s
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_l + offs_ds[None, :] * sdq_d,
-             dq, mask=in_range[:, None] & (offs_ds[None, :] < D_S))
-
-
-@triton.jit
-def _attention_transfer_bwd_dk(
-    QS, KS, QT, KT, MASK, LSE_S, LSE_T, D_ROWS, DK,
-    sqs_b, sqs_h, sqs_l, sqs_d, sks_b, sks_h, sks_l, sks_d,
-    sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d,
-    sdk_b, sdk_h, sdk_l, sdk_d,
-    H, L, D_S, D_T, scale_s, scale_t,
-    IS_KL: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-):
-    """One program owns a key block: dK_s = scale_s * sum over query blocks of dS^T @ Q_s.
-    Tiles are key-major ([keys, queries], scores as K Q^T), so dS^T needs no transpose: a
-    transposed operand made the fp32 (FMA) dot spill to local memory on sm_90."""
-    bh, b, h = _head_of_program(H)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    k_s, k_t = _load_pair(KS, KT, b, h, sks_b, sks_h, sks_l, sks_d, skt_b, skt_h, skt_l, skt_d,
-                          offs_n, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
-    key_in_range = offs_n < L
-    key_valid = tl.load(MASK + b * L + offs_n, mask=key_in_range, other=0) != 0
-
-    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    for start_m in range(0, L, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_range = offs_m < L
-        row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
-        lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
-        d_row = tl.load(D_ROWS + bh * L + offs_m, mask=in_range, other=0.0)
+                              offs_x, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
+        key_valid = tl.load(MASK + b * L + offs_x, mask=offs_x < L, other=0) != 0
+        dx = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_range = offs_m < L
+            row_valid = tl.load(MASK + b * L + offs_m, mask=in_range, other=0) != 0
+            lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_m, in_range, BLOCK_M, IS_KL)
+            d_row = tl.load(D_ROWS + bh * L + offs_m, mask=in_range, other=0.0)
+            q_s, q_t = _load_pair(QS, QT, b, h, sqs_b, sqs_h, sqs_l, sqs_d, sqt_b, sqt_h, sqt_l, sqt_d,
+                                  offs_m, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
+            s_s = _scores(k_s, q_s, scale_s, PREC_S, UPCAST_S)  # [keys, queries]
+            s_t = _scores(k_t, q_t, scale_t, PREC_T, UPCAST_T)
+            ds = _grad_student_scores(s_s, s_t, lse_s[None, :], lse_t[None, :], d_row[None, :],
+                                      key_valid[:, None] & row_valid[None, :], IS_KL)
+            dx += tl.dot(ds, q_s.to(tl.float32), input_precision=PREC_S)
+    else:
+        offs_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         q_s, q_t = _load_pair(QS, QT, b, h, sqs_b, sqs_h, sqs_l, sqs_d, sqt_b, sqt_h, sqt_l, sqt_d,
-                              offs_m, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
-        s_s = _scores(k_s, q_s, scale_s, PREC_S, UPCAST_S)  # [keys, queries]
-        s_t = _scores(k_t, q_t, scale_t, PREC_T, UPCAST_T)
-        ds = _grad_student_scores(s_s, s_t, lse_s[None, :], lse_t[None, :], d_row[None, :],
-                                  key_valid[:, None] & row_valid[None, :], IS_KL)
-        dk += tl.dot(ds, q_s.to(tl.float32), input_precision=PREC_S)
-    dk = dk * scale_s
-    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_l + offs_ds[None, :] * sdk_d,
-             dk, mask=key_in_range[:, None] & (offs_ds[None, :] < D_S))
+                              offs_x, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
+        in_range = offs_x < L
+        row_valid = tl.load(MASK + b * L + offs_x, mask=in_range, other=0) != 0
+        lse_s, lse_t = _load_lse(LSE_S, LSE_T, bh * L + offs_x, in_range, BLOCK_M, IS_KL)
+        d_row = tl.load(D_ROWS + bh * L + offs_x, mask=in_range, other=0.0)
+        dx = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_valid = tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0
+            k_s, k_t = _load_pair(KS, KT, b, h, sks_b, sks_h, sks_l, sks_d, skt_b, skt_h, skt_l, skt_d,
+                                  offs_n, L, D_S, D_T, BLOCK_DS, BLOCK_DT)
+            s_s = _scores(q_s, k_s, scale_s, PREC_S, UPCAST_S)
+            s_t = _scores(q_t, k_t, scale_t, PREC_T, UPCAST_T)
+            ds = _grad_student_scores(s_s, s_t, lse_s[:, None], lse_t[:, None], d_row[:, None],
+                                      row_valid[:, None] & key_valid[None, :], IS_KL)
+            # dS stays fp32 (rounding it to bf16 alone costs ~5e-3 relative error); tf32 on GPU for 16-bit inputs
+            dx += tl.dot(ds, k_s.to(tl.float32), input_precision=PREC_S)
+    dx = dx * scale_s
+    tl.store(DX + b * sdx_b + h * sdx_h + offs_x[:, None] * sdx_l + offs_ds[None, :] * sdx_d,
+             dx, mask=(offs_x < L)[:, None] & (offs_ds[None, :] < D_S))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -292,13 +275,13 @@ def attention_transfer_rows_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t, d_r
     dq = dk = None
     if need_dq:
         dq = torch.empty(q_s.shape, device=q_s.device, dtype=torch.float32)
-        _attention_transfer_bwd_dq[(b * h, triton.cdiv(length, tiling.block_m))](
-            DQ=dq, **_strides(sdq=dq), **common)
+        _attention_transfer_bwd[(b * h, triton.cdiv(length, tiling.block_m))](
+            DX=dq, **_strides(sdx=dq), KEY_MAJOR=False, **common)
         dq = dq.to(q_s.dtype)
     if need_dk:
         dk = torch.empty(k_s.shape, device=k_s.device, dtype=torch.float32)
-        _attention_transfer_bwd_dk[(b * h, triton.cdiv(length, tiling.block_n))](
-            DK=dk, **_strides(sdk=dk), **common)
+        _attention_transfer_bwd[(b * h, triton.cdiv(length, tiling.block_n))](
+            DX=dk, **_strides(sdx=dk), KEY_MAJOR=True, **common)
         dk = dk.to(k_s.dtype)
     return dq, dk
 
