@@ -129,7 +129,8 @@ def main() -> None:
     from ernie_tiny_ds.data.tasks import load_task
     from ernie_tiny_ds.workflows.evaluate import evaluate_model
 
-    results: dict = {}
+    summary_file = args.out / "ablation.json"  # shared by every invocation on this --out: merge, never drop
+    results: dict = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     for task in args.tasks:
         task_out = args.out / (task if args.train_examples is None else f"{task}-{args.train_examples}")
         common = ["--config", args.config, f"teacher.path={minilm_folder()}", f"task.name={task}",
@@ -150,13 +151,15 @@ def main() -> None:
                 student = run_variant(variant, [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}",
                                       args.ranks, total_steps, args.general_student)
                 rows[variant].append(evaluate_model(student, recipe.task)[metric])
-        results[task_out.name] = {"metric": metric, "rows": rows, "total_steps": total_steps}
+        earlier = results.get(task_out.name, {}).get("rows", {})  # variants an earlier invocation ran
+        results[task_out.name] = {"metric": metric, "rows": {**earlier, **rows}, "total_steps": total_steps}
         print(f"\nTask {task_out.name}: dev {metric}, seeds {args.seeds}, {args.ranks} CPU ranks, "
               f"{platform.processor() or platform.machine()}; all four stages = {total_steps} steps\n")
         print("| variant | mean +- std | per seed |\n|---|---|---|")
         for name, scores in rows.items():
             print(f"| {name} | {summary(scores)} | {', '.join(f'{s:.4f}' for s in scores)} |")
-        (args.out / "ablation.json").write_text(json.dumps(results, indent=2))
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        summary_file.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
