@@ -156,7 +156,6 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from ..distill.objective import ClassifierObjective
     from ..runtime import checkpoint, rank_registry, recipe_changes
     from ..runtime.checkpointer import Checkpointer
-    from ..runtime.collectives import wait_for_rank0
     from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
     from ..runtime.export import check_output
     from ..runtime.flops import peak_flops
@@ -214,13 +213,23 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     if loss is None:  # a stop request: checkpointed, the same call resumes
         engine.destroy()
         return None
-    from ..runtime.selection import full_state_dict
-    state = full_state_dict(objective.classifier, zero_stage(ds_config), rank)  # the classifier's own keys
+    _write_output(recipe, task, objective, model, tokenizer, output, ckpt_root, selector, zero_stage(ds_config),
+                  rank, {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
+                         "epochs": ft.epochs, "final_loss": loss, "world_size": world})
+    engine.destroy()
+    return output
+
+
+def _write_output(recipe: Recipe, task: TaskData, objective, model, tokenizer, output: Path, ckpt_root: Path,
+                  selector, zero: int, rank: int, summary: dict) -> None:
+    """Collective: gathers the classifier, rank 0 writes and scores the finetuned teacher, then drops the
+    checkpoints it no longer needs."""
+    from ..runtime.collectives import wait_for_rank0  # heavy stack: see finetune_teacher
+    from ..runtime.selection import full_state_dict, read_best
+
+    state = full_state_dict(objective.classifier, zero, rank)  # the classifier's own keys
     if rank == 0:
-        summary = {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
-                   "epochs": ft.epochs, "final_loss": loss, "world_size": world}
         if selector is not None:  # the best's step and score, and the choice stages 2-4 follow
-            from ..runtime.selection import read_best
             summary.update(best=read_best(selector.folder), ship=ship_choice(recipe))
         metrics = save_finetuned(model.config, state, tokenizer, task, output, summary)
         print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}"
@@ -230,8 +239,6 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     wait_for_rank0()
     if rank == 0:  # after the wait: the rank registry in there lets the others name a rank 0 that dies
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
-    engine.destroy()
-    return output
 
 
 def _selector(r: Recipe, task: TaskData, classifier, tokenizer, output: Path, rank: int, world: int, zero: int,
