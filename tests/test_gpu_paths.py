@@ -5,7 +5,9 @@ Audit of every path that differs on CUDA/NCCL, and what covers it:
 1. Control-plane collectives (finite flags, loss means, stop requests, the checkpoint choice,
    gathered values) under an NCCL-only default group: `test_control_plane_under_a_group_without_cpu_backend`
    builds that situation on CPU ("cuda:gloo": the group's only backend serves CUDA) on 2 real
-   processes and runs every helper. The rank registry uses files, no collective.
+   processes and runs every helper. The rank registry uses files, no collective. The best-checkpoint
+   Selector of stage 4 and teacher finetuning runs whole under that group too
+   (`test_best_checkpoint_selection_under_a_group_without_cpu_backend`).
 2. LOCAL_RANK -> the rank's CUDA device, ranks sharing a GPU (gloo) and NCCL's refusal of that:
    `test_local_rank_picks_the_cuda_device` (torch.cuda faked: the mapping is pure arithmetic).
 3. Dead-rank detection under NCCL: NCCL raises nothing while it waits for a dead peer (its watchdog
@@ -107,6 +109,56 @@ def test_control_plane_under_a_group_without_cpu_backend(tmp_path):
         assert got["waited_for_rank0"] is True
         assert got["checkpoint_choice"] == "step_0"  # rank 0 chooses, every rank follows
         assert got["nccl_abort"].startswith(f"[rank {r}] error: another rank left the job")
+
+
+def _selector_worker(rank: int, store_path: str, out_dir: str, model_dir: str) -> None:
+    import json
+
+    import transformers
+
+    from ernie_tiny_ds.config import TaskConfig
+    from ernie_tiny_ds.data.tasks import load_task
+    from ernie_tiny_ds.runtime.selection import Selector
+
+    dist.init_process_group("cuda:gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    task = load_task(TaskConfig(name="sentiment", max_seq_len=32, selection_split=0.05))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)  # the same weights on both
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    # what teacher finetuning and stage 4 build: scores gathered over ranks, the best exported by rank 0
+    selector = Selector(task, model, tokenizer, Path(out_dir) / "best", every=1, last_step=1, rank=rank, world=2,
+                        dev=torch.device("cpu"), zero=1, key="finetune.eval_every", resumed=False)
+    selector(1)
+    Path(out_dir, f"selector{rank}.json").write_text(json.dumps({"best_score": selector.best_score}))
+    dist.destroy_process_group()
+
+
+def test_best_checkpoint_selection_under_a_group_without_cpu_backend(tmp_path, tokenizer_dir, vocab_size):
+    """The Selector (stage 4's and teacher finetuning's best checkpoint) gathers its scores and agrees on the
+    best through the control plane, so it works under NCCL; its score is the exported model's own."""
+    import json
+
+    import transformers
+
+    from ernie_tiny_ds.config import TaskConfig
+    from ernie_tiny_ds.data.benchmarks import compute_metrics
+    from ernie_tiny_ds.data.tasks import iter_dev_batches, load_task
+    from ernie_tiny_ds.workflows.evaluate import predict
+
+    torch.manual_seed(int(time.time_ns() % 2**31))
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "model")
+    mp.start_processes(_selector_worker, args=(str(tmp_path / "store"), str(tmp_path), str(tmp_path / "model")),
+                       nprocs=2, start_method="spawn")
+    scores = [json.loads((tmp_path / f"selector{r}.json").read_text())["best_score"] for r in (0, 1)]
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert scores[0] == scores[1] == best["score"] and best["step"] == 1 and best["split"] == "selection"
+    task = load_task(TaskConfig(name="sentiment", max_seq_len=32, selection_split=0.05))
+    exported = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "best")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "best")
+    logits, labels = predict(exported, iter_dev_batches(task, tokenizer, 8, task.selection))
+    assert compute_metrics("classification", logits, labels)["accuracy"] == pytest.approx(best["score"], abs=1e-12)
 
 
 def test_a_gloo_default_group_carries_the_control_plane_itself(tmp_path):
