@@ -36,9 +36,17 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from .runtime.export import check_output, export_checkpoint
+    if args.onnx:  # before the export, not after it: a missing extra is one line and writes nothing
+        from .workflows.onnx_export import require_onnx
+        require_onnx()
     check_output(args.output, "--output", args.overwrite, holds=Path(args.checkpoint))
     out = export_checkpoint(args.checkpoint, args.output)
     print(f"exported student to {out}")
+    if args.onnx:
+        from .workflows.onnx_export import ONNX_FILE, export_onnx
+        result = export_onnx(out, Path(out) / ONNX_FILE)
+        print(f"wrote {result['path']} (opset {result['opset']}); ONNX Runtime vs PyTorch max abs diff "
+              f"{result['max_abs_diff']:.3g}", flush=True)
     return 0
 
 
@@ -65,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output even when it is not an earlier export")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write OUTPUT/model.onnx, checked against PyTorch (needs the onnx extra)")
     p.set_defaults(func=cmd_export)
 
     # Commands whose module declares its own arguments: add_arguments(parser) and run(args) -> int.

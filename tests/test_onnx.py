@@ -77,3 +77,21 @@ def test_onnx_command_bad_folder_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1:] == [f"error: --model: {tmp_path / 'missing'} is not an exported "
                                                      "Hugging Face model folder (no config.json)"] \
         or f"error: --model: {tmp_path / 'missing'}" in proc.stdout + proc.stderr
+
+
+def test_export_onnx_writes_the_graph_of_the_checkpoints_student(tmp_path, tokenizer_dir, vocab_size):
+    """`export --onnx`: the ZeRO checkpoint becomes a folder with model.onnx, and that graph gives the
+    exported PyTorch student's outputs under ONNX Runtime on fresh padded inputs."""
+    from distributed import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 1, "save_every": 1})
+    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "release"
+    proc = run_cli(["export", "--checkpoint", str(tmp_path / "out/general/checkpoints"), "--output", str(out),
+                    "--onnx"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"wrote {out / 'model.onnx'}" in proc.stdout
+    module = transformers.AutoModel.from_pretrained(out).eval()
+    seed = int(np.random.default_rng().integers(1 << 30))
+    assert check_against_pytorch(out / "model.onnx", module, seq_len=19, batch=4, seed=seed) <= 1e-4

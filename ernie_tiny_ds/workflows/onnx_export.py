@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..files import temp_file_beside
+from ..files import fsync_dir, temp_file_beside
 from .speed import THROUGHPUT_BATCH, _alternating_medians, _inputs, _threads
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -137,7 +137,10 @@ def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance:
         diff = check_against_pytorch(tmp, module)
         if diff > tolerance:
             raise UserError(f"{output}: the ONNX graph differs from PyTorch by {diff:.3g} (> {tolerance}); not written")
+        with open(tmp, "rb") as graph:  # on disk before the rename, the rename on disk before we return
+            os.fsync(graph.fileno())
         os.replace(tmp, output)  # whole or absent: a reader never sees a half-written graph
+        fsync_dir(output.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(output), "opset": opset, "max_abs_diff": diff,
