@@ -66,7 +66,7 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    name: Optional[str] = None        # a bundled task (sentiment, pair, similarity) or a free name
+    name: Optional[str] = None        # a bundled task (sentiment, pair, similarity, coherence) or a free name
     train_file: Optional[str] = None
     # `ernie-tiny-ds augment` output: stages 3-4 train on it instead of train_file (finetuning, dev and
     # selection never read it)

@@ -4,9 +4,13 @@
   tokenizer/  a lower-case WordPiece tokenizer trained by the project on that text (it covers the
               grammar's whole vocabulary, so it stops well below its 4096-entry cap)
   tasks/      three small generated tasks: sentiment (single sentence, 2 classes),
-              pair (sentence pair, 3 classes), similarity (sentence pair, regression 0-5)
+              pair (sentence pair, 3 classes), similarity (sentence pair, regression 0-5);
+              and coherence (sentence pair, 3 classes), real Wikipedia sentences: does B follow A,
+              come from A's article further away, or from another article?
 
-All of it is produced by `python -m ernie_tiny_ds.assets.build_assets` (deterministic).
+The generated parts come from `python -m ernie_tiny_ds.assets.build_assets` (deterministic), the
+coherence task from `python -m ernie_tiny_ds.assets.build_coherence` (its docstring says where the
+text comes from).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ DEFAULT_CORPUS_DIR = ASSETS_DIR / "corpus"
 DEFAULT_CORPUS_GLOB = str(DEFAULT_CORPUS_DIR / "*.txt")
 DEFAULT_TOKENIZER = ASSETS_DIR / "tokenizer"
 TASKS_DIR = ASSETS_DIR / "tasks"
-BUNDLED_TASKS = ("sentiment", "pair", "similarity")
+GENERATED_TASKS = ("sentiment", "pair", "similarity")
+BUNDLED_TASKS = (*GENERATED_TASKS, "coherence")
 
 
 def task_dir(name: str) -> Path:

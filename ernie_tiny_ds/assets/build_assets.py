@@ -1,4 +1,4 @@
-"""Regenerate the bundled assets: general corpus, WordPiece tokenizer and the three small tasks.
+"""Regenerate the generated bundled assets: general corpus, WordPiece tokenizer and three small tasks.
 
     python -m ernie_tiny_ds.assets.build_assets [--out DIR]
 
@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import ASSETS_DIR
+from . import ASSETS_DIR, GENERATED_TASKS
 
 SEED = 20261125
 NAMES = ["anna", "ben", "clara", "david", "elena", "farid", "grace", "hugo", "ines", "jonas", "kira", "leo",
@@ -211,8 +211,10 @@ def build(out: Path) -> None:
         build_corpus(staging, rng)
         build_tasks(staging, rng)
         build_tokenizer(staging)
-        for part in ("corpus", "tasks", "tokenizer"):
+        # task by task: tasks/coherence comes from real text (build_coherence) and stays
+        for part in ("corpus", "tokenizer", *(f"tasks/{name}" for name in GENERATED_TASKS)):
             shutil.rmtree(out / part, ignore_errors=True)
+            (out / part).parent.mkdir(parents=True, exist_ok=True)
             (staging / part).rename(out / part)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -98,7 +98,7 @@ def evaluate_model(model_dir: str | os.PathLike, task_cfg: TaskConfig, batch_siz
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported Hugging Face folder with a classification head")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", help="a bundled task name (sentiment, pair, similarity)")
+    source.add_argument("--task", help="a bundled task name (sentiment, pair, similarity, coherence)")
     source.add_argument("--config", help="YAML recipe: its task section is evaluated")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", help="also write the metrics to this JSON file")

@@ -62,7 +62,7 @@ def write_predictions(model_dir, task_cfg, splits: list[str], output: Path, batc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported Hugging Face folder with a classification head")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", help="a bundled task name (sentiment, pair, similarity)")
+    source.add_argument("--task", help="a bundled task name (sentiment, pair, similarity, coherence)")
     source.add_argument("--config", help="YAML recipe: its task section is predicted")
     parser.add_argument("--split", action="append", default=None,  # repeatable: --split a --split b
                         help="a split to predict, repeatable (default: task.test_split; with task files: train, "
