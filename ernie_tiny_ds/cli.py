@@ -43,10 +43,8 @@ def cmd_export(args) -> int:
     out = export_checkpoint(args.checkpoint, args.output)
     print(f"exported student to {out}")
     if args.onnx:
-        from .workflows.onnx_export import ONNX_FILE, export_onnx
-        result = export_onnx(out, Path(out) / ONNX_FILE)
-        print(f"wrote {result['path']} (opset {result['opset']}); ONNX Runtime vs PyTorch max abs diff "
-              f"{result['max_abs_diff']:.3g}", flush=True)
+        from .workflows.onnx_export import ONNX_FILE, export_onnx, written_line
+        print(written_line(export_onnx(out, Path(out) / ONNX_FILE)), flush=True)
     return 0
 
 

@@ -186,6 +186,12 @@ def report_section(teacher_dir: str, student_dir: str, out: Path, seq_len: int) 
             "settings": timing["settings"]}
 
 
+def written_line(result: dict) -> str:
+    """What the `onnx` command and `export --onnx` print about the graph export_onnx wrote."""
+    return (f"wrote {result['path']} (opset {result['opset']}, {result['seconds']}s); ONNX Runtime vs PyTorch "
+            f"max abs diff {result['max_abs_diff']:.3g}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="an exported Hugging Face folder (e.g. OUT/task_specific/student)")
@@ -201,8 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     output = Path(args.output) if args.output else Path(args.model) / ONNX_FILE
     result = export_onnx(args.model, output, opset=args.opset)
-    print(f"wrote {result['path']} (opset {result['opset']}, {result['seconds']}s); ONNX Runtime vs PyTorch "
-          f"max abs diff {result['max_abs_diff']:.3g}", flush=True)
+    print(written_line(result), flush=True)
     if args.teacher:
         teacher = export_onnx(args.teacher, output.with_name("teacher.onnx"), opset=args.opset)
         timing = compare_runtimes(args.teacher, args.model, Path(teacher["path"]), output, seq_len=args.seq_len,
