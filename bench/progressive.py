@@ -13,6 +13,7 @@ each result is scored on the task's dev split by its main metric (task.metric):
   s4-equal    stage 4 alone with the steps of all four stages (the same compute as `all`)
   reused      `all` with stage 1 replaced by --general-student, a general student trained once and
               reused by every task (stage 1 is task-independent, so its cost is shared)
+  s4-task     stage 4 alone with the steps of stages 2-4 (the same per-task compute as `reused`)
 
     python bench/progressive.py [key.sub=value ...] --tasks pair similarity --seeds 0 1 2
                                 [--variants all s4-equal] [--train-examples 2000] [--general-student DIR]
@@ -49,6 +50,7 @@ VARIANTS = {  # name -> the stages it runs, in order
     "s4": STAGES[3:],
     "s4-equal": STAGES[3:],
     "reused": STAGES[1:],
+    "s4-task": STAGES[3:],
 }
 LABELS_ONLY = ["stages.task_specific.losses.hidden_weight=0", "stages.task_specific.losses.embedding_weight=0",
                "stages.task_specific.losses.attention_weight=0", "stages.task_specific.losses.soft_label_weight=0"]
@@ -88,16 +90,18 @@ def low_resource_task(task_cfg, count: int, folder: Path) -> list[str]:
     return [f"task.{key}={json.dumps(value)}" for key, value in fields.items() if value not in (None, [])]
 
 
-def run_variant(variant: str, base: list[str], out: Path, ranks: int, total_steps: int,
+def run_variant(variant: str, base: list[str], out: Path, ranks: int, steps: dict[str, int],
                 general_student: str | None, port: int) -> Path:
-    """Runs the variant's stages in `out` (skipping finished ones); returns its final student folder."""
+    """Runs the variant's stages in `out` (skipping finished ones); returns its final student folder.
+    `steps`: each stage's max_steps in the recipe (the equal-compute variants add them up)."""
+    equal = {"s4-equal": sum(steps.values()), "s4-task": sum(steps[stage] for stage in STAGES[1:])}
     student = general_student if variant == "reused" else None
     for stage in VARIANTS[variant]:
         extra = [f"output_dir={out}"]
         if student is not None:
             extra.append(f"student.path={student}")
-        if stage == "task_specific" and variant == "s4-equal":
-            extra.append(f"stages.task_specific.train.max_steps={total_steps}")
+        if stage == "task_specific" and variant in equal:
+            extra.append(f"stages.task_specific.train.max_steps={equal[variant]}")
         if stage == "task_specific" and variant == "no-specific":
             extra += LABELS_ONLY
         if not (out / stage / "stage_done.json").is_file():
@@ -145,14 +149,15 @@ def main() -> None:
         if not (teacher / "config.json").is_file():  # one finetuned teacher per task, shared by every run
             deepspeed(args.ranks, ["finetune-teacher", *common, "--output", str(teacher)], args.master_port)
         common.append(f"teacher.finetuned_path={teacher}")
-        total_steps = sum(recipe.for_stage(stage).train.max_steps for stage in STAGES)
+        steps = {stage: recipe.for_stage(stage).train.max_steps for stage in STAGES}
+        total_steps = sum(steps.values())
         metric = load_task(recipe.task).main_metric
         rows = {"teacher": [evaluate_model(teacher, recipe.task)[metric]]}
         for variant in args.variants:
             rows[variant] = []
             for seed in args.seeds:
                 student = run_variant(variant, [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}",
-                                      args.ranks, total_steps, args.general_student, args.master_port)
+                                      args.ranks, steps, args.general_student, args.master_port)
                 rows[variant].append(evaluate_model(student, recipe.task)[metric])
         earlier = results.get(task_out.name, {}).get("rows", {})  # variants an earlier invocation ran
         results[task_out.name] = {"metric": metric, "rows": {**earlier, **rows}, "total_steps": total_steps}
