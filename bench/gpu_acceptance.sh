@@ -19,7 +19,7 @@
 #               general stage stopped at step 15 (train.stop_at_step), then resumed to 30
 #   3 dead rank 2 ranks on the one GPU (train.dist_backend=gloo, torchrun, LOCAL_SIZE=2); rank 1 is
 #               killed (-9) once metrics appear; the survivor must name it on stderr and the job end
-#   4 bench     bench/kernels.py --device cuda --lengths 128 512; bench/step.py --size base at L=128, 512
+#   4 bench     bench/attention_kernels.py --device cuda --lengths 128 512; bench/step.py --size base at L=128, 512
 #   5 pipeline  the 4-stage pipeline of --config demo on 1 rank, inline teacher, short steps, bf16
 #   6 summary   summary.txt (and stdout): verdict, seconds and log per part, benchmark figures
 # Parts 1, 2, 3 and 5 are functional checks: on the GPU they run at the same time (the GPU and 16
@@ -341,25 +341,25 @@ part3() {
 # ------------------------------------------------------------------------------- 4 benchmarks
 part4() {
   local t0 d ok=1 note="" rc; t0=$(now); d=$(deadline "$1" "$2")
-  local kern=("$PY" bench/kernels.py --device cuda --lengths 128 512)
+  local kern=("$PY" bench/attention_kernels.py --device cuda --lengths 128 512)
   local step=("$PY" bench/step.py --size base --precision bf16 --batch 32 --workdir "$WORK/bench_step")
   if [ "$DRY" = 1 ]; then
     show "${kern[@]}"; show "${step[@]}" --seq-len 128; show "${step[@]}" --seq-len 512
     # no GPU here: check that the scripts take these flags, then smoke-run both on CPU at toy sizes
     local f
-    { "$PY" bench/kernels.py --help; echo "---- CPU smoke run"
-      timeout -k 10 "$(left "$d")" "$PY" bench/kernels.py --device cpu --lengths 64 --batch 1 --repeats 1; echo "exit $?"
+    { "$PY" bench/attention_kernels.py --help; echo "---- CPU smoke run"
+      timeout -k 10 "$(left "$d")" "$PY" bench/attention_kernels.py --device cpu --lengths 64 --batch 1 --repeats 1; echo "exit $?"
     } > "$RES/4a_bench_kernels.log" 2>&1
     { "$PY" bench/step.py --help; echo "---- CPU smoke run"
       timeout -k 10 "$(left "$d")" "$PY" bench/step.py --size tiny --seq-len 32 --batch 2 --steps 1 --rounds 1 \
         --workdir "$WORK/bench_step"; echo "exit $?"
     } > "$RES/4b_bench_step.log" 2>&1
-    for f in --device --lengths; do grep -q -- "$f" "$RES/4a_bench_kernels.log" || { ok=0; note="$note kernels.py lacks $f;"; }; done
+    for f in --device --lengths; do grep -q -- "$f" "$RES/4a_bench_kernels.log" || { ok=0; note="$note attention_kernels.py lacks $f;"; }; done
     for f in --size --seq-len --precision --batch --workdir; do
       grep -q -- "$f" "$RES/4b_bench_step.log" || { ok=0; note="$note step.py lacks $f;"; }; done
     grep -q "cuda" "$RES/4a_bench_kernels.log" && grep -q "base" "$RES/4b_bench_step.log" || { ok=0; note="$note choices;"; }
     grep -q "^exit 0" "$RES/4a_bench_kernels.log" && grep -q "^| 64 | torch |" "$RES/4a_bench_kernels.log" \
-      || { ok=0; note="$note kernels.py CPU smoke run failed;"; }
+      || { ok=0; note="$note attention_kernels.py CPU smoke run failed;"; }
     grep -q "^exit 0" "$RES/4b_bench_step.log" && grep -q "^ratio ours/baseline" "$RES/4b_bench_step.log" \
       || { ok=0; note="$note step.py CPU smoke run failed: $(grep -v '^exit' "$RES/4b_bench_step.log" | tail -1 | cut -c1-90);"; }
     record 4 "$([ $ok = 1 ] && echo PASS || echo FAIL)" $(($(now) - t0)) "4a_bench_kernels.log 4b_bench_step.log" \
@@ -371,7 +371,7 @@ part4() {
   local d_kern=$((d - 110))
   show "${kern[@]}"
   timeout -k 10 "$(left "$d_kern")" "${kern[@]}" > "$RES/4a_bench_kernels.log" 2>&1; rc=$?
-  [ $rc = 0 ] || { ok=0; note="$note kernels.py exit $rc;"; }
+  [ $rc = 0 ] || { ok=0; note="$note attention_kernels.py exit $rc;"; }
   grep -E "^\| (128|512) \| fused \|" "$RES/4a_bench_kernels.log" | grep -q failed && { ok=0; note="$note fused case failed;"; }
   [ "$(grep -cE "^\| (128|512) \| fused \| [0-9]" "$RES/4a_bench_kernels.log")" = 2 ] || { ok=0; note="$note fused rows missing;"; }
   local L i=0 logs="4a_bench_kernels.log"
@@ -490,7 +490,7 @@ say "part 4: $(cut -f1,2 "$STATUS/4" | tr '\t' ' ')s"
   done
   if [ "$DRY" = 0 ]; then
     echo
-    echo "bench/kernels.py (attention transfer fwd+bwd, B=32, H=12, fp32; ms median (min) | peak MiB | vs eager):"
+    echo "bench/attention_kernels.py (attention transfer fwd+bwd, B=32, H=12, fp32; ms median (min) | peak MiB | vs eager):"
     grep -E "^\| (128|512) \| (fused|eager|torch|compiled) \|" "$RES/4a_bench_kernels.log" 2>/dev/null | sed 's/^/  /'
     for L in 128 512; do
       lg="$RES/4$([ $L = 128 ] && echo b || echo c)_bench_step_L$L.log"

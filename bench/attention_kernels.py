@@ -20,8 +20,8 @@ equal for every method, are included):
         /proc/self/clear_refs just before) minus its resident set before it. RSS also counts
         glibc keeping freed blocks and fragmentation, so it can exceed the tensor peak a lot.
 
-  python bench/kernels.py                       # CUDA if present, else CPU with a small batch
-  python bench/kernels.py --device cpu --batch 1 --lengths 128 512 2048
+  python bench/attention_kernels.py                       # CUDA if present, else CPU with a small batch
+  python bench/attention_kernels.py --device cpu --batch 1 --lengths 128 512 2048
 """
 from __future__ import annotations
 
