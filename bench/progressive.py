@@ -22,12 +22,16 @@ each result is scored on the task's dev split by its main metric (task.metric):
 
 Every stage runs as `ernie-tiny-ds distill --stage S` under the real deepspeed runner (2 CPU ranks by
 default) with the demo recipe and the real MiniLM teacher of the `demo` extra. A finished stage
-(its stage_done.json) is not run again, so an interrupted bench continues where it stopped. Prints a
-markdown table (mean +- std over seeds, and each seed's score) and writes OUT/ablation.json.
+(its stage_done.json) is not run again, so an interrupted bench continues where it stopped. Stage 1
+reads no task data, so it runs once per seed (and per recipe overrides that it reads) in
+OUT/general-shared/ (or --shared-general), and every task and variant that includes it starts
+stage 2 from that student, as a user distilling several tasks would. Prints a markdown table
+(mean +- std over seeds, and each seed's score) and writes OUT/ablation.json.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import random
@@ -52,6 +56,8 @@ VARIANTS = {  # name -> the stages it runs, in order
     "reused": STAGES[1:],
     "s4-task": STAGES[3:],
 }
+NOT_STAGE_1 = ("task.", "finetune.", "augment.", "stages.general_enhanced.", "stages.task_adaptive.",
+               "stages.task_specific.")  # override prefixes that stage 1 does not read
 LABELS_ONLY = ["stages.task_specific.losses.hidden_weight=0", "stages.task_specific.losses.embedding_weight=0",
                "stages.task_specific.losses.attention_weight=0", "stages.task_specific.losses.soft_label_weight=0"]
 
@@ -90,23 +96,25 @@ def low_resource_task(task_cfg, count: int, folder: Path) -> list[str]:
     return [f"task.{key}={json.dumps(value)}" for key, value in fields.items() if value not in (None, [])]
 
 
-def run_variant(variant: str, base: list[str], out: Path, ranks: int, steps: dict[str, int],
+def run_variant(variant: str, base: list[str], out: Path, general_out: Path, ranks: int, steps: dict[str, int],
                 general_student: str | None, port: int) -> Path:
-    """Runs the variant's stages in `out` (skipping finished ones); returns its final student folder.
-    `steps`: each stage's max_steps in the recipe (the equal-compute variants add them up)."""
+    """Runs the variant's stages in `out`, stage 1 in the shared `general_out` (skipping finished ones);
+    returns its final student folder. `steps`: each stage's max_steps in the recipe (the
+    equal-compute variants add them up)."""
     equal = {"s4-equal": sum(steps.values()), "s4-task": sum(steps[stage] for stage in STAGES[1:])}
     student = general_student if variant == "reused" else None
     for stage in VARIANTS[variant]:
-        extra = [f"output_dir={out}"]
+        stage_out = general_out if stage == "general" else out
+        extra = [f"output_dir={stage_out}"]
         if student is not None:
             extra.append(f"student.path={student}")
         if stage == "task_specific" and variant in equal:
             extra.append(f"stages.task_specific.train.max_steps={equal[variant]}")
         if stage == "task_specific" and variant == "no-specific":
             extra += LABELS_ONLY
-        if not (out / stage / "stage_done.json").is_file():
+        if not (stage_out / stage / "stage_done.json").is_file():
             deepspeed(ranks, ["distill", "--stage", stage, *base, *extra], port)
-        student = str(out / stage / "student")
+        student = str(stage_out / stage / "student")
     return Path(student)
 
 
@@ -124,6 +132,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--train-examples", type=int, help="low-resource variant: this many training rows")
     parser.add_argument("--general-student", help="the `reused` variant's stage-1 student (an exported folder)")
+    parser.add_argument("--shared-general", type=Path,
+                        help="where stage 1 runs once per seed (default OUT/general-shared); other --out may share it")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--config", default="demo")
     parser.add_argument("--master-port", type=int, default=29500, help="the ranks' rendezvous port")
@@ -136,6 +146,10 @@ def main() -> None:
     from ernie_tiny_ds.data.tasks import load_task
     from ernie_tiny_ds.workflows.evaluate import evaluate_model
 
+    # stage 1 depends on the seed and the recipe's other sections, not on the task's or the later stages'
+    stage1 = [o for o in args.overrides if not o.startswith(NOT_STAGE_1)]
+    recipe_key = hashlib.sha256(json.dumps([args.config, args.ranks, stage1]).encode()).hexdigest()[:10]
+    shared_general = (args.shared_general or args.out / "general-shared") / recipe_key
     summary_file = args.out / "ablation.json"  # shared by every invocation on this --out: merge, never drop
     results: dict = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     for task in args.tasks:
@@ -157,7 +171,8 @@ def main() -> None:
             rows[variant] = []
             for seed in args.seeds:
                 student = run_variant(variant, [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}",
-                                      args.ranks, steps, args.general_student, args.master_port)
+                                      shared_general / f"seed{seed}", args.ranks, steps, args.general_student,
+                                      args.master_port)
                 rows[variant].append(evaluate_model(student, recipe.task)[metric])
         earlier = results.get(task_out.name, {}).get("rows", {})  # variants an earlier invocation ran
         results[task_out.name] = {"metric": metric, "rows": {**earlier, **rows}, "total_steps": total_steps}
