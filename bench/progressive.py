@@ -57,7 +57,8 @@ VARIANTS = {  # name -> the stages it runs, in order
     "s4-task": STAGES[3:],
 }
 NOT_STAGE_1 = ("task.", "finetune.", "augment.", "stages.general_enhanced.", "stages.task_adaptive.",
-               "stages.task_specific.")  # override prefixes that stage 1 does not read
+               "stages.task_specific.", "losses.carry_projections=")  # overrides that stage 1 does not read
+                                                                       # (it has no projections to carry in)
 LABELS_ONLY = ["stages.task_specific.losses.hidden_weight=0", "stages.task_specific.losses.embedding_weight=0",
                "stages.task_specific.losses.attention_weight=0", "stages.task_specific.losses.soft_label_weight=0"]
 
