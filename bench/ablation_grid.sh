@@ -13,9 +13,10 @@
 # random initialisation to leave its mean-prediction plateau), teachers finetuned 5 epochs.
 #
 # Cost, from the 2-core VM's rates (2 CPU ranks: ~1.3 s per stage-1 step, ~0.7-1.2 s per later step,
-# ~40 s per stage start): stage 1 runs 7 times (3 seeds x 2 corpora, and the reused student), ~4 h;
+# ~40 s per stage start): stage 1 runs 13 times (3 seeds x 2 corpora, again with projections off,
+# and the reused student), ~7 h;
 # the 8 variants of one task, size and seed take ~85 min, x 18 = ~25 h; teachers and on/off rows
-# ~3 h. About 32 hours in all (more for coherence's 128-token rows): meant for a bigger machine
+# ~3 h. About 35 hours in all (more for coherence's 128-token rows): meant for a bigger machine
 # (raise RANKS), or a few tasks or seeds at a time (edit the loops, SEEDS="0").
 set -euo pipefail
 cd "$(dirname "$0")/.."

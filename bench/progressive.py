@@ -23,7 +23,7 @@ each result is scored on the task's dev split by its main metric (task.metric):
 Every stage runs as `ernie-tiny-ds distill --stage S` under the real deepspeed runner (2 CPU ranks by
 default) with the demo recipe and the real MiniLM teacher of the `demo` extra. A finished stage
 (its stage_done.json) is not run again, so an interrupted bench continues where it stopped. Stage 1
-reads no task data, so it runs once per seed (and per recipe overrides that it reads) in
+reads no task data, so it runs once per seed (and per stage-1 recipe: its fingerprint) in
 OUT/general-shared/ (or --shared-general), and every task and variant that includes it starts
 stage 2 from that student, as a user distilling several tasks would. Prints a markdown table
 (mean +- std over seeds, and each seed's score) and writes OUT/ablation.json.
@@ -56,9 +56,6 @@ VARIANTS = {  # name -> the stages it runs, in order
     "reused": STAGES[1:],
     "s4-task": STAGES[3:],
 }
-NOT_STAGE_1 = ("task.", "finetune.", "augment.", "stages.general_enhanced.", "stages.task_adaptive.",
-               "stages.task_specific.", "losses.carry_projections=")  # overrides that stage 1 does not read
-                                                                       # (it has no projections to carry in)
 LABELS_ONLY = ["stages.task_specific.losses.hidden_weight=0", "stages.task_specific.losses.embedding_weight=0",
                "stages.task_specific.losses.attention_weight=0", "stages.task_specific.losses.soft_label_weight=0"]
 
@@ -95,6 +92,14 @@ def low_resource_task(task_cfg, count: int, folder: Path) -> list[str]:
               "text_columns": resolved.text_columns, "label_column": resolved.label_column,
               "labels": resolved.labels, "metric": resolved.metric}
     return [f"task.{key}={json.dumps(value)}" for key, value in fields.items() if value not in (None, [])]
+
+
+def general_key(recipe, ranks: int) -> str:
+    """The shared stage-1 folder's name: what stage 1 trains with (the fingerprint a resume compares,
+    which leaves out the task and the later stages) and the rank count (the global batch)."""
+    from ernie_tiny_ds.runtime.recipe_changes import fingerprint
+
+    return hashlib.sha256(json.dumps([fingerprint(recipe, "general"), ranks]).encode()).hexdigest()[:10]
 
 
 def run_variant(variant: str, base: list[str], out: Path, general_out: Path, ranks: int, steps: dict[str, int],
@@ -147,10 +152,6 @@ def main() -> None:
     from ernie_tiny_ds.data.tasks import load_task
     from ernie_tiny_ds.workflows.evaluate import evaluate_model
 
-    # stage 1 depends on the seed and the recipe's other sections, not on the task's or the later stages'
-    stage1 = [o for o in args.overrides if not o.startswith(NOT_STAGE_1)]
-    recipe_key = hashlib.sha256(json.dumps([args.config, args.ranks, stage1]).encode()).hexdigest()[:10]
-    shared_general = (args.shared_general or args.out / "general-shared") / recipe_key
     summary_file = args.out / "ablation.json"  # shared by every invocation on this --out: merge, never drop
     results: dict = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     for task in args.tasks:
@@ -160,6 +161,7 @@ def main() -> None:
         if args.train_examples is not None:
             common += low_resource_task(load_recipe(args.config, common[2:]).task, args.train_examples, task_out)
         recipe = load_recipe(args.config, common[2:])
+        shared_general = (args.shared_general or args.out / "general-shared") / general_key(recipe, args.ranks)
         teacher = task_out / "teacher_finetuned"
         if not (teacher / "config.json").is_file():  # one finetuned teacher per task, shared by every run
             deepspeed(args.ranks, ["finetune-teacher", *common, "--output", str(teacher)], args.master_port)
