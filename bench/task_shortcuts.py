@@ -60,16 +60,17 @@ def baselines(task) -> dict[str, np.ndarray]:
     from sklearn.linear_model import LinearRegression, LogisticRegression
 
     train_y = np.array([example.label for example in task.train])
-    rows: dict[str, np.ndarray] = {}
-    for column, name in enumerate(task.text_columns):
-        rows[f"{name} only"] = scores(bag_model(task.type), [e.texts[column] for e in task.train], train_y,
-                                      [e.texts[column] for e in task.dev], task.type)
+
+    def fit(model, feature) -> np.ndarray:  # `feature`: an example's texts -> the model's input
+        return scores(model, [feature(e.texts) for e in task.train], train_y, [feature(e.texts) for e in task.dev],
+                      task.type)
+
+    rows = {f"{name} only": fit(bag_model(task.type), lambda texts, c=column: texts[c])
+            for column, name in enumerate(task.text_columns)}
     if len(task.text_columns) == 2:
-        rows["both bags"] = scores(bag_model(task.type), [both_bags(e.texts) for e in task.train], train_y,
-                                   [both_bags(e.texts) for e in task.dev], task.type)
+        rows["both bags"] = fit(bag_model(task.type), both_bags)
         line = LogisticRegression(max_iter=1000) if task.type == "classification" else LinearRegression()
-        rows["shared words"] = scores(line, [[shared_words(e.texts)] for e in task.train], train_y,
-                                      [[shared_words(e.texts)] for e in task.dev], task.type)
+        rows["shared words"] = fit(line, lambda texts: [shared_words(texts)])
     return rows
 
 
