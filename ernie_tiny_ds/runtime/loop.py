@@ -32,6 +32,7 @@ from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_o
 from .flops import distill_step_flops, peak_flops
 from .metrics import MetricsLogger
 from .selection import best_checkpoint_hook
+from .shared_folder import require_shared_folder
 from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)
 from .stop import StopRequest
 
@@ -155,6 +156,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     spec = STAGE_SPECS[stage]
     rank, world = init_distributed(r.train.dist_timeout_s, r.train.dist_backend)
     out_dir = Path(r.output_dir) / stage
+    require_shared_folder(Path(r.output_dir), rank, world)  # before any work: checkpoints need one folder for all
     rank_registry.register(out_dir / ".ranks", rank, world)  # lets a survivor name a rank that dies
     ckpt_root = out_dir / "checkpoints"
     dev = device()

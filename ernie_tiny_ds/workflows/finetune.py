@@ -160,6 +160,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from ..runtime.export import check_output
     from ..runtime.flops import peak_flops
     from ..runtime.metrics import MetricsLogger
+    from ..runtime.shared_folder import require_shared_folder
     from ..runtime.stop import StopRequest
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
@@ -172,6 +173,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     check_output(output, "--output" if output_dir is not None else "output_dir", overwrite)
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     ckpt_root = output.with_name(output.name + ".checkpoints")
+    # before any work: the checkpoints and the output, beside each other, need one folder for all ranks
+    require_shared_folder(output.parent, rank, world, "--output" if output_dir is not None else "output_dir")
     rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
 
     ft = recipe.finetune
