@@ -56,9 +56,10 @@ def require_shared_folder(folder: Path, rank: int, world: int, key: str = "outpu
     name = broadcast_object(probe.name if probe is not None else None)
     seen = rank == 0 or _appears(folder / PROBE_DIR / name, wait_s)
     views = all_gather_objects((seen, socket.gethostname()))
-    if probe is not None:  # every rank has looked: the nonce has done its job
+    if probe is not None:  # every rank has looked: the nonce has done its job, and leaves no trace
         with contextlib.suppress(OSError):
             probe.unlink()
+            probe.parent.rmdir()
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
     if blind:
         raise UserError(f"{key} {folder} is not shared by every node: {', '.join(blind)} cannot see what rank 0 "
