@@ -70,6 +70,8 @@ tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 "$PYTHON" -c 'import sys; w, t, n, b = map(int, sys.argv[1:]); M = 2 ** 20
 print(f"total: {w / M:.1f} MiB in {n} wheels (budget {b} MiB); tracked working tree: {t / M:.1f} MiB; "
       f"both: {(w + t) / M:.1f} of 64 MiB")' "$total" "$tree" "$(ls "$DEST"/*.whl | wc -l)" "$BUDGET_MIB"
+# the GPU machine must run what setup.cfg states (e.g. deepspeed>=0.19.5, whose import needs no nvcc)
+"$PYTHON" bench/wheel_pins.py "$DEST"
 if [ "$total" -gt $((BUDGET_MIB * 1048576)) ]; then
   echo "error: the wheels take more than $BUDGET_MIB MiB" >&2
   exit 1
