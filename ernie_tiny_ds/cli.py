@@ -27,20 +27,25 @@ def _start_trackers(args) -> None:
 
 
 def cmd_distill(args) -> int:
+    from .outputs import output_dir_job
     from .runtime.loop import run_stage
-    run_stage(_recipe(args), args.stage)
+    recipe = _recipe(args)
+    with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
+        run_stage(recipe, args.stage)
     return 0
 
 
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .runtime.export import check_output, export_checkpoint
+    from .outputs import claim_output, exclusive
+    from .runtime.export import EXPORT, export_checkpoint
     if args.onnx:  # before the export, not after it: a missing extra is one line and writes nothing
         from .workflows.onnx_export import require_onnx
         require_onnx()
-    check_output(args.output, "--output", args.overwrite, holds=Path(args.checkpoint))
-    out = export_checkpoint(args.checkpoint, args.output)
+    output = claim_output(args.output, EXPORT, "--output", {"--checkpoint": args.checkpoint}, args.overwrite)
+    with exclusive(output.parent, output.name, "--output"):
+        out = export_checkpoint(args.checkpoint, output)
     print(f"exported student to {out}")
     if args.onnx:
         from .workflows.onnx_export import ONNX_FILE, export_onnx, written_line
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or the folder holding `latest`")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true",
-                   help="replace --output even when it is not an earlier export")
+                   help="replace --output when it is an earlier export (nothing else is ever replaced)")
     p.add_argument("--onnx", action="store_true",
                    help="also write OUTPUT/model.onnx, checked against PyTorch (needs the onnx extra)")
     p.set_defaults(func=cmd_export)

@@ -99,9 +99,12 @@ def temp_dir_beside(path: str | os.PathLike, prefix: str | None = None) -> Path:
 def remove_stale_temps(path: str | os.PathLike) -> None:
     """Remove the temporary files and folders an earlier, interrupted write of `path` left beside it
     (a crash, a full disk): nothing trusts them and they only fill the disk. Call it before a new
-    write of `path` starts; a symlink is unlinked, never followed."""
+    write of `path` starts; a symlink is unlinked, never followed. Only under the job's lock
+    (outputs.exclusive): without it, a temporary could be a live job's write in progress."""
+    from .outputs import under_lock
+
     path = Path(path)
-    if not path.parent.is_dir():
+    if not path.parent.is_dir() or not under_lock(path):
         return
     for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         if stale.is_symlink() or not stale.is_dir():

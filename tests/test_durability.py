@@ -13,6 +13,7 @@ import torch
 
 from ernie_tiny_ds import files
 from ernie_tiny_ds.errors import UserError
+from ernie_tiny_ds.outputs import exclusive
 from ernie_tiny_ds.runtime import checkpoint
 
 
@@ -88,7 +89,8 @@ def test_stale_partial_folders_are_removed_before_a_save(tmp_path):
     stale = root / "step_00000003.partial"
     stale.mkdir()
     (stale / "half.pt").write_bytes(b"x" * 100)
-    save(root, 2)
+    with exclusive(tmp_path):  # leftovers are removed only under the job's lock
+        save(root, 2)
     assert not stale.exists()
     assert checkpoint.find_resumable(root) == "step_00000002"
 
@@ -206,15 +208,15 @@ def test_export_refuses_a_folder_that_is_not_an_earlier_export(one_checkpoint, t
     mine = tmp_path / "my_notes"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    line = one_error_line(export(one_checkpoint, mine))
-    assert re.search(r"error: --output .*my_notes exists and is a folder that is not an earlier export .*"
-                     r"pass --overwrite", line)
+    for extra in ([], ["--overwrite"]):  # a folder this tool did not write is never replaced
+        line = one_error_line(export(one_checkpoint, mine, *extra))
+        assert re.search(r"error: --output .*my_notes exists and was not written by ernie-tiny-ds .*remove it "
+                         r"yourself or name a new folder", line)
     assert (mine / "thesis.tex").read_text() == "years of work"
-    # an earlier export is replaced without asking; --overwrite replaces anything else
+    # an earlier export is replaced with --overwrite only
     assert export(one_checkpoint, tmp_path / "student").returncode == 0
-    assert export(one_checkpoint, tmp_path / "student").returncode == 0
-    assert export(one_checkpoint, mine, "--overwrite").returncode == 0
-    assert (mine / "config.json").is_file() and not (mine / "thesis.tex").exists()
+    assert "pass --overwrite" in one_error_line(export(one_checkpoint, tmp_path / "student"))
+    assert export(one_checkpoint, tmp_path / "student", "--overwrite").returncode == 0
 
 
 @pytest.mark.slow
@@ -222,9 +224,9 @@ def test_export_output_dot_is_one_line_even_with_overwrite(one_checkpoint, tmp_p
     (tmp_path / "keep.txt").write_text("x")
     for extra in ([], ["--overwrite"]):
         line = one_error_line(export(one_checkpoint, ".", *extra, cwd=tmp_path))
-        assert line == "error: --output .: refusing to replace the current folder; name a new folder for the export"
+        assert line == "error: --output .: refusing to replace the current folder; name a new folder"
     line = one_error_line(export(one_checkpoint, one_checkpoint.parent, "--overwrite"))
-    assert "refusing to replace a folder that holds" in line
+    assert "contains the input --checkpoint" in line
     assert (tmp_path / "keep.txt").is_file() and (one_checkpoint / "latest").is_file()
 
 
@@ -240,7 +242,7 @@ def test_finetune_teacher_refuses_an_output_that_is_not_a_finetuned_teacher(tmp_
                                       "teacher": {"config": tiny_teacher(vocab_size, layers=2)},
                                       "task": {"name": "sentiment", "max_seq_len": 32}}))
     line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", str(mine)]))
-    assert re.search(r"error: --output .*results exists and is a folder that is not an earlier export", line)
+    assert re.search(r"error: --output .*results exists and was not written by ernie-tiny-ds", line)
     line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", "."], cwd=tmp_path))
     assert "refusing to replace the current folder" in line
     assert (mine / "table.csv").read_text() == "1,2"
@@ -302,8 +304,9 @@ def test_an_interrupted_export_leaves_nothing_the_next_one_keeps(tmp_path):
     (tmp_path / "elsewhere" / "precious").write_text("x")
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16)
-    save_model_folder(transformers.BertModel(config), None, output)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "student"]
+    with exclusive(tmp_path, "student"):  # leftovers are removed only under the job's lock
+        save_model_folder(transformers.BertModel(config), None, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".student.lock", "elsewhere", "student"]
     assert (tmp_path / "elsewhere" / "precious").is_file()  # a planted link is removed, not followed
     assert export_problem(output) is None
 
@@ -335,9 +338,10 @@ def test_stale_partial_folders_and_temporaries_are_removed_at_resume(tmp_path):
     (root / "step_00000002.partial").mkdir()
     (root / "step_00000002.partial" / "half.pt").write_bytes(b"x" * 100)
     (root / ".latest.abc.tmp").write_text("step_00000002")  # a `latest` whose rename never came
-    choice = checkpoint._choose(root, None, "general", checkpoint.recipe_changes.SAFE_ON_RESUME)
+    with exclusive(root):  # leftovers are removed only under the job's lock
+        choice = checkpoint._choose(root, None, "general", checkpoint.recipe_changes.SAFE_ON_RESUME)
     assert choice["tag"] == "step_00000001"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "latest", "step_00000001"]
 
 
 def test_durable_writes_keep_the_permissions_a_plain_write_gives(tmp_path):

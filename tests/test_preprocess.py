@@ -24,7 +24,7 @@ from ernie_tiny_ds.data.preprocess import preprocess
 from ernie_tiny_ds.data.sharding import Consumer
 from ernie_tiny_ds.data.sources import ReadStats, corpus_sources
 from ernie_tiny_ds.data.stream import SequenceStream
-from ernie_tiny_ds.errors import DataError
+from ernie_tiny_ds.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
@@ -195,7 +195,7 @@ def test_existing_output_needs_overwrite(corpus, wordpiece, wordpiece_dir, tmp_p
     cfg = DataConfig(corpus=str(corpus[0]), max_seq_len=SEQ)
     out = tmp_path / "out"
     first = preprocess(cfg, wordpiece, wordpiece_dir, out, workers=1, progress=False)
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a preprocessed_corpus; pass --overwrite"):
         preprocess(cfg, wordpiece, wordpiece_dir, out, workers=1, progress=False)
     again = preprocess(dataclasses.replace(cfg, max_seq_len=64), wordpiece, wordpiece_dir, out, workers=3,
                        overwrite=True, progress=False)

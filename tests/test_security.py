@@ -221,7 +221,9 @@ def test_a_checkpoint_save_never_writes_through_a_planted_partial_folder(tmp_pat
             os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
             torch.save({"w": torch.zeros(1)}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
 
-    final = checkpoint.save(Engine(), root, 2, {"step": 2})
+    from ernie_tiny_ds.outputs import exclusive
+    with exclusive(root):  # a job's save: under its output_dir's lock
+        final = checkpoint.save(Engine(), root, 2, {"step": 2})
     assert final == root / "step_00000002" and not final.is_symlink()
     assert (final / "mp_rank_00_model_states.pt").is_file() and checkpoint.verify(final) is None
     assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]

@@ -25,11 +25,14 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import replace_dir, temp_dir_beside
+from ..outputs import claim_output, write_marker
 from .indexed import FORMAT_VERSION, META, ShardWriter, token_dtype, tokenizer_identity
 from .packing import FullPacker, TokenEncoder, pack_pieces
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import Position, next_group, owned_pieces
+
+PREPROCESSED = "preprocessed_corpus"  # the marker kind of a shard folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--document-separator", default="line", choices=("line", "blank_line"))
     parser.add_argument("--on-binary-file", default="error", choices=("error", "skip"))
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output when it is an earlier preprocessed corpus (nothing else is "
+                             "ever replaced)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -142,8 +147,7 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
         raise DataError(f"--workers must be at least 1, got {workers}")
     if not 8 <= cfg.max_seq_len <= 8192:
         raise DataError(f"--max-seq-len must be in 8..8192, got {cfg.max_seq_len}")
-    if output.exists() and not overwrite:
-        raise DataError(f"--output {output} already exists; pass --overwrite to replace it")
+    claim_output(output, PREPROCESSED, "--output", {"--input": cfg.corpus, "--tokenizer": tokenizer_path}, overwrite)
     stats = ReadStats()
     sources = corpus_sources(cfg, stats)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,7 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
             "shards": [r["shard"] for r in results],
         }
         (temp / META).write_text(json.dumps(meta, indent=2))
+        write_marker(temp, PREPROCESSED)
         # --overwrite: the old folder goes aside (into an exclusive temp folder) first, so a crash keeps one
         replace_dir(temp, output)
     except BaseException:

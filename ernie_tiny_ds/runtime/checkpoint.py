@@ -11,8 +11,9 @@ either the old or the new checkpoint complete; resume verifies the manifest and 
 the newest checkpoint that is intact. Pruning never removes the checkpoint `latest` names (the one
 just written), and when every checkpoint is damaged resume stops with one line instead of silently
 starting over. `.partial` folders of saves that never finished (a crash, a full disk) are removed
-at resume and before each save. Each checkpoint keeps the stage's effective recipe (recipe.json):
-resume names every key that changed since and refuses the ones that are not safe to change.
+at resume and before each save, under the job's lock only (outputs.py). Each checkpoint keeps the
+stage's effective recipe (recipe.json): resume names every key that changed since and refuses the
+ones that are not safe to change.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, UserError
 from ..files import atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree, remove_stale_temps
+from ..outputs import under_lock
 from . import recipe_changes, safe_load
 from .collectives import all_gather_objects, broadcast_object
 
@@ -144,8 +146,9 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, k
 
 
 def remove_stale_partials(root: Path) -> None:
-    """Remove `<tag>.partial` folders: saves that never finished; nothing trusts them, they only fill the disk."""
-    if not root.is_dir():
+    """Remove `<tag>.partial` folders: saves that never finished; nothing trusts them, they only fill the disk.
+    Only under the job's lock (outputs.exclusive): otherwise a `.partial` may be another live job's save."""
+    if not root.is_dir() or not under_lock(root):
         return
     remove_stale_temps(root / LATEST)  # a `latest` whose write never finished
     for path in root.iterdir():

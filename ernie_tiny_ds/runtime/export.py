@@ -15,11 +15,13 @@ import transformers
 
 from ..errors import UserError
 from ..files import remove_stale_temps, replace_dir, temp_dir_beside, write_atomic
+from ..outputs import write_marker
 from . import safe_load
 from .checkpoint import LATEST, verify
 
 STUDENT_PREFIX = "student."
 STUDENT_DIR = "student_hf"  # inside each checkpoint: config + tokenizer of the student
+EXPORT = "export"  # the marker kind of a model folder exported from a checkpoint
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -27,39 +29,6 @@ def _checkpoint_folder(path: Path) -> Path:
     if (path / LATEST).is_file():
         return path / (path / LATEST).read_text().strip()
     return path
-
-
-def is_export(folder: Path, marker: str | None = None) -> bool:
-    """Whether `folder` looks like a model folder this tool wrote (what --output may replace unasked)."""
-    if marker is not None and (folder / marker).is_file():
-        return True
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def check_output(output: str | os.PathLike, flag: str, overwrite: bool, holds: Path | None = None) -> Path:
-    """Refuse an --output folder whose replacement would lose something: one that is not an earlier
-    export (unless --overwrite), and never the current folder, one above it, the home folder, or
-    the folder holding `holds` (the checkpoint being exported)."""
-    path = Path(output)
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    guarded = {cwd: "the current folder", Path.home().resolve(): "your home folder",
-               Path(resolved.anchor): "the filesystem root"}
-    guarded.update({parent: "a folder above the current one" for parent in cwd.parents if parent not in guarded})
-    if resolved in guarded:
-        raise UserError(f"{flag} {output}: refusing to replace {guarded[resolved]}; name a new folder for the export")
-    if holds is not None and (resolved == holds.resolve() or resolved in holds.resolve().parents):
-        raise UserError(f"{flag} {output}: refusing to replace a folder that holds {holds}; name a new folder")
-    if not path.exists() and not path.is_symlink():
-        return path
-    if overwrite:
-        return path
-    if path.is_dir() and not any(path.iterdir()):
-        return path  # an empty folder loses nothing
-    if path.is_dir() and is_export(path):
-        return path
-    what = "a file" if not path.is_dir() else "a folder that is not an earlier export (no config.json + *.safetensors)"
-    raise UserError(f"{flag} {output} exists and is {what}; pass --overwrite to replace it, or name a new folder")
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -146,6 +115,7 @@ def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_marker(tmp, EXPORT)  # what a later `export --output` here may replace
         problem = export_problem(tmp)  # test-load before it replaces anything (and before any marker names it)
         if problem is not None:
             raise RuntimeError(f"the export written for {output} does not load: {problem}")

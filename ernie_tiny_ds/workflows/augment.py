@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ from ..data.tasks import FORMATS, _rows, load_task, resolve_task
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 from ..errors import ConfigError
 from ..files import atomic_write_text, remove_stale_temps, write_atomic
+from ..outputs import claim_file, exclusive, recipe_inputs
 
 CHUNK_EXAMPLES = 500   # examples per resumable chunk
 SCORE_GRID = 1000.0    # MLM log-probabilities are ranked rounded to 1/SCORE_GRID (batch-size-proof)
@@ -271,10 +273,10 @@ def _train_rows(task_cfg) -> tuple[list[dict], RowWriter]:
     return rows, RowWriter(fmt, header)
 
 
-def _check_output(output: Path, task_cfg) -> None:
+def _check_output(output: Path, task_cfg, recipe: Recipe) -> None:
     train = Path(task_cfg.train_file)
-    if output.resolve() == train.resolve():
-        raise ConfigError(f"--output: {output} is task.train_file itself; write the augmented file beside it")
+    claim_file(output, "--output", recipe_inputs(dataclasses.replace(recipe, task=task_cfg),
+                                                 leave_out=("task.augmented_train_file",)))
     if FORMATS.get(output.suffix.lower()) != FORMATS[train.suffix.lower()]:
         raise ConfigError(f"--output: {output.name} must have the format of task.train_file ({train.name}): "
                           f"use a {train.suffix} name")
@@ -298,7 +300,13 @@ def augment_file(recipe: Recipe, output: str | Path, chunk_examples: int = CHUNK
         raise ConfigError("task.dataset: augment reads task files; write the train split to a .tsv/.jsonl file "
                           "and set task.train_file")
     task_cfg = resolve_task(recipe.task)
-    _check_output(output, task_cfg)
+    _check_output(output, task_cfg, recipe)
+    # one job per OUTPUT: the lock covers its parts and state beside it, and what a killed run left there
+    with exclusive(output.parent, output.name, "--output"):
+        return _augment_into(recipe, output, task_cfg, chunk_examples, after_chunk)
+
+
+def _augment_into(recipe: Recipe, output: Path, task_cfg, chunk_examples: int, after_chunk) -> Path:
     rows, writer = _train_rows(recipe.task)
     rows = rows[:recipe.augment.max_examples] if recipe.augment.max_examples else rows
     seed = recipe.train.seed if recipe.augment.seed is None else recipe.augment.seed

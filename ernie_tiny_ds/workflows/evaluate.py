@@ -119,6 +119,9 @@ def run(args) -> int:
     if args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be > 0, got {args.batch_size}")
     task_cfg = task_from_args(args)
+    if args.output:  # before the evaluation: a wrong --output costs nothing
+        from ..outputs import claim_file, task_inputs
+        claim_file(args.output, "--output", {"--model": args.model, **task_inputs(task_cfg)})
     metrics = {"model": str(args.model), "task": task_cfg.name or task_cfg.train_file,
                **evaluate_model(args.model, task_cfg, args.batch_size)}
     text = json.dumps(metrics, indent=1)

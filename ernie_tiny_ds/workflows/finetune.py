@@ -32,9 +32,12 @@ from ..config import Recipe, load_recipe
 from ..data.tasks import TaskData, build_task_loader, load_task
 from ..errors import ConfigError, UserError
 from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
+from ..outputs import claim_output, exclusive, output_dir_job, recipe_inputs, write_marker
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
+FINETUNED = "teacher_finetuned"  # the marker kind of a finetuned teacher folder
+FINETUNED_KEY = "teacher.finetuned_path"  # where stages 2-4 read what this writes: no input of finetuning
 BEST_SUFFIX = "_best"
 
 
@@ -140,6 +143,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
         saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp)  # score what was written
         metrics = evaluate_on_task(saved, tokenizer, task) if task.dev else {}
         atomic_write_text(tmp / DONE_FILE, json.dumps({**summary, "dev_metrics": metrics}, indent=1))
+        write_marker(tmp, FINETUNED)
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +161,6 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from ..runtime import checkpoint, rank_registry, recipe_changes
     from ..runtime.checkpointer import Checkpointer
     from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
-    from ..runtime.export import check_output
     from ..runtime.flops import peak_flops
     from ..runtime.metrics import MetricsLogger
     from ..runtime.shared_folder import require_shared_folder
@@ -165,12 +168,13 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)
-    if _reusable(output, task):  # a file check every rank makes alike: no process group needed
+    if not overwrite and _reusable(output, task):  # a file check every rank makes alike: no process group needed
         if os.environ.get("RANK", "0") == "0":
             print(f"finetuned teacher already in {output} ({DONE_FILE}); reusing it", flush=True)
         return output
     # before any training: the output replaces this folder at the end
-    check_output(output, "--output" if output_dir is not None else "output_dir", overwrite)
+    claim_output(output, FINETUNED, "--output" if output_dir is not None else "output_dir",
+                 recipe_inputs(recipe, leave_out=(FINETUNED_KEY,)), overwrite)
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     ckpt_root = output.with_name(output.name + ".checkpoints")
     # before any work: the checkpoints and the output, beside each other, need one folder for all ranks
@@ -296,10 +300,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe (teacher, task and finetune sections)")
     parser.add_argument("--output", help=f"output folder (default: OUTPUT_DIR/{DEFAULT_DIR})")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --output even when it is not an earlier finetuned teacher or export")
+                        help="retrain and replace an earlier finetuned teacher in --output instead of reusing "
+                             "it (nothing else is ever replaced)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
 
 def run(args) -> int:
-    finetune_teacher(load_recipe(args.config, args.overrides), args.output, overwrite=args.overwrite)
+    recipe = load_recipe(args.config, args.overrides)
+    if args.output is None:  # OUTPUT_DIR/teacher_finetuned: a job in the output_dir, as the pipeline's
+        job = output_dir_job(recipe)
+    else:  # its own folder: the lock covers OUTPUT, OUTPUT.checkpoints and OUTPUT_best
+        # checked before the lock file is made beside it (finetune_teacher checks again, --overwrite included)
+        output = claim_output(args.output, FINETUNED, "--output", recipe_inputs(recipe, leave_out=(FINETUNED_KEY,)))
+        job = exclusive(output.parent, output.name, "--output")
+    with job:
+        finetune_teacher(recipe, args.output, overwrite=args.overwrite)
     return 0

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..files import fsync_dir, temp_file_beside
+from ..outputs import claim_file
 from .speed import THROUGHPUT_BATCH, _alternating_medians, _inputs, _threads
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -206,6 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     output = Path(args.output) if args.output else Path(args.model) / ONNX_FILE
+    models = {"--model": args.model, "--teacher": args.teacher}
+    claim_file(output, "--output", models, home=args.model)  # MODEL/model.onnx is the graph's home
+    if args.teacher:
+        claim_file(output.with_name("teacher.onnx"), "--output", models, home=args.model)
     result = export_onnx(args.model, output, opset=args.opset)
     print(written_line(result), flush=True)
     if args.teacher:

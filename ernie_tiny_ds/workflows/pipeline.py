@@ -8,6 +8,7 @@ previous stage wrote, then the report.
 
 A re-run of the same command skips finished stages (their stage_done.json) and resumes the
 interrupted one from its newest checkpoint. A STOP file in OUT or SIGUSR1 ends the run cleanly.
+One job at a time per OUT (outputs.py: OUT/.lock, OUT/.ernie-tiny-ds.json).
 """
 from __future__ import annotations
 
@@ -179,5 +180,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    run_pipeline(load_recipe(args.config, args.overrides), args.from_stage, args.to_stage)
+    from ..outputs import output_dir_job
+
+    recipe = load_recipe(args.config, args.overrides)
+    with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
+        run_pipeline(recipe, args.from_stage, args.to_stage)
     return 0

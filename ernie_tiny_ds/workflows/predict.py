@@ -19,7 +19,10 @@ from ..data.task_datasets import split_names
 from ..data.tasks import encode_batch, load_split
 from ..errors import ConfigError
 from ..files import atomic_write_text
+from ..outputs import claim_output, marker_kind, task_inputs, write_marker
 from .evaluate import load_classifier, task_from_args
+
+PREDICTIONS = "predictions"  # the marker kind of a folder of submission files
 
 
 def predict_outputs(model, tokenizer, task, examples, batch_size: int) -> np.ndarray:
@@ -51,7 +54,10 @@ def write_predictions(model_dir, task_cfg, splits: list[str], output: Path, batc
         if model is None:
             model, tokenizer = load_classifier(model_dir, task)
         text = submission_text(task, examples, predict_outputs(model, tokenizer, task, examples, batch_size))
-        output.mkdir(parents=True, exist_ok=True)
+        if not output.is_dir():
+            output.mkdir(parents=True)
+        if marker_kind(output) != PREDICTIONS:  # a later predict may write here again
+            write_marker(output, PREDICTIONS)
         path = atomic_write_text(output / submission_file(task.name, split, len(splits) > 1), text)
         print(f"predict: {len(examples)} predictions for {task.name} [{split}] -> {path}", flush=True)
         written.append(path)
@@ -77,5 +83,6 @@ def run(args) -> int:
         raise ConfigError(f"--batch-size must be > 0, got {args.batch_size}")
     task_cfg = task_from_args(args)
     splits = args.split or (split_names(task_cfg.test_split) if task_cfg.dataset is not None else ["test"])
-    write_predictions(args.model, task_cfg, splits, Path(args.output), args.batch_size)
+    output = claim_output(args.output, PREDICTIONS, "--output", {"--model": args.model, **task_inputs(task_cfg)})
+    write_predictions(args.model, task_cfg, splits, output, args.batch_size)
     return 0
