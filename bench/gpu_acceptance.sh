@@ -65,6 +65,7 @@ RES="$(cd "$RES" && pwd)"
 WORK="${WORK:-/tmp/gpu_acceptance}"
 rm -rf "$WORK"
 mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"  # absolute: a relative output_dir in the recipes written below would be the recipe's folder's
 DEPS="${DEPS:-$WORK/deps}"
 STATUS="$WORK/status"
 mkdir -p "$STATUS"
