@@ -51,6 +51,7 @@ RES="$(cd "$RES" && pwd)"
 WORK="${WORK:-/tmp/gpu_acceptance}"
 rm -rf "$WORK"
 mkdir -p "$WORK/status"
+WORK="$(cd "$WORK" && pwd)"  # absolute: a relative output_dir in the recipes written below would be the recipe's folder's
 STATUS="$WORK/status"
 DEPS="${DEPS:-$WORK/deps}"
 

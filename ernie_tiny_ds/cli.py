@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         from .runtime.rank_registry import report_and_exit
         report_and_exit(f"{prefix}error: {exc}", code=2)  # other ranks may be blocked in a collective: do not wait
+    except KeyboardInterrupt:  # Ctrl-C: one line saying where the job resumes, exit code 130
+        from .runtime.interrupt import exit_interrupted
+        exit_interrupted(args)
     except RuntimeError as exc:
         # another rank failed first (its own message says why); this one only saw its connection drop
         from .data.corpus import describe_worker_failure

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -18,8 +19,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from . import recipe_paths, recipe_yaml
 from .errors import ConfigError
-from .stages import STAGES  # the stage names, defined once beside what each stage is
+from .stages import STAGE_SPECS, STAGES  # the stage names, defined once beside what each stage is
 
 
 @dataclass
@@ -244,6 +246,8 @@ class Recipe:
         merged = apply_overrides(merged, general + this_stage)
         merged["stages"] = {}
         out = from_dict(merged, source=f"stages.{stage}")
+        if STAGE_SPECS[stage].data == "general":  # the commands that never read the corpus never check its length
+            check_positions(out, [("data.max_seq_len", out.data.max_seq_len)])
         out.stages = self.stages
         out.command_line = self.command_line
         return out
@@ -379,7 +383,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = recipe_yaml.load(raw, lambda _line: f"override {text!r}") if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -407,43 +411,27 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         bundled = Path(__file__).resolve().parent / "recipes" / f"{path}.yaml"
-        if not p.is_file() and p.suffix == "" and bundled.is_file():
+        by_name = not p.is_file() and p.suffix == "" and bundled.is_file()
+        if by_name:
             p = bundled  # a bundled recipe by name: `--config demo`
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {p}")
         try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            values = recipe_yaml.load(p.read_text(encoding="utf-8"), lambda line: f"{p}:{line}") or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping of sections")
-        values = _resolve_relative_paths(values, p.parent)
+        if not by_name:  # a bundled recipe lives in the package, not in a folder of the user's
+            values = recipe_paths.anchor(values, p.parent.resolve())
     values = apply_overrides(values, overrides or [])
     if "command_line" in values:  # from the file or the command line
         raise ConfigError("unknown key 'command_line': it is not a recipe setting")
     recipe = from_dict(values, source=str(path or "overrides"))
     recipe.command_line = list(overrides or [])  # for_stage picks the ones a stage can override
     return recipe
-
-
-# Paths written in a recipe are relative to the recipe file, so a recipe folder can move as a whole.
-_PATH_KEYS = (("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("student", "projections"),
-              ("data", "corpus"),
-              ("data", "tokenizer"), ("task", "train_file"), ("task", "dev_file"),
-              ("task", "test_file"), ("task", "dataset"), ("task", "augmented_train_file"),
-              ("augment", "mlm_model"))
-
-
-def _resolve_relative_paths(values: dict, base: Path) -> dict:
-    for section, key in _PATH_KEYS:
-        node = values.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str):
-            raw = os.path.expanduser(node[key])
-            if not os.path.isabs(raw) and (base / raw).exists():
-                node[key] = str((base / raw).resolve())
-    return values
 
 
 # --------------------------------------------------------------------------- validation
@@ -473,9 +461,58 @@ def _check_finite(obj: Any, key: str = "") -> None:
         raise ConfigError(f"{key} must be a finite number, got {obj}")
 
 
+def _check_paths_not_empty(r: Recipe) -> None:
+    for section, key in recipe_paths.PATH_KEYS:
+        value = getattr(getattr(r, section) if section else r, key)
+        if isinstance(value, str) and not value.strip():
+            name = f"{section}.{key}" if section else key
+            hub = " or a Hub ID" if (section, key) in recipe_paths.HUB_KEYS else ""
+            raise ConfigError(f"{name} is empty: give a path{hub}, or leave the key out")
+
+
+def _usable_positions(config: Any) -> Optional[int]:
+    """The longest sequence a model config takes: max_position_embeddings, less RoBERTa's offset
+    (its position ids start after the padding id). None when the config does not say."""
+    if not isinstance(config, dict):
+        return None
+    positions = config.get("max_position_embeddings", 512)  # the BERT-family default
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        pad = config.get("pad_token_id", 1)
+        positions -= (pad if isinstance(pad, int) else 1) + 1
+    return positions
+
+
+def _folder_config(path: Optional[str]) -> Optional[dict]:
+    """config.json of a local model folder; None for a Hub ID or an unreadable file (the loader reports
+    those, naming the key, when it opens the model)."""
+    if not path:
+        return None
+    try:
+        return json.loads((Path(os.path.expanduser(path)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_positions(r: Recipe, lengths: list[tuple[str, int]]) -> None:
+    """Sequence lengths within the positions of every model whose config can be read now, so a
+    mistake stops before any work and not at the first forward of a long job."""
+    models = [("teacher.config", r.teacher.config), ("teacher.path", _folder_config(r.teacher.path)),
+              ("teacher.finetuned_path", _folder_config(r.teacher.finetuned_path)),
+              ("student.path", _folder_config(r.student.path))]
+    for model_key, config in models:
+        limit = _usable_positions(config)
+        for length_key, length in lengths:
+            if limit is not None and length > limit:
+                raise ConfigError(f"{length_key} ({length}) is longer than the {limit} positions of {model_key}'s "
+                                  f"model (max_position_embeddings); set {length_key} to at most {limit}")
+
+
 def validate(r: Recipe) -> None:
     """Range and consistency checks that types alone do not catch. Files are checked where used."""
     _check_finite(r)
+    _check_paths_not_empty(r)
     if r.teacher.path is None and r.teacher.config is None and r.teacher.finetuned_path is None:
         raise ConfigError("teacher: give teacher.path (a Hugging Face folder) or teacher.config (inline)")
     if r.teacher.path is not None and r.teacher.config is not None:
@@ -534,6 +571,11 @@ def validate(r: Recipe) -> None:
             close = difflib.get_close_matches(stage, STAGES, n=1)
             hint = f"; did you mean 'stages.{close[0]}'?" if close else f"; stages are {', '.join(STAGES)}"
             raise ConfigError(f"unknown key 'stages.{stage}'{hint}")
+    if r.task.name or r.task.train_file or r.task.dataset:  # no task: task.max_seq_len is never used
+        check_positions(r, [("task.max_seq_len", r.task.max_seq_len)])
+    if r.deepspeed.overrides or not recipe_paths.is_bundled_deepspeed_config(r.deepspeed.config):
+        from .runtime.ds_validation import check_ds_config  # imports DeepSpeed: only when there is something to check
+        check_ds_config(r)
     # stage overrides must themselves form a valid recipe
     for stage in r.stages:
         r.for_stage(stage)

@@ -131,7 +131,8 @@ def test_chinese_is_replaced_character_by_character(tmp_path):
     texts = ["酒店房间非常干净，早餐真的好。", "我们还是觉得有点贵。", "前台服务热情。", "房间干净，服务好。"]
     (tmp_path / "train.tsv").write_text("label\ttext_a\n" + "".join(f"{i % 2}\t{t}\n" for i, t in enumerate(texts)))
     r = load_recipe(None, [f"teacher.path={teacher}", f"task.train_file={tmp_path / 'train.tsv'}",
-                           "task.text_columns=[text_a]", "augment.copies=6", "release.language=[zh]"])
+                           "task.text_columns=[text_a]", "task.max_seq_len=32", "augment.copies=6",
+                           "release.language=[zh]"])
     body = tsv_rows(augment_file(r, tmp_path / "aug.tsv"))[1:]
     replaced = 0
     for i, text in enumerate(texts):
@@ -180,7 +181,7 @@ def test_cli_takes_the_recipe_and_overrides_like_the_other_commands(tmp_path, en
     write_task(tmp_path, n=3)
     config = tmp_path / "recipe.yaml"
     config.write_text(f"teacher: {{path: {english[0]}}}\ntask: {{train_file: train.tsv, "
-                      f"text_columns: [premise, hypothesis]}}\n")
+                      f"text_columns: [premise, hypothesis], max_seq_len: 32}}\n")
     args = build_parser().parse_args(["augment", "--config", str(config), "--output", str(tmp_path / "o.tsv"),
                                       "augment.copies=2"])
     assert args.func(args) == 0

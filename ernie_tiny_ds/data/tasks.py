@@ -151,34 +151,52 @@ def _rows(path: Path, columns: Sequence[str], header: bool = True) -> Iterator[t
     if not header:
         yield from _indexed_rows(path, reader, fmt, columns)
         return
-    try:
-        header = next(reader)
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} (its columns: "
-                            f"{', '.join(header)})")
-        for record in reader:
-            if not record:
-                continue  # blank line
-            if len(record) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, the header has {len(header)}")
-            yield reader.line_num, dict(zip(header, record))
-    except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: malformed {fmt} row ({exc})") from None
+    records = _records(path, reader, fmt)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path}: the file is empty")
+    header = first[1]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} (its columns: "
+                        f"{', '.join(header)})")
+    for line, record in records:
+        if len(record) != len(header):
+            raise DataError(f"{path}:{line}: {len(record)} fields, the header has {len(header)}"
+                            f"{_runs_on(reader, line)}")
+        yield line, dict(zip(header, record))
+
+
+def _records(path: Path, reader, fmt: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line a record starts on, its fields) of every non-blank record. A quoted field may span
+    lines, so the reader's line count after a record is where it ended, not where it began: an
+    unclosed quote swallows the rest of the file, and the place to name is the line that opened it."""
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}:{start}: malformed {fmt} row ({exc}){_runs_on(reader, start)}") from None
+        if record:  # a blank line is no record
+            yield start, record
+        start = reader.line_num + 1
+
+
+def _runs_on(reader, start: int) -> str:
+    if reader.line_num <= start:
+        return ""
+    return f"; the row runs on to line {reader.line_num}: is a quote opened on line {start} never closed?"
 
 
 def _indexed_rows(path: Path, reader, fmt: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
     need = max(int(c) for c in columns) + 1
-    try:
-        for record in reader:
-            if not record:
-                continue
-            if len(record) < need:
-                raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, column {need - 1} is used "
-                                f"(task.header is false: columns are 0-based indices)")
-            yield reader.line_num, {str(i): value for i, value in enumerate(record)}
-    except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: malformed {fmt} row ({exc})") from None
+    for line, record in _records(path, reader, fmt):
+        if len(record) < need:
+            raise DataError(f"{path}:{line}: {len(record)} fields, column {need - 1} is used "
+                            f"(task.header is false: columns are 0-based indices){_runs_on(reader, line)}")
+        yield line, {str(i): value for i, value in enumerate(record)}
 
 
 def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
@@ -210,6 +228,9 @@ def _raw_examples(path: Path, cfg: TaskConfig, labelled: bool = True) -> list[tu
                 raise DataError(f"{path}:{number}: column {column!r} holds {type(value).__name__} {value!r}, "
                                 f"not text")
             texts.append(value)
+        if labelled and row[cfg.label_column] is None:
+            raise DataError(f"{path}:{number}: the label ({cfg.label_column!r}) is null; every row of a train or "
+                            f"dev file needs one")
         out.append((f"{path}:{number}", tuple(texts), row[cfg.label_column] if labelled else None))
     if not out:
         raise DataError(f"{path}: no examples (only a header)")

@@ -19,7 +19,11 @@ def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
     for key, candidate, revision in (("data.tokenizer", recipe.data.tokenizer, recipe.data.tokenizer_revision),
                                      *teachers):
         if candidate:
-            return resolve_hub(candidate, key, revision, what="tokenizer")  # a Hub ID: its cached snapshot
+            folder = resolve_hub(candidate, key, revision, what="tokenizer")  # a Hub ID: its cached snapshot
+            if key != "data.tokenizer" and not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+                raise ConfigError(f"{key}: {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                                  f"set data.tokenizer to the teacher's tokenizer (a folder or Hub ID)")
+            return folder
     from ..assets import DEFAULT_TOKENIZER
     return str(DEFAULT_TOKENIZER)
 

@@ -149,7 +149,7 @@ def _fill_auto(node, values: dict, prefix: str = ""):
 # (checkpoint.load_universal, a checkpoint engine), others start jobs or write files of their own
 # (autotuning, monitors, profilers), others fight the recipe (batch sizes). README lists this set.
 ALLOWED_OVERRIDES = (
-    "optimizer.type", "optimizer.params.*", "scheduler.type", "scheduler.params.*",
+    "optimizer.type", "optimizer.params.*",
     "zero_optimization.*", "bf16.*", "fp16.*",
     "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
     "communication_data_type", "seq_parallel_communication_data_type", "data_types.*",
@@ -160,6 +160,9 @@ ALLOWED_OVERRIDES = (
 RECIPE_OWNED = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
                 "gradient_accumulation_steps": "train.grad_accum",
                 "train_batch_size": "train.micro_batch_size and train.grad_accum"}
+# DeepSpeed ignores a config's scheduler when the engine passes its own, as build_training_engine does
+RECIPE_SCHEDULE = ("refused: the recipe sets the schedule (linear warm-up, then linear decay to 0 "
+                   "at train.max_steps): set optim.lr and optim.warmup_ratio")
 # never allowed, in a deepspeed.config file either: paths into DeepSpeed code that unpickles or runs jobs
 PICKLE_LOADING = ("checkpoint", "load_universal_checkpoint", "nebula", "checkpoint_engine", "autotuning",
                   "elasticity", "data_efficiency", "curriculum_learning")
@@ -190,10 +193,14 @@ def check_overrides(overrides: dict, config_source: dict | None = None, source: 
                               f"pickle (code could run) or to start jobs of its own")
         if top in RECIPE_OWNED:
             raise ConfigError(f"deepspeed.overrides.{path}: set {RECIPE_OWNED[top]} in the recipe instead")
+        if top == "scheduler":
+            raise ConfigError(f"deepspeed.overrides.{path}: {RECIPE_SCHEDULE}")
         if not _allowed(path):
             raise ConfigError(f"deepspeed.overrides.{path}: not an override this tool allows; allowed: "
                               f"{', '.join(ALLOWED_OVERRIDES)}")
     for key in (config_source or {}):
+        if key == "scheduler":
+            raise ConfigError(f"{source}: key 'scheduler' {RECIPE_SCHEDULE}")
         if key in PICKLE_LOADING:
             raise ConfigError(f"{source}: key {key!r} refused: it leads DeepSpeed to load checkpoints with pickle "
                               f"(code could run) or to start jobs of its own")

@@ -36,9 +36,25 @@ def push(folder: str | os.PathLike, repo_id: str, endpoint: str | None = None, p
         raise UserError(f"push to {repo_id} failed: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:  # the Hub refused the card's YAML front matter
         raise UserError(f"push to {repo_id} failed: {' '.join(str(exc).split())}") from None
-    except OSError as exc:  # connection refused, DNS
-        raise UserError(f"push to {repo_id} failed: cannot reach {api.endpoint}: {exc}") from None
+    except _network_errors() as exc:  # connection refused, DNS, timeouts
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"push to {repo_id} failed: cannot reach {api.endpoint}: {first}") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _network_errors() -> tuple[type, ...]:
+    """What the Hub client raises when the endpoint cannot be reached. Its HTTP library changed across
+    huggingface_hub releases (requests, httpx, httpx2), and none of their transport errors is an OSError."""
+    import importlib
+
+    errors: list[type] = [OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests.exceptions", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
