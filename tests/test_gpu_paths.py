@@ -38,6 +38,7 @@ Audit of every path that differs on CUDA/NCCL, and what covers it:
     (speed._alternating_medians), bench/step.py at every phase end; the training log's rates are
     taken after the loss has been read on the host (a sync). Read, not testable without a GPU.
 """
+import json
 import os
 import re
 import signal
@@ -384,3 +385,6 @@ def test_bf16_training_under_each_zero_stage(tmp_path, tokenizer_dir, vocab_size
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert (tmp_path / "out/general/student/model.safetensors").is_file()
+    done = json.loads((tmp_path / "out/general/stage_done.json").read_text())  # the export check fit for bf16
+    assert 0 <= done["export_error"] <= done["export_error_allowed"] < 0.1, done
+    assert done["export_max_abs_diff"] > 0, done  # bf16 engine against the fp32 export: never bit-equal

@@ -147,10 +147,3 @@ def export_problem(folder: str | os.PathLike) -> str | None:
         return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     return None
 
-
-def export_max_abs_diff(folder: str | os.PathLike, batch: dict, expected: torch.Tensor) -> float:
-    """Load the export fresh and compare its outputs with the training engine's on the same batch."""
-    model = load_exported(folder)
-    with torch.no_grad():
-        got = model_outputs(model, {k: v.cpu() for k, v in batch.items()})
-    return float((got.float() - expected.float().cpu()).abs().max())

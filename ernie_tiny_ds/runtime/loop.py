@@ -28,7 +28,8 @@ from . import checkpoint, rank_registry, recipe_changes
 from .checkpointer import Checkpointer
 from .collectives import all_reduce_values, wait_for_rank0
 from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
-from .export import STUDENT_DIR, export_checkpoint, export_max_abs_diff, model_outputs
+from .export import STUDENT_DIR, export_checkpoint, model_outputs
+from .export_check import check_export
 from .flops import distill_step_flops, peak_flops
 from .metrics import MetricsLogger
 from .selection import best_checkpoint_hook
@@ -252,11 +253,7 @@ def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, f
             # the export must reproduce the engine's student; keep the probe so anyone can re-check it
             atomic_torch_save({"batch": {k: v.cpu() for k, v in probe_batch.items()}, "outputs": probe.cpu()},
                               out_dir / "export_probe.pt")
-            done["export_max_abs_diff"] = export_max_abs_diff(student_dir, probe_batch, probe)
-            tolerance = 1e-4 if r.train.precision == "fp32" else 5e-2
-            if done["export_max_abs_diff"] > tolerance:
-                raise RuntimeError(f"the export in {student_dir} differs from the trained student by "
-                                   f"{done['export_max_abs_diff']:.3g} (> {tolerance})")
+            done.update(check_export(student_dir, probe_batch, probe, r.train.precision))
         atomic_write_text(done_file, json.dumps(done))
         print(f"{spec.title} done: {step} steps, final loss {final_loss:.6g}; student exported to {student_dir}",
               flush=True)
