@@ -132,8 +132,10 @@ except (OSError, ValueError) as exc:
 seen = [r["step"] for r in rows]
 bad = [r["step"] for r in rows if not math.isfinite(r["loss"])]
 ok = seen == list(range(1, steps + 1)) and not bad and done["steps"] == steps
+error = f"export error {done['export_error']:.3g} of {done['export_error_allowed']:.3g} allowed" \
+    if "export_error" in done else "no export check recorded"
 print(("ok" if ok else "BAD") + f" {folder.name}: steps {seen[:1]}..{seen[-1:]}, loss {rows[0]['loss']:.4g} -> "
-      f"{rows[-1]['loss']:.4g}, export diff {done.get('export_max_abs_diff', '?')}" + (f", non-finite {bad}" if bad else ""))
+      f"{rows[-1]['loss']:.4g}, {error}" + (f", non-finite {bad}" if bad else ""))
 EOF
 }
 
