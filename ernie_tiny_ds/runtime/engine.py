@@ -42,6 +42,7 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
     import torch.distributed as dist
 
     from .collectives import control_group
+    from .op_build_locks import remove_stale_build_locks
 
     if "RANK" not in os.environ:  # a plain `ernie-tiny-ds …` run: one process, no launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
@@ -51,6 +52,7 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
         dist_backend = process_group_backend(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(device_index())
+        remove_stale_build_locks()  # else a build killed in an earlier run hangs this one in the op build below
         deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=timeout_s), verbose=False)
         control_group()  # made here, at the same point on every rank (creating a group is collective)
         release_shm_buffer_names()
