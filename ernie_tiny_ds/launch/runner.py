@@ -5,17 +5,23 @@
 
 With a hostfile of several hosts the runner starts the other nodes over ssh (pdsh) and exports the
 environment of `.deepspeed_env` there; with --no-ssh every node runs its own launcher (a Slurm job step).
-The exit code is the job's.
+Where CUDA_VISIBLE_DEVICES names this node's GPUs, deepspeed's per-node launcher is started directly with
+them (the runner would reset them). The exit code is the job's.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import errno
 import io
+import ipaddress
+import json
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,7 @@ _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 RUNNER_EXPORTED_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL", "BKCL", "XPU", "XMLIR", "LD_LIBRARY", "PATH",
                             "NEUWARE_HOME", "CNCL", "ASCEND", "HCCL")
 NOT_LAUNCHABLE = ("launch", "submit")
+MULTI_NODE_PORT = 29500  # every node must name the same port, so several nodes cannot each pick a free one
 
 
 @dataclass
@@ -58,6 +65,7 @@ class LaunchPlan:
     environment: dict[str, str]             # what every rank gets (the .deepspeed_env content)
     uses_ssh: bool                          # the runner will start remote nodes through pdsh
     hosts: list[Host] = field(default_factory=list)
+    world: dict[str, list[int]] | None = None  # ranks' GPUs per node, when this node's come from a scheduler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_gpus", "--num-gpus", type=int, default=None,
                         help="ranks per node (GPUs; CPU ranks on a machine without GPUs; default: all slots)")
     parser.add_argument("--master_addr", "--master-addr",
-                        help="address of node 0 (required with --no-ssh across nodes)")
-    parser.add_argument("--master_port", "--master-port", type=int, default=29500)
+                        help="address of node 0 (required with --no-ssh across nodes; over ssh, default: the "
+                             "hostfile's first host, resolved here)")
+    parser.add_argument("--master_port", "--master-port", type=int, default=None,
+                        help=f"node 0's rendezvous port (default: a free one on one node, {MULTI_NODE_PORT} "
+                             "across nodes)")
     parser.add_argument("--no-ssh", "--no_ssh", dest="no_ssh", action="store_true",
                         help="start only this node's ranks (each node runs its own launch, e.g. one Slurm task)")
     parser.add_argument("--node_rank", "--node-rank", type=int, default=None, help="this node's index (--no-ssh)")
@@ -202,10 +213,8 @@ def check_ssh_safe(command: list[str], env: dict[str, str], master_addr: str | N
                         "run one `launch --no-ssh --node_rank R` per node (as the Slurm job does)")
 
 
-def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None) -> LaunchPlan:
-    command = strip_separator(list(args.command))
-    parse_subcommand(command, args.build_parser)
-    hosts = read_hostfile(args.hostfile) if args.hostfile else []
+def _check_arguments(args: argparse.Namespace, hosts: list[Host]) -> int:
+    """Refuse inconsistent launch arguments before anything starts; returns the number of nodes."""
     num_nodes = args.num_nodes if args.num_nodes is not None else (len(hosts) or 1)
     if num_nodes < 1:
         raise UserError(f"--num_nodes must be >= 1, got {num_nodes}")
@@ -214,7 +223,7 @@ def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None
         raise UserError(f"--num_nodes {num_nodes}: {where}")
     if args.num_gpus is not None and args.num_gpus < 1:
         raise UserError(f"--num_gpus must be >= 1, got {args.num_gpus}")
-    if not 0 < args.master_port < 65536:
+    if args.master_port is not None and not 0 < args.master_port < 65536:
         raise UserError(f"--master_port must be in 1..65535, got {args.master_port}")
     if args.master_addr is not None and not _HOST.fullmatch(args.master_addr):
         raise UserError(f"--master_addr {args.master_addr!r} is not a host name or address")
@@ -227,21 +236,118 @@ def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None
             raise UserError(f"--node_rank {args.node_rank} is outside 0..{num_nodes - 1}")
         if num_nodes > 1 and not args.master_addr:
             raise UserError("--no-ssh across nodes needs --master_addr (the address of node 0)")
+    return num_nodes
+
+
+def master_address(args: argparse.Namespace, hosts: list[Host], num_nodes: int) -> str:
+    """--master_addr, or on one node its own loopback, or across nodes the hostfile's first host as it
+    resolves here (deepspeed's runner would take the first word of `hostname -I` over ssh: often a
+    docker bridge or an address the other nodes cannot reach)."""
+    if args.master_addr:
+        return args.master_addr
+    if num_nodes == 1:
+        return "127.0.0.1"
+    first = hosts[0].name
+    try:
+        addresses = [info[4][0] for info in socket.getaddrinfo(first, None, type=socket.SOCK_STREAM)]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--master_addr not given and the hostfile's first host {first!r} does not resolve here "
+                        f"({exc}); give --master_addr (node 0's address)") from None
+    address = next((a for a in addresses if ":" not in a), addresses[0])  # IPv4 first, as the runner's guess
+    if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        raise UserError(f"--master_addr not given and the hostfile's first host {first!r} resolves to {address}, "
+                        "a loopback address, so the other nodes could not reach node 0 there; give --master_addr "
+                        "(node 0's address on the network the nodes share)")
+    return address
+
+
+def port_taken(port: int) -> bool:
+    """Whether something on this machine already listens on `port` (another job's rendezvous)."""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: TIME_WAIT is no clash
+            try:
+                probe.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def master_port(args: argparse.Namespace, num_nodes: int) -> int:
+    """--master_port, else a free port on one node (a second job on the machine must not meet the first
+    one's rendezvous), else the fixed default every node assumes. On the node that hosts the rendezvous a
+    port already in use is refused here, before the ranks would die on EADDRINUSE."""
+    if args.master_port is None and num_nodes == 1:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return probe.getsockname()[1]
+    port = MULTI_NODE_PORT if args.master_port is None else args.master_port
+    hosts_rendezvous = num_nodes == 1 or (args.no_ssh and args.node_rank == 0)
+    if hosts_rendezvous and port_taken(port):
+        fix = "leave --master_port out to get a free one" if num_nodes == 1 else "give every node another --master_port"
+        raise UserError(f"--master_port {port} is already in use on this machine (another job?); {fix}")
+    return port
+
+
+def scheduler_gpus(environment: dict[str, str] | None = None) -> list[int] | None:
+    """The GPU indices CUDA_VISIBLE_DEVICES leaves to this node's ranks (Slurm sets it for a job step with
+    GPUs; a user may too); None when it is unset or empty."""
+    value = (os.environ if environment is None else environment).get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not value:
+        return None
+    ids = [part.strip() for part in value.split(",")]
+    if not all(part.isdigit() for part in ids):
+        raise UserError(f"CUDA_VISIBLE_DEVICES={value}: deepspeed's launcher places ranks by GPU index, not by "
+                        "UUID or MIG name; give indices (nvidia-smi -L lists them)")
+    return [int(part) for part in ids]
+
+
+def node_world(args: argparse.Namespace, hosts: list[Host], num_nodes: int, visible: list[int]) -> dict:
+    """Ranks per node in deepspeed's world_info form, this node's entry being the scheduler's GPUs: the
+    launcher of each node sets its ranks' CUDA_VISIBLE_DEVICES from its own entry and counts the others."""
+    nodes = [(h.name, args.num_gpus or h.slots) for h in hosts[:num_nodes]]
+    if not nodes:  # one node without a hostfile: deepspeed's own name for it
+        nodes = [("localhost", args.num_gpus or len(visible))]
+    me = args.node_rank or 0
+    name, count = nodes[me]
+    if count > len(visible):
+        raise UserError(f"{count} ranks on {name} but CUDA_VISIBLE_DEVICES={','.join(map(str, visible))} shows "
+                        f"{len(visible)} GPU(s); ask the scheduler for {count} GPUs or launch {len(visible)} ranks")
+    return {host: (visible[:n] if i == me else list(range(n))) for i, (host, n) in enumerate(nodes)}
+
+
+def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None) -> LaunchPlan:
+    command = strip_separator(list(args.command))
+    parse_subcommand(command, args.build_parser)
+    hosts = read_hostfile(args.hostfile) if args.hostfile else []
+    num_nodes = _check_arguments(args, hosts)
     uses_ssh = num_nodes > 1 and not args.no_ssh
     env = rank_environment(args.env, base_env, user_env_files() if uses_ssh else None)
+    addr = master_address(args, hosts, num_nodes)
     if uses_ssh:
-        check_ssh_safe(command, env, args.master_addr, base_env)
-
+        check_ssh_safe(command, env, addr, base_env)
+    port = master_port(args, num_nodes)
+    visible = None if uses_ssh else scheduler_gpus(base_env)  # over ssh, this shell's GPUs say nothing of the others
+    if visible is not None:
+        # deepspeed's runner would give the ranks GPUs 0..N-1 whatever the scheduler bound (its hostfile and
+        # --num_gpus paths overwrite CUDA_VISIBLE_DEVICES); its per-node launcher takes the world as given
+        world = node_world(args, hosts, num_nodes, visible)
+        encoded = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={encoded}",
+               f"--node_rank={args.node_rank or 0}", f"--master_addr={addr}", f"--master_port={port}",
+               "--module", "ernie_tiny_ds.cli", *command]
+        return LaunchPlan(cmd, env, uses_ssh, hosts[:num_nodes], world)
     cmd = deepspeed_runner()
     if args.hostfile:
         cmd += ["--hostfile", str(Path(args.hostfile).resolve()), "--num_nodes", str(num_nodes)]
     if args.num_gpus is not None:
         cmd += ["--num_gpus", str(args.num_gpus)]
-    # one node: its own address; else deepspeed asks a hostfile's first host over ssh (`hostname -I`)
-    master_addr = args.master_addr or ("127.0.0.1" if num_nodes == 1 else None)
-    if master_addr:
-        cmd += ["--master_addr", master_addr]
-    cmd += ["--master_port", str(args.master_port)]
+    cmd += ["--master_addr", addr, "--master_port", str(port)]
     if args.no_ssh:
         cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
     cmd += ["--module", "ernie_tiny_ds.cli", *command]
@@ -251,8 +357,10 @@ def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None
 def describe(plan: LaunchPlan) -> str:
     how = ("written to a .deepspeed_env file that the runner exports to every node" if plan.uses_ssh
            else "set in the environment of this node's ranks")
+    world = (f"# ranks per node; this node's GPUs are CUDA_VISIBLE_DEVICES's (world_info):\n{json.dumps(plan.world)}\n"
+             if plan.world is not None else "")
     return (f"# environment of every rank ({how}):\n{env_file_text(plan.environment)}"
-            f"# command:\n{shlex.join(plan.command)}\n")
+            f"{world}# command:\n{shlex.join(plan.command)}\n")
 
 
 def run_plan(plan: LaunchPlan) -> int:

@@ -11,6 +11,9 @@ build the NCCL situation (a "cuda:gloo" default group) and exercise exactly the 
 """
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import MutableMapping
 from datetime import timedelta
 from typing import Any
 
@@ -35,18 +38,57 @@ def _serves_cpu(config: str) -> bool:
     return False
 
 
-def control_group():
+def control_group(timeout: timedelta | None = None):
     """The process group for control-plane collectives: the default one when it serves CPU tensors,
     else a gloo group created once (collective: every rank calls this at the same point; the trainer
-    does so right after the process group is made)."""
+    does so right after the process group is made, with train.dist_timeout_s as `timeout`, so a
+    stalled peer ends the wait after that long instead of torch's 30 minutes)."""
     default = dist.group.WORLD
     key = id(default)
     if key not in _control:
         _control.clear()  # a new default group (tests create several in one process)
-        _control[key] = None if _serves_cpu(dist.get_backend_config()) else dist.new_group(backend="gloo")
+        cpu_capable = _serves_cpu(dist.get_backend_config())
+        _control[key] = None if cpu_capable else dist.new_group(backend="gloo", timeout=timeout)
         _patient.clear()
         _patient[key] = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return _control[key]
+
+
+def bound_later_groups(timeout: timedelta) -> None:
+    """Give every process group made after this call `timeout` unless its maker names one.
+
+    DeepSpeed makes groups of its own without a timeout: the clone of the world that carries every
+    gradient all-reduce, ZeRO's partition groups. torch then applies its default, 30 minutes under
+    gloo and 10 under NCCL, so a stalled (not dead) peer would hold the other ranks that long
+    whatever train.dist_timeout_s says. torch reads that default from these two module values at
+    each new_group() call; torch has no public setter for them."""
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):  # None where torch was built without NCCL
+            setattr(c10d, name, timeout)
+
+
+def gloo_interface_from_nccl(env: MutableMapping[str, str] = os.environ,
+                             interfaces: list[str] | None = None) -> str | None:
+    """Set GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME when only the latter is set; returns what it set.
+
+    Under NCCL the control plane still crosses the network over gloo, which otherwise takes the
+    address the host name resolves to: a loopback or unroutable one on many clusters, and group
+    creation then hangs. NCCL's value names interface prefixes ("eth", "ib0,ib1") or, after "=",
+    exact names; gloo takes exact names, so the first interface of this host that matches is used.
+    An exclusion list ("^docker,lo") has no gloo form and is left alone."""
+    wanted = env.get("NCCL_SOCKET_IFNAME", "").strip()
+    if env.get("GLOO_SOCKET_IFNAME") or not wanted or wanted.startswith("^"):
+        return None
+    exact = wanted.startswith("=")
+    present = [name for _, name in socket.if_nameindex()] if interfaces is None else interfaces
+    for pattern in filter(None, (part.strip() for part in wanted.lstrip("=").split(","))):
+        match = next((name for name in present if name == pattern or (not exact and name.startswith(pattern))), None)
+        if match is not None:
+            env["GLOO_SOCKET_IFNAME"] = match
+            return match
+    return None
 
 
 def wait_for_rank0() -> None:

@@ -37,11 +37,12 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
     """Join (or, run without a launcher, create) the process group; returns (rank, world_size).
 
     backend "auto" is the accelerator's own (NCCL on CUDA, gloo on CPU); "gloo" on CUDA lets
-    several ranks share one GPU (tensors cross through the host: slow, but every code path runs)."""
+    several ranks share one GPU (tensors cross through the host: slow, but every code path runs).
+    Every group of the job, DeepSpeed's included, waits at most `timeout_s` for a silent peer."""
     import deepspeed
     import torch.distributed as dist
 
-    from .collectives import control_group
+    from .collectives import bound_later_groups, control_group, gloo_interface_from_nccl
     from .op_build_locks import remove_stale_build_locks
 
     if "RANK" not in os.environ:  # a plain `ernie-tiny-ds …` run: one process, no launcher
@@ -52,15 +53,41 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
         dist_backend = process_group_backend(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(device_index())
+        gloo_interface_from_nccl()  # before the first group: gloo reads it when a group is made
+        timeout = timedelta(seconds=timeout_s)
+        bound_later_groups(timeout)
         remove_stale_build_locks()  # else a build killed in an earlier run hangs this one in the op build below
-        deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=timeout_s), verbose=False)
-        control_group()  # made here, at the same point on every rank (creating a group is collective)
-        release_shm_buffer_names()
+        try:
+            deepspeed.init_distributed(dist_backend=dist_backend, timeout=timeout, verbose=False)
+            control_group(timeout)  # made here, at the same point on every rank (creating a group is collective)
+            release_shm_buffer_names()  # its barrier is the first collective: NCCL builds its communicator there
+        except RuntimeError as exc:
+            said = [line.strip() for line in str(exc).splitlines() if "Duplicate GPU detected" in line]
+            if said:
+                raise ConfigError(_SHARED_GPU.format(detail=said[0][:200])) from None
+            raise
     return dist.get_rank(), dist.get_world_size()
 
 
+_SHARED_GPU = ("train.dist_backend: NCCL refuses two ranks on one GPU ({detail}); use train.dist_backend=gloo "
+               "to share a GPU, or fewer ranks")
+
+
+def _visible_devices() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list (None when unset: every GPU of the node is visible)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [d.strip() for d in value.split(",") if d.strip()]
+
+
 def process_group_backend(backend: str) -> str | None:
-    """The torch backend for train.dist_backend (None: DeepSpeed's choice for the accelerator)."""
+    """The torch backend for train.dist_backend (None: DeepSpeed's choice for the accelerator).
+
+    "nccl" is refused up front only where two local ranks surely land on one GPU: every local rank
+    sees the same devices (CUDA_VISIBLE_DEVICES unset, or a list the launcher gave them all with one
+    entry per rank) and there are fewer GPUs than ranks. A list shorter than the node's ranks is a
+    binding per rank (Slurm's --gpus-per-task, --gpu-bind): each rank sees its own GPU, and NCCL's
+    own check at its first communicator names a real duplicate (init_distributed turns it into
+    the same line)."""
     cuda = torch.cuda.is_available()
     if backend == "auto":
         return None
@@ -68,15 +95,17 @@ def process_group_backend(backend: str) -> str | None:
         if not cuda:
             raise ConfigError("train.dist_backend: 'nccl' needs CUDA devices and none is visible; use 'auto' or 'gloo'")
         local_size, count = int(os.environ.get("LOCAL_SIZE", "1")), torch.cuda.device_count()
-        if local_size > count:
-            raise ConfigError(f"train.dist_backend: NCCL refuses two ranks on one GPU ({local_size} ranks on this "
-                              f"node, {count} GPU(s)); use train.dist_backend=gloo to share a GPU, or fewer ranks")
+        visible = _visible_devices()
+        shared_view = visible is None or len(visible) >= local_size
+        if shared_view and local_size > count:
+            raise ConfigError(_SHARED_GPU.format(detail=f"{local_size} ranks on this node, {count} GPU(s)"))
         return "nccl"
     return "gloo"
 
 
 def device_index() -> int:
-    """This rank's CUDA device: LOCAL_RANK, wrapped round when ranks share GPUs (gloo backend)."""
+    """This rank's CUDA device: LOCAL_RANK, wrapped round when ranks share GPUs (gloo backend). A rank
+    bound to its own GPU by the scheduler sees only that one, so it lands on index 0."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return local_rank % count if count else local_rank

@@ -8,6 +8,9 @@ Two ways a survivor learns of a dead peer: a collective fails (gloo: "Connection
 and `describe_peer_loss` turns the error into one line; or, where no error ever comes (NCCL waits
 for a dead peer until its timeout, then its watchdog aborts the process with no word of which rank
 died), a watch thread sees the peer's process gone and ends this rank with the same line.
+
+A stalled peer (stopped, or stuck) is alive: only train.dist_timeout_s ends the collective that
+waits for it. `describe_peer_loss` then names the peers of this host whose process is stopped.
 """
 from __future__ import annotations
 
@@ -72,46 +75,73 @@ def report_and_exit(line: str, code: int = 1) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return "\nState:\tZ" not in status  # a killed child stays a zombie until the launcher reaps it
+    return _state(pid) not in (None, "Z")  # a killed child stays a zombie until the launcher reaps it
+
+
+def _host_peers(me: int):
+    """(rank, pid) of every other rank that recorded itself on this host (other hosts' pids mean nothing here)."""
+    if _folder is None:
+        return
+    for rank in range(_world):
+        path = _folder / f"rank{rank}.json"
+        if rank == me or not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        if info["host"] == socket.gethostname():
+            yield rank, int(info["pid"])
 
 
 def gone_ranks(me: int, wait_s: float = 2.0) -> list[str]:
     """The other ranks of this host whose process has ended, e.g. ['rank 1 (pid 4242)']."""
-    if _folder is None:
-        return []
     deadline = time.monotonic() + wait_s
     while True:
-        gone = []
-        for rank in range(_world):
-            path = _folder / f"rank{rank}.json"
-            if rank == me or not path.is_file():
-                continue
-            info = json.loads(path.read_text())
-            if info["host"] == socket.gethostname() and not _alive(int(info["pid"])):
-                gone.append(f"rank {rank} (pid {info['pid']})")
-        if gone or time.monotonic() >= deadline:
+        gone = [f"rank {rank} (pid {pid})" for rank, pid in _host_peers(me) if not _alive(pid)]
+        if gone or _folder is None or time.monotonic() >= deadline:
             return gone
         time.sleep(0.2)  # the failing rank may still be on its way out
 
 
+def stopped_ranks(me: int) -> list[str]:
+    """The other ranks of this host whose process exists but is stopped (SIGSTOP, Ctrl-Z, a debugger)."""
+    return [f"rank {rank} (pid {pid})" for rank, pid in _host_peers(me) if _state(pid) in ("T", "t")]
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of /proc/PID/status (R, S, D, T, t, Z, …); None when there is no such process."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("State:")), "State:\t?")
+    return line.split()[1]
+
+
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+# a collective that waited train.dist_timeout_s for a peer that never answered (gloo; NCCL's watchdog)
+PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
 def describe_peer_loss(exc: BaseException) -> str | None:
-    """One line for a collective that failed because another rank is gone (gloo/NCCL), naming that
-    rank when it ran on this host; None when `exc` is not that (a one-process run has no peers)."""
+    """One line for a collective that failed because another rank is gone or silent (gloo/NCCL), naming
+    that rank when it ran on this host; None when `exc` is not that (a one-process run has no peers)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
     backend_error = getattr(dist, "DistBackendError", ())
-    if not (isinstance(exc, backend_error) or any(text in str(exc) for text in PEER_LOST)):
+    text = str(exc)
+    silent = any(t in text for t in PEER_SILENT)
+    if not (silent or isinstance(exc, backend_error) or any(t in text for t in PEER_LOST)):
         return None
     rank = dist.get_rank()
-    who = ", ".join(gone_ranks(rank)) or "another rank"
-    return (f"[rank {rank}] error: {who} left the job during a collective operation "
-            f"({str(exc).splitlines()[0][:160]}); see its own message, if any")
+    detail = text.splitlines()[0][:160] if text else type(exc).__name__
+    gone = gone_ranks(rank)
+    stopped = [] if gone else stopped_ranks(rank)
+    if stopped:
+        return (f"[rank {rank}] error: {', '.join(stopped)} stopped responding: its process is stopped (SIGSTOP, "
+                f"Ctrl-Z or a debugger) and this rank gave up waiting for it after train.dist_timeout_s ({detail})")
+    if silent and not gone:
+        return (f"[rank {rank}] error: another rank stopped responding (on another host, or stuck in its own "
+                f"work) and this rank gave up waiting for it after train.dist_timeout_s ({detail})")
+    return (f"[rank {rank}] error: {', '.join(gone) or 'another rank'} left the job during a collective operation "
+            f"({detail}); see its own message, if any")
