@@ -55,6 +55,25 @@ def test_ranks_that_surely_share_a_gpu_are_still_refused_nccl(monkeypatch, visib
     assert engine.process_group_backend("gloo") == "gloo" and engine.device_index() == 0  # sharing: wrapped
 
 
+@pytest.mark.parametrize("local_rank, local_size, visible", [(5, 8, "5"), (1, 2, None)])
+def test_the_process_group_is_bound_to_this_rank_s_own_device(monkeypatch, local_rank, local_size, visible):
+    """DeepSpeed would bind the group to cuda:LOCAL_RANK (cuda:5 for a rank shown only GPU 5, cuda:1 for
+    the second of two ranks sharing one GPU): devices these ranks do not have. The trainer makes the
+    group first, on device_index(), and binds NCCL only (gloo's group carries no device)."""
+    from datetime import timedelta
+
+    from ernie_tiny_ds.runtime import engine
+
+    _fake_cuda(monkeypatch, 1)
+    _node(monkeypatch, local_rank, local_size, visible)
+    args = engine.cuda_group_args("nccl", timedelta(seconds=7))
+    if "device_id" in args:  # torch versions where DeepSpeed binds it too
+        assert args["device_id"] == torch.device("cuda", 0)
+    assert args["backend"] == "nccl" and args["timeout"] == timedelta(seconds=7)
+    assert engine.cuda_group_args(None, timedelta(seconds=7))["backend"] == "nccl"  # auto: the accelerator's own
+    assert "device_id" not in engine.cuda_group_args("gloo", timedelta(seconds=7))
+
+
 class _NcclRefused(Exception):
     pass
 

@@ -58,6 +58,8 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
         bound_later_groups(timeout)
         remove_stale_build_locks()  # else a build killed in an earlier run hangs this one in the op build below
         try:
+            if torch.cuda.is_available():  # the group on this rank's own device, which DeepSpeed would not pick
+                dist.init_process_group(**cuda_group_args(dist_backend, timeout))
             deepspeed.init_distributed(dist_backend=dist_backend, timeout=timeout, verbose=False)
             control_group(timeout)  # made here, at the same point on every rank (creating a group is collective)
             release_shm_buffer_names()  # its barrier is the first collective: NCCL builds its communicator there
@@ -101,6 +103,22 @@ def process_group_backend(backend: str) -> str | None:
             raise ConfigError(_SHARED_GPU.format(detail=f"{local_size} ranks on this node, {count} GPU(s)"))
         return "nccl"
     return "gloo"
+
+
+def cuda_group_args(backend: str | None, timeout: timedelta) -> dict:
+    """init_process_group's arguments on CUDA. DeepSpeed binds an NCCL group to cuda:LOCAL_RANK, a device
+    that a rank shown only its own GPU (Slurm --gpus-per-task=1: LOCAL_RANK 5, one visible device), or
+    the second of two ranks sharing one GPU, does not have. Made here first, DeepSpeed adopts the group."""
+    import inspect
+
+    import torch.distributed as dist
+
+    args = {"backend": backend or "nccl", "timeout": timeout}
+    # device_id binds NCCL's communicator eagerly; torch 2.6.x-2.7.0 could hang with it (DeepSpeed skips it there)
+    hangs = torch.__version__.split("+")[0].startswith(("2.6.", "2.7.0"))
+    if args["backend"] == "nccl" and not hangs and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        args["device_id"] = torch.device("cuda", device_index())
+    return args
 
 
 def device_index() -> int:
