@@ -1,6 +1,6 @@
 """fp32 vs int8 ONNX graph of a trained student: dev score, file size, latency at batch 1 and 32.
 
-    python bench/int8_release.py --model runs/demo/task_specific/student --task sentiment --threads 1
+    python bench/int8_release.py --model runs/demo/task_specific/student --task sentiment --seq-len 64 --threads 1
     python bench/int8_release.py --model DIR --config RECIPE --repeats 20 --seq-len 64
 
 The student (an exported classifier folder, e.g. a pipeline's OUT/task_specific/student) is exported
@@ -50,7 +50,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: torch's count)")
     args = parser.parse_args()
-    task_cfg = load_recipe(args.config, []).task if args.config else TaskConfig(name=args.task)
+    if args.config:
+        task_cfg = load_recipe(args.config, []).task
+    else:  # --seq-len is then the task's max_seq_len too, as the report scores and times at task.max_seq_len
+        task_cfg = TaskConfig(name=args.task, **({"max_seq_len": args.seq_len} if args.seq_len else {}))
     main_metric = load_task(task_cfg).main_metric
     student = {"path": args.model, "metrics": evaluate_model(args.model, task_cfg)}
     module = load_exported(args.model)
