@@ -180,12 +180,19 @@ class AugmentConfig:
 
 @dataclass
 class ReleaseConfig:
-    """What an exported student carries besides its weights: a README.md model card, model.onnx."""
+    """What an exported student carries besides its weights: a README.md model card, model.onnx,
+    model.int8.onnx."""
     license: str = "apache-2.0"       # the card's license (the teacher's terms may bind the student)
     language: list[str] = field(default_factory=list)  # card metadata, e.g. [zh]
     model_name: Optional[str] = None  # the card's title; default: output_dir's name
     onnx: Union[bool, Literal["auto"]] = "auto"  # model.onnx + ONNX Runtime timings in the report;
                                       # auto: when the onnx extra (onnx, onnxruntime, onnxscript) is installed
+    int8: bool = False                # + model.int8.onnx (dynamic int8), scored on dev and timed in the report
+
+    def __post_init__(self):
+        if self.int8 and self.onnx is False:  # the int8 graph is quantised from model.onnx
+            raise ConfigError("release.int8: true needs model.onnx, but release.onnx is false: set release.onnx "
+                              "to true or auto")
 
 
 @dataclass

@@ -3,6 +3,7 @@ against PyTorch under ONNX Runtime, and timed beside PyTorch.
 
     ernie-tiny-ds onnx --model OUT/task_specific/student            # writes OUT/task_specific/student/model.onnx
     ernie-tiny-ds onnx --model S --teacher T --seq-len 128           # + PyTorch vs ONNX Runtime timings of both
+    ernie-tiny-ds onnx --model S --int8                              # + S/model.int8.onnx (onnx_int8.py)
 
 torch.onnx's dynamo exporter (opset 18) is used: the TorchScript one (dynamo=False) mis-traces
 transformers 5's BERT (outputs off by ~1e-2 even on the traced input), the dynamo graph matches to ~1e-8.
@@ -14,7 +15,9 @@ import json
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -22,7 +25,7 @@ from torch import nn
 from ..errors import UserError
 from ..files import fsync_dir, temp_file_beside
 from ..outputs import claim_file
-from .speed import THROUGHPUT_BATCH, _alternating_medians, _inputs, _threads
+from .speed import _inputs, _threads, timed_in_turns
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_FILE = "model.onnx"
@@ -81,7 +84,7 @@ def _padded_example(config, batch: int, seq_len: int, seed: int) -> dict[str, to
 
 
 class OrtModel:
-    """An ONNX Runtime session that speed._alternating_medians can time like a module: .config and
+    """An ONNX Runtime session that speed.timed_in_turns can time like a module: .config and
     __call__(**inputs)."""
 
     def __init__(self, path: Path, config, threads: int | None = None):
@@ -110,6 +113,25 @@ def check_against_pytorch(path: Path, module: nn.Module, seq_len: int = 24, batc
     return float(abs(got - expected).max())
 
 
+@contextmanager
+def replaced_atomically(output: Path) -> Iterator[Path]:
+    """A temp path beside `output` for a library that writes only by file name (the exporter, the
+    quantiser). When the block ends without an error the file is synced and renamed over `output`, its
+    folder synced: a reader sees the old graph or the whole new one, never half of one."""
+    # an exclusive temp file (mkstemp): a predictable name could be a planted symlink the writer writes through
+    handle, name = temp_file_beside(output)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as graph:  # on disk before the rename, the rename on disk before we return
+            os.fsync(graph.fileno())
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance: float = CHECK_TOLERANCE) -> dict:
     """Write `output` (model.onnx) for an exported model folder (or module) and check it with ONNX Runtime.
     Returns {path, opset, max_abs_diff, seconds}."""
@@ -124,12 +146,8 @@ def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     out_name = "logits" if wrapper.has_head else "last_hidden_state"
     axes[out_name] = {0: "batch"} if wrapper.has_head else {0: "batch", 1: "sequence"}
-    # an exclusive temp file (mkstemp): a predictable name could be a planted symlink the exporter writes through
-    handle, name = temp_file_beside(output)
-    os.close(handle)
-    tmp = Path(name)
     start = time.perf_counter()
-    try:
+    with replaced_atomically(output) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not the user's business
             torch.onnx.export(wrapper, tuple(example[k] for k in INPUT_NAMES), str(tmp), input_names=list(INPUT_NAMES),
@@ -138,34 +156,31 @@ def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance:
         diff = check_against_pytorch(tmp, module)
         if diff > tolerance:
             raise UserError(f"{output}: the ONNX graph differs from PyTorch by {diff:.3g} (> {tolerance}); not written")
-        with open(tmp, "rb") as graph:  # on disk before the rename, the rename on disk before we return
-            os.fsync(graph.fileno())
-        os.replace(tmp, output)  # whole or absent: a reader never sees a half-written graph
-        fsync_dir(output.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": str(output), "opset": opset, "max_abs_diff": diff,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
 def compare_runtimes(teacher, student, teacher_onnx: Path, student_onnx: Path, seq_len: int = 128,
-                     repeats: int = 10, warmup: int = 3, threads: int | None = None, seed: int = 0) -> dict:
-    """Teacher and student under PyTorch and ONNX Runtime (CPU), all four timed in turns in one process
-    (speed._alternating_medians), batch-1 latency and batch-32 throughput."""
+                     repeats: int = 10, warmup: int = 3, threads: int | None = None, seed: int = 0,
+                     student_int8: Path | None = None) -> dict:
+    """Teacher and student under PyTorch and ONNX Runtime (CPU), and the student's int8 graph when given,
+    all timed in turns in one process (speed.timed_in_turns): batch-1 latency, batch-32 latency
+    and throughput."""
     modules = [_load(teacher), _load(student)]
     runners = [*(_Outputs(m).eval() for m in modules)]
     for runner, module in zip(runners, modules):
         runner.config = module.config
+    names = [("pytorch", "teacher"), ("pytorch", "student"), ("onnxruntime", "teacher"), ("onnxruntime", "student")]
     with _threads(threads) as used, torch.no_grad():
         runners += [OrtModel(Path(teacher_onnx), modules[0].config, used),
                     OrtModel(Path(student_onnx), modules[1].config, used)]
-        cpu = torch.device("cpu")
-        latency = _alternating_medians(runners, 1, seq_len, cpu, seed, warmup, repeats)
-        batch = _alternating_medians(runners, THROUGHPUT_BATCH, seq_len, cpu, seed, warmup, repeats)
-    names = [("pytorch", "teacher"), ("pytorch", "student"), ("onnxruntime", "teacher"), ("onnxruntime", "student")]
+        if student_int8 is not None:
+            runners.append(OrtModel(Path(student_int8), modules[1].config, used))
+            names.append(("onnxruntime", "student_int8"))
+        timings = timed_in_turns(runners, seq_len, torch.device("cpu"), seed, warmup, repeats)
     result: dict = {"pytorch": {}, "onnxruntime": {}}
-    for (runtime, who), lat, b in zip(names, latency, batch):
-        result[runtime][who] = {"latency_ms_batch1": lat * 1000.0, "throughput_batch32": THROUGHPUT_BATCH / b}
+    for (runtime, who), timing in zip(names, timings):
+        result[runtime][who] = timing
     for runtime in ("pytorch", "onnxruntime"):
         r = result[runtime]
         r["speedup"] = r["teacher"]["latency_ms_batch1"] / r["student"]["latency_ms_batch1"]
@@ -173,18 +188,26 @@ def compare_runtimes(teacher, student, teacher_onnx: Path, student_onnx: Path, s
     return result
 
 
-def report_section(teacher_dir: str, student_dir: str, out: Path, seq_len: int) -> dict:
+def report_section(teacher_dir: str, student_dir: str, out: Path, seq_len: int, int8: bool = False) -> dict:
     """For the report: model.onnx in the student's folder (shipped with it), the teacher's graph under
-    OUT/onnx/, both checked, then both runtimes timed side by side."""
+    OUT/onnx/, both checked, with int8 the student's model.int8.onnx beside its model.onnx, then all
+    graphs and both PyTorch models timed side by side."""
     student_onnx = export_onnx(student_dir, Path(student_dir) / ONNX_FILE)
     teacher_onnx = export_onnx(teacher_dir, out / "onnx" / "teacher" / ONNX_FILE)
+    quantised = None
+    if int8:
+        from .onnx_int8 import quantize_int8
+        quantised = quantize_int8(Path(student_onnx["path"]), _load(student_dir))
     timing = compare_runtimes(teacher_dir, student_dir, Path(teacher_onnx["path"]), Path(student_onnx["path"]),
-                              seq_len=seq_len)
+                              seq_len=seq_len, student_int8=quantised and Path(quantised["path"]))
     ort = timing["onnxruntime"]
-    return {"teacher": {**ort["teacher"], "path": teacher_onnx["path"], "max_abs_diff": teacher_onnx["max_abs_diff"]},
-            "student": {**ort["student"], "path": student_onnx["path"], "max_abs_diff": student_onnx["max_abs_diff"]},
-            "speedup": ort["speedup"], "pytorch_same_run": timing["pytorch"], "opset": student_onnx["opset"],
-            "settings": timing["settings"]}
+    graphs = {"teacher": teacher_onnx, "student": student_onnx}
+    section = {**{who: {**ort[who], "path": g["path"], "max_abs_diff": g["max_abs_diff"]} for who, g in graphs.items()},
+               "speedup": ort["speedup"], "pytorch_same_run": timing["pytorch"], "opset": student_onnx["opset"],
+               "settings": timing["settings"]}
+    if quantised is not None:
+        section["student_int8"] = {**ort["student_int8"], **quantised}
+    return section
 
 
 def written_line(result: dict) -> str:
@@ -203,6 +226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="timing: tokens per sequence (default 128)")
     parser.add_argument("--repeats", type=int, default=10, help="timing: repetitions per model (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="timing: threads for both runtimes")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write the graph's dynamic int8 quantisation beside it (model.int8.onnx; timed "
+                             "with --teacher)")
 
 
 def run(args) -> int:
@@ -211,12 +237,22 @@ def run(args) -> int:
     claim_file(output, "--output", models, home=args.model)  # MODEL/model.onnx is the graph's home
     if args.teacher:
         claim_file(output.with_name("teacher.onnx"), "--output", models, home=args.model)
+    if args.int8:
+        from .onnx_int8 import int8_path
+        claim_file(int8_path(output), "--output", models, home=args.model)
     result = export_onnx(args.model, output, opset=args.opset)
     print(written_line(result), flush=True)
+    quantised = None
+    if args.int8:
+        from .onnx_int8 import int8_written_line, quantize_int8
+        quantised = quantize_int8(output, _load(args.model))
+        print(int8_written_line(quantised), flush=True)
     if args.teacher:
         teacher = export_onnx(args.teacher, output.with_name("teacher.onnx"), opset=args.opset)
         timing = compare_runtimes(args.teacher, args.model, Path(teacher["path"]), output, seq_len=args.seq_len,
-                                  repeats=args.repeats, threads=args.threads)
-        timing["max_abs_diff"] = {"teacher": teacher["max_abs_diff"], "student": result["max_abs_diff"]}
+                                  repeats=args.repeats, threads=args.threads,
+                                  student_int8=quantised and Path(quantised["path"]))
+        timing["max_abs_diff"] = {"teacher": teacher["max_abs_diff"], "student": result["max_abs_diff"],
+                                  **({"student_int8": quantised["max_abs_diff"]} if quantised else {})}
         print(json.dumps(timing, indent=2), flush=True)
     return 0

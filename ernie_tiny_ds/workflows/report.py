@@ -90,9 +90,13 @@ def build_report(recipe: Recipe, out: Path) -> dict:
                     "torch_threads": __import__("torch").get_num_threads(), "seq_len": seq_len},
     }
     from .onnx_export import onnx_available, report_section
-    if recipe.release.onnx is True or (recipe.release.onnx == "auto" and onnx_available()):
-        # model.onnx ships in the student's folder; both graphs timed beside PyTorch in one run
-        report["onnx"] = report_section(models["teacher"], models["student"], out, seq_len)
+    release = recipe.release
+    if release.onnx is True or release.int8 or (release.onnx == "auto" and onnx_available()):
+        # model.onnx (and model.int8.onnx) ship in the student's folder; all graphs timed beside PyTorch in one run
+        report["onnx"] = report_section(models["teacher"], models["student"], out, seq_len, int8=release.int8)
+    if release.int8:
+        from .onnx_int8 import release_section
+        report["int8"] = release_section(report["onnx"], student, recipe.task, main)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", render_markdown(report))
     from .model_card import write_cards
@@ -202,4 +206,23 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Speed-up under ONNX Runtime {onnx['speedup']:.2f}× (PyTorch in the same run "
                   f"{same['speedup']:.2f}×), opset {onnx['opset']}, all four timed in turns in one process. "
                   f"The student's graph: `{onnx['student']['path']}`.", ""]
+    lines += int8_lines(r.get("int8"), r["main_metric"])
     return "\n".join(lines)
+
+
+def int8_lines(r: dict | None, main_metric: str) -> list[str]:
+    """The int8 graph beside the fp32 one (release.int8)."""
+    if r is None:
+        return []
+    lines = ["## int8 release (ONNX Runtime, CPU)", "",
+             f"| graph | size (MiB) | dev {main_metric} | latency, batch 1 (ms) | latency, batch 32 (ms) |",
+             "|---|---|---|---|---|"]
+    for name in ("fp32", "int8"):
+        g = r[name]
+        lines.append(f"| {name} | {g['size_mib']:.1f} | {g['metrics'][main_metric]:.4g} | "
+                     f"{g['latency_ms_batch1']:.2f} | {g['latency_ms_batch32']:.1f} |")
+    retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"
+    return lines + ["", f"The int8 student keeps **{retained}** of the fp32 student's {main_metric} and runs "
+                    f"**{r['speedup_batch1']:.2f}×** faster at batch 1 ({r['speedup_batch32']:.2f}× at batch 32), "
+                    f"{r['size_ratio']:.2f}× smaller (ONNX Runtime's dynamic quantisation, int8 weights; both graphs "
+                    f"timed in turns in the run above). The graph: `{r['int8']['path']}`.", ""]

@@ -73,9 +73,20 @@ def _alternating_medians(modules: list[nn.Module], batch: int, seq_len: int, dev
     return [statistics.median(t) for t in times]
 
 
+def timed_in_turns(modules: list, seq_len: int, device: torch.device, seed: int, warmup: int,
+                   repeats: int) -> list[dict]:
+    """Per module {latency_ms_batch1, latency_ms_batch32, throughput_batch32 (sequences/s)}: medians,
+    all modules taking turns at each batch size (callers set threads and no_grad)."""
+    latency = _alternating_medians(modules, 1, seq_len, device, seed, warmup, repeats)
+    batch = _alternating_medians(modules, THROUGHPUT_BATCH, seq_len, device, seed, warmup, repeats)
+    return [{"latency_ms_batch1": lat * 1000.0, "latency_ms_batch32": b * 1000.0,
+             "throughput_batch32": THROUGHPUT_BATCH / b} for lat, b in zip(latency, batch)]
+
+
 def measure_models(models: list, seq_len: int = 128, repeats: int = 10, warmup: int = 3, threads: int | None = None,
                    device: str | torch.device = "cpu", seed: int = 0) -> list[dict]:
-    """Per model {latency_ms_batch1, throughput_batch32 (sequences/s), params, seq_len, threads, repeats},
+    """Per model {latency_ms_batch1, latency_ms_batch32, throughput_batch32 (sequences/s), params, seq_len,
+    threads, repeats},
     all measured in turns under one thread count and device."""
     from ..distill.models import count_parameters
 
@@ -88,14 +99,12 @@ def measure_models(models: list, seq_len: int = 128, repeats: int = 10, warmup: 
         module.eval().to(device)
     try:
         with _threads(threads) as used, torch.no_grad():
-            latency = _alternating_medians(modules, 1, seq_len, device, seed, warmup, repeats)
-            batch = _alternating_medians(modules, THROUGHPUT_BATCH, seq_len, device, seed, warmup, repeats)
+            timings = timed_in_turns(modules, seq_len, device, seed, warmup, repeats)
     finally:
         for module, mode in zip(modules, modes):
             module.train(mode)
-    return [{"latency_ms_batch1": lat * 1000.0, "throughput_batch32": THROUGHPUT_BATCH / b,
-             "params": count_parameters(m), "seq_len": seq_len, "threads": used, "repeats": repeats}
-            for m, lat, b in zip(modules, latency, batch)]
+    return [{**timing, "params": count_parameters(m), "seq_len": seq_len, "threads": used, "repeats": repeats}
+            for m, timing in zip(modules, timings)]
 
 
 def measure_inference(model: str | os.PathLike | nn.Module, **settings) -> dict:
