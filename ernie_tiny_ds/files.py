@@ -96,6 +96,17 @@ def temp_dir_beside(path: str | os.PathLike, prefix: str | None = None) -> Path:
     return folder
 
 
+def plain_file_modes(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the permissions a plain open gives (0666 less the umask): some
+    writers make theirs 0600 (transformers' safetensors shards), and an export must stay readable by
+    whoever can read its folder."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~_UMASK)
+
+
 def remove_stale_temps(path: str | os.PathLike) -> None:
     """Remove the temporary files and folders an earlier, interrupted write of `path` left beside it
     (a crash, a full disk): nothing trusts them and they only fill the disk. Call it before a new

@@ -309,6 +309,11 @@ def test_an_interrupted_export_leaves_nothing_the_next_one_keeps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".student.lock", "elsewhere", "student"]
     assert (tmp_path / "elsewhere" / "precious").is_file()  # a planted link is removed, not followed
     assert export_problem(output) is None
+    # readable by whoever reads the folder: transformers writes model.safetensors 0600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in output.iterdir()} == \
+        {p.name: oct(0o666 & ~umask) for p in output.iterdir()}
 
 
 def test_a_full_disk_during_an_export_is_one_line(tmp_path, monkeypatch):

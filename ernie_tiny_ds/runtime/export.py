@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from ..errors import UserError
-from ..files import remove_stale_temps, replace_dir, temp_dir_beside, write_atomic
+from ..files import plain_file_modes, remove_stale_temps, replace_dir, temp_dir_beside, write_atomic
 from ..outputs import write_marker
 from . import safe_load
 from .checkpoint import LATEST, verify
@@ -116,6 +116,7 @@ def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_marker(tmp, EXPORT)  # what a later `export --output` here may replace
+        plain_file_modes(tmp)  # model.safetensors comes 0600 from transformers
         problem = export_problem(tmp)  # test-load before it replaces anything (and before any marker names it)
         if problem is not None:
             raise RuntimeError(f"the export written for {output} does not load: {problem}")
