@@ -193,6 +193,12 @@ class ReleaseConfig:
         if self.int8 and self.onnx is False:  # the int8 graph is quantised from model.onnx
             raise ConfigError("release.int8: true needs model.onnx, but release.onnx is false: set release.onnx "
                               "to true or auto")
+        if self.int8 or self.onnx is True:  # asked for outright: say so now, not after hours of training
+            import importlib.util
+            missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+            if missing:
+                key = "release.int8" if self.int8 else "release.onnx"
+                raise ConfigError(f"{key}: true needs {', '.join(missing)}: pip install 'ernie-tiny-ds[onnx]'")
 
 
 @dataclass

@@ -209,3 +209,14 @@ def test_report_scores_and_times_the_int8_student_beside_fp32(tmp_path, tokenize
     assert "## int8 release (ONNX Runtime, CPU)" in markdown
     assert f"keeps **{r['retained']:.1%}** of the fp32 student's accuracy" in markdown
     assert f"| int8 | {r['int8']['size_mib']:.1f} | {r['int8']['metrics']['accuracy']:.4g} |" in markdown
+
+
+def test_release_int8_without_onnxruntime_is_refused_when_the_recipe_loads(monkeypatch):
+    """Not at report time, after every stage has trained."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"release.int8: true needs onnxruntime: pip install 'ernie-tiny-ds\[onnx\]'"):
+        load_recipe(None, ["teacher.config={}", "release.int8=true"])
+    assert load_recipe(None, ["teacher.config={}"]).release.onnx == "auto"  # auto: still decided at export time
