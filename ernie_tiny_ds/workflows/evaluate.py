@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 
 from ..config import TaskConfig, apply_overrides, load_recipe, load_section
 from ..data.benchmarks import compute_metrics  # noqa: F401  (its public home was here)
+from ..data.constant_predictions import KEY as CONSTANT
+from ..data.constant_predictions import constant_prediction
 from ..data.tasks import TaskData, iter_dev_batches, load_task
 from ..errors import ConfigError, UserError
 
@@ -38,9 +41,13 @@ def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate_on_task(model, tokenizer, task: TaskData, batch_size: int = 64) -> dict[str, float | None]:
+def evaluate_on_task(model, tokenizer, task: TaskData, batch_size: int = 64) -> dict[str, float | str | None]:
+    """Dev metrics; with constant_predictions.KEY (one line) when the model gives every row one answer."""
     logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size))
-    metrics = compute_metrics(task.type, logits, labels, task.main_metric)
+    metrics: dict = compute_metrics(task.type, logits, labels, task.main_metric)
+    constant = constant_prediction(task.type, logits, labels, task.label_names)
+    if constant is not None:
+        metrics[CONSTANT] = constant
     for name, examples in list(task.dev_splits.items())[1:]:  # the first is task.dev
         # more dev splits (MNLI's mismatched): their main metric beside the first split's metrics
         logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size, examples))
@@ -126,6 +133,8 @@ def run(args) -> int:
                **evaluate_model(args.model, task_cfg, args.batch_size)}
     text = json.dumps(metrics, indent=1)
     print(text, flush=True)
+    if CONSTANT in metrics:
+        print(f"warning: {metrics[CONSTANT]}", file=sys.stderr, flush=True)
     if args.output:
         from ..files import atomic_write_text
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 from ..config import STAGES, Recipe
+from ..data.constant_predictions import KEY as CONSTANT
 from ..files import atomic_write_text, write_atomic
 from ..runtime.loop import DONE_FILE
 from ..runtime.metrics import RATE_FIELDS
@@ -104,6 +105,9 @@ def build_report(recipe: Recipe, out: Path) -> dict:
     from ..runtime.metrics import TRACKERS
     for trackers in TRACKERS:  # train.report_to (the report runs on rank 0 only)
         trackers.log_report(report, out, [out / "report.json", out / "report.md"])
+    for who in ("teacher", "student"):
+        if CONSTANT in report[who]["metrics"]:
+            print(f"warning: the {who} in {report[who]['path']}: {report[who]['metrics'][CONSTANT]}", flush=True)
     print(f"report: student keeps {report['retained']:.1%} of the teacher's {main} "
           f"({student_score:.4g} vs {teacher_score:.4g}), {report['speedup']:.2f}x faster at batch 1; "
           f"{out / 'report.md'}", flush=True)
@@ -175,11 +179,13 @@ def render_markdown(r: dict) -> str:
                      f"{st['teacher']} | {st['student_init']} | {', '.join(st['loss_terms'])} |")
     lines += ["", "### Loss curves", ""]
     lines += [f"![{st['title']}]({st['plot']})" for st in r["stages"] if "plot" in st]
-    metric_names = list(t["metrics"])
+    metric_names = [k for k in t["metrics"] if k != CONSTANT]
     lines += ["", "## Quality (dev split)", "", "| model | " + " | ".join(metric_names) + " |",
               "|---|" + "---|" * len(metric_names)]
     for who, m in (("teacher", t), ("student", s)):
-        lines.append(f"| {who} | " + " | ".join(_fmt(m["metrics"][k]) for k in metric_names) + " |")
+        lines.append(f"| {who} | " + " | ".join(_fmt(m["metrics"].get(k)) for k in metric_names) + " |")
+    lines += [f"\n**Warning, the {who}: {m['metrics'][CONSTANT]}**" for who, m in (("teacher", t), ("student", s))
+              if CONSTANT in m["metrics"]]
     lines += selection_lines(r.get("teacher_selection"), r["main_metric"], "teacher (finetuning)",
                              "stages 2-4 distilled from the **{}** one.")
     lines += selection_lines(r.get("selection"), r["main_metric"])
