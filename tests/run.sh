@@ -4,4 +4,4 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${EXTRAS:-test,demo}" . "$REPO/launcher/setup_env.sh"
 cd "$REPO"
-exec python -m pytest -q -ra "$@" tests
+exec python -m pytest -q -ra --durations=25 "$@" tests
