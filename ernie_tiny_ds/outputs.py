@@ -122,10 +122,11 @@ def claim_output(output: str | os.PathLike, kind: str, flag: str, inputs: Mappin
     if found != kind:
         written = f"was written by ernie-tiny-ds as {found}" if found else \
             f"was not written by ernie-tiny-ds (no {MARKER})"
-        raise UserError(f"{flag} {output} exists and {written}; it is never replaced by a {kind}: remove it "
-                        "yourself or name a new folder")
+        raise UserError(f"{flag} {output} exists and {written}; it is never replaced by this command's output "
+                        f"({kind}): remove it yourself or name a new folder")
     if overwrite is False:
-        raise UserError(f"{flag} {output} already holds a {kind}; pass --overwrite to replace it")
+        raise UserError(f"{flag} {output} already holds this command's earlier output ({kind}); pass --overwrite "
+                        "to replace it")
     return path
 
 
