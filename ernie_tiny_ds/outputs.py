@@ -113,7 +113,7 @@ def claim_output(output: str | os.PathLike, kind: str, flag: str, inputs: Mappin
     _check_not_precious(path, flag)
     check_apart_from_inputs(path, flag, inputs or {})
     _check_writable(path if path.is_dir() else path.parent, f"{flag} {output}")
-    if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not _contents(path)):
+    if holds_nothing(path):
         return path
     if not path.is_dir() or path.is_symlink():
         what = "a symlink" if path.is_symlink() else "a file"
@@ -122,10 +122,11 @@ def claim_output(output: str | os.PathLike, kind: str, flag: str, inputs: Mappin
     if found != kind:
         written = f"was written by ernie-tiny-ds as {found}" if found else \
             f"was not written by ernie-tiny-ds (no {MARKER})"
-        raise UserError(f"{flag} {output} exists and {written}; it is never replaced by a {kind}: remove it "
-                        "yourself or name a new folder")
+        raise UserError(f"{flag} {output} exists and {written}; it is never replaced by this command's output "
+                        f"({kind}): remove it yourself or name a new folder")
     if overwrite is False:
-        raise UserError(f"{flag} {output} already holds a {kind}; pass --overwrite to replace it")
+        raise UserError(f"{flag} {output} already holds this command's earlier output ({kind}); pass --overwrite "
+                        "to replace it")
     return path
 
 
@@ -157,6 +158,12 @@ def _check_writable(folder: Path, subject: str) -> None:
         raise UserError(f"{subject}: {existing} is a file, not a folder; name a path under a folder")
     if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         raise UserError(f"{subject}: {existing} is not writable; name a folder you can write to")
+
+
+def holds_nothing(path: str | os.PathLike) -> bool:
+    """Whether `path` is missing or an empty folder (this tool's lock files and marker, and a STOP, aside)."""
+    path = Path(path)
+    return not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not _contents(path))
 
 
 def _contents(folder: Path) -> list[str]:

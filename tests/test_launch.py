@@ -304,6 +304,32 @@ def test_submit_checks_its_arguments_before_asking_sinfo(hostile, tmp_path, monk
     assert asked.exists() and "#SBATCH --gpus-per-node=2" in script  # a valid job does ask, and gets GPUs
 
 
+def test_submit_marks_the_new_output_dir_it_puts_the_job_logs_in(tmp_path, hostile, capsys, monkeypatch):
+    """OUTPUT_DIR/slurm, made by submit, must not make the job refuse its own output_dir as a user's folder;
+    a folder the user already filled is never adopted."""
+    from ernie_tiny_ds.config import load_recipe
+    from ernie_tiny_ds.errors import UserError
+    from ernie_tiny_ds.outputs import claim_output_dir, marker_kind, recipe_inputs
+
+    recipe, out = hostile
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "sbatch", "#!/bin/sh\necho 4242\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    submit = ["submit", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--gpu-request", "cpus", "--", "distill",
+              "--config", str(recipe), "--stage", "general"]
+    assert "submitted batch job 4242" in in_process(submit, capsys)
+    assert list((out / "slurm").glob("ernie-tiny-ds-distill-*.sbatch")) and marker_kind(out) == "output_dir"
+    claim_output_dir(out, recipe_inputs(load_recipe(recipe)))  # what the job checks first: accepted
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    assert "submitted batch job 4242" in in_process([*submit, f"output_dir={mine}"], capsys)
+    assert marker_kind(mine) is None
+    with pytest.raises(UserError, match="is not empty and was not written by ernie-tiny-ds"):
+        claim_output_dir(mine, {})
+
+
 def test_submit_without_a_recipe_needs_a_log_dir():
     message = user_error(["submit", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--dry-run", "--", "export",
                           "--checkpoint", "c", "--output", "o"])

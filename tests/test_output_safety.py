@@ -168,8 +168,8 @@ def test_the_three_reported_cases_are_one_line(world, in_process, tmp_path, voca
     assert code == 2 and lines[0].startswith(f"error: --output {teacher} is the input teacher.path")
     code, lines = in_process(["export", "--checkpoint", str(world["checkpoint"]), "--output", str(teacher)])
     assert code == 2 and lines == [f"error: --output {teacher} exists and was not written by ernie-tiny-ds (no "
-                                   f"{outputs.MARKER}); it is never replaced by a export: remove it yourself or "
-                                   "name a new folder"]
+                                   f"{outputs.MARKER}); it is never replaced by this command's output (export): "
+                                   "remove it yourself or name a new folder"]
     assert tree_digest(world["root"]) == before
 
 
@@ -188,8 +188,8 @@ def test_preprocess_replaces_only_its_own_corpus_and_only_with_overwrite(world, 
     assert in_process(argv)[0] == 0
     assert outputs.marker_kind(out) == "preprocessed_corpus"
     code, lines = in_process(argv)
-    assert code == 2 and lines == [f"error: --output {out} already holds a preprocessed_corpus; pass --overwrite "
-                                   "to replace it"]
+    assert code == 2 and lines == [f"error: --output {out} already holds this command's earlier output "
+                                   "(preprocessed_corpus); pass --overwrite to replace it"]
     assert in_process([*argv, "--overwrite"])[0] == 0
     # another kind of output of this tool is no corpus either
     outputs.write_marker(out, "export")

@@ -195,7 +195,8 @@ def test_existing_output_needs_overwrite(corpus, wordpiece, wordpiece_dir, tmp_p
     cfg = DataConfig(corpus=str(corpus[0]), max_seq_len=SEQ)
     out = tmp_path / "out"
     first = preprocess(cfg, wordpiece, wordpiece_dir, out, workers=1, progress=False)
-    with pytest.raises(UserError, match="already holds a preprocessed_corpus; pass --overwrite"):
+    with pytest.raises(UserError, match=r"already holds this command's earlier output \(preprocessed_corpus\); "
+                                        "pass --overwrite"):
         preprocess(cfg, wordpiece, wordpiece_dir, out, workers=1, progress=False)
     again = preprocess(dataclasses.replace(cfg, max_seq_len=64), wordpiece, wordpiece_dir, out, workers=3,
                        overwrite=True, progress=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..assets.shipped import shipped
 from ..errors import UserError
+from ..outputs import OUTPUT_DIR, holds_nothing, write_marker
 
 DEFAULT_TEMPLATE = shipped("launcher/slurm/job.sbatch")
 LOG_NAME = "slurm-%j.out"
@@ -139,7 +140,12 @@ def submit(job: SlurmJob, script_text: str, script: Path, workdir: Path) -> str:
     """Write the script, run sbatch, return the job id."""
     if shutil.which("sbatch") is None:
         raise UserError("sbatch not found: run this on a Slurm login node (or use --dry-run to see the script)")
+    # the default log folder is OUTPUT_DIR/slurm: made here, it must not make the job's output_dir look
+    # like a user's folder that the job may not write into (outputs.claim_output_dir)
+    adopt = job.output_dir is not None and job.output_dir in job.log_dir.parents and holds_nothing(job.output_dir)
     job.log_dir.mkdir(parents=True, exist_ok=True)
+    if adopt:
+        write_marker(job.output_dir, OUTPUT_DIR)
     script.write_text(script_text)
     script.chmod(0o755)
     out = subprocess.run(sbatch_command(job, script, workdir), capture_output=True, text=True, timeout=120)
