@@ -101,13 +101,15 @@ def test_nccl_s_own_duplicate_gpu_refusal_is_one_line(monkeypatch):
                                     "ncclInvalidUsage: Duplicate GPU detected : rank 1 and rank 0 both on CUDA "
                                     "device 1a000")
 
-    monkeypatch.setattr(deepspeed, "init_distributed", refuse)
+    # on CUDA the trainer makes the group itself (cuda_group_args), where NCCL binds the device and refuses
+    monkeypatch.setattr(dist, "init_process_group", refuse)
     with pytest.raises(ConfigError) as caught:
         engine.init_distributed(60, "nccl")
     message = str(caught.value)
     assert message.startswith("train.dist_backend: NCCL refuses two ranks on one GPU (ncclInvalidUsage: Duplicate "
                               "GPU detected : rank 1 and rank 0 both on CUDA device 1a000)")
     assert "\n" not in message and message.endswith("use train.dist_backend=gloo to share a GPU, or fewer ranks")
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: (_ for _ in ()).throw(_NcclRefused()))
     with pytest.raises(_NcclRefused):  # any other failure passes through unchanged
         engine.init_distributed(60, "nccl")
