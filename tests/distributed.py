@@ -98,3 +98,29 @@ def run_cli(args: list[str], timeout: int = 300, cwd: Path = REPO,
 def read_metrics(path: Path) -> list[dict]:
     import json
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def two_node_launch(tmp_path: Path, recipe: Path, node1_prefix: list[str] = (), timeout: int = 400,
+                    ) -> tuple[list[int], list[str]]:
+    """Two `launch --no-ssh` launchers on this machine (node_rank 0 and 1, one rank each) forming one world
+    of 2, running stage 1 of `recipe`; node 1's command is run under `node1_prefix` (e.g. a mount
+    namespace of its own). Returns their exit codes and outputs; a launcher still running after
+    `timeout` seconds is killed."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port, procs, logs = free_port(), [], []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "ernie_tiny_ds.cli", "launch", "--no-ssh", "--node_rank", str(node),
+               "--num_nodes", "2", "--num_gpus", "1", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--", "distill", "--config", str(recipe), "--stage", "general"]
+        logs.append(tmp_path / f"node{node}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen([*(node1_prefix if node == 1 else ()), *cmd], env=env(), cwd=REPO,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return codes, [log.read_text() for log in logs]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed import REPO, env, free_port, read_metrics, run_cli, tiny_recipe
+from distributed import REPO, env, free_port, read_metrics, run_cli, tiny_recipe, two_node_launch
 
 HOSTILE = "we ird $HOME `touch pwned`; 'q\" %j"
 
@@ -348,26 +348,8 @@ def test_launch_exits_with_the_jobs_code(tmp_path):
 @pytest.mark.slow
 def test_two_nodes_without_ssh_train_as_one_job(tmp_path, tokenizer_dir, vocab_size):
     """Two launchers (node 0 and node 1, one rank each) form one world of 2: same losses as one 2-rank node."""
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     recipe = tiny_recipe(tmp_path / "nodes", tokenizer_dir, vocab_size)
-    port = free_port()
-    logs, procs = [], []
-    for node in (0, 1):
-        log = open(tmp_path / f"node{node}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ernie_tiny_ds.cli", "launch", "--no-ssh", "--node_rank", str(node),
-             "--num_nodes", "2", "--num_gpus", "1", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
-             "--master_port", str(port), "--", "distill", "--config", str(recipe), "--stage", "general"],
-            env=env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    text = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    codes, text = two_node_launch(tmp_path, recipe)
     assert codes == [0, 0], "\n----\n".join(t[-4000:] for t in text)
     for node, log_text in enumerate(text):
         # the ranks of a node print its line; a world of 2 numbers them 0 and 1

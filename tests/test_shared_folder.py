@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
-from distributed import REPO, env, free_port, tiny_recipe
+from distributed import tiny_recipe, two_node_launch
 
 
 def _can_unshare() -> bool:
@@ -28,26 +27,8 @@ def test_nodes_with_their_own_output_dir_are_refused_before_step_1(tmp_path, tok
     local_disk = tmp_path / "node1-local-disk"
     out.mkdir()
     local_disk.mkdir()
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = free_port()
-    procs, logs = [], []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "ernie_tiny_ds.cli", "launch", "--no-ssh", "--node_rank", str(node),
-               "--num_nodes", "2", "--num_gpus", "1", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "--", "distill", "--config", str(recipe), "--stage", "general"]
-        if node == 1:  # node 1's own disk at the same path
-            cmd = ["unshare", "-m", "sh", "-c", f'mount --bind "{local_disk}" "{out}" && exec "$@"', "node1", *cmd]
-        log = tmp_path / f"node{node}.log"
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    text = [log.read_text() for log in logs]
+    node1_own_disk = ["unshare", "-m", "sh", "-c", f'mount --bind "{local_disk}" "{out}" && exec "$@"', "node1"]
+    codes, text = two_node_launch(tmp_path, recipe, node1_prefix=node1_own_disk, timeout=300)
     both = "\n----\n".join(t[-3000:] for t in text)
     assert codes[0] != 0 and codes[1] != 0, both
     lines = [line for t in text for line in t.splitlines() if f"output_dir {out} is not shared by every node" in line]
