@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -74,6 +74,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def replaced_atomically(output: Path) -> Iterator[Path]:
+    """A temp path beside `output` for a library that writes only by file name (an ONNX exporter, a
+    quantiser). When the block ends without an error the file is synced and renamed over `output`, its
+    folder synced: a reader sees the old file or the whole new one, never half of one."""
+    # an exclusive temp file (mkstemp): a predictable name could be a planted symlink the writer writes through
+    handle, name = temp_file_beside(output)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:  # on disk before the rename, the rename on disk before we return
+            os.fsync(written.fileno())
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

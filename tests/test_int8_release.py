@@ -17,10 +17,10 @@ pytest.importorskip("onnxscript")
 
 from distributed import run_cli  # noqa: E402
 
+from ernie_tiny_ds import files  # noqa: E402
 from ernie_tiny_ds.config import load_recipe  # noqa: E402
 from ernie_tiny_ds.errors import ConfigError, UserError  # noqa: E402
 from ernie_tiny_ds.runtime.export import save_model_folder  # noqa: E402
-from ernie_tiny_ds.workflows import onnx_export  # noqa: E402
 from ernie_tiny_ds.workflows.onnx_export import OrtModel, export_onnx  # noqa: E402
 from ernie_tiny_ds.workflows.onnx_int8 import int8_path, quantize_int8  # noqa: E402
 
@@ -108,9 +108,9 @@ def test_int8_graph_is_written_atomically(student, monkeypatch):
 
     renames, synced = [], []
     monkeypatch.setattr(quantization, "quantize_dynamic", real)
-    real_replace, real_fsync_dir = os.replace, onnx_export.fsync_dir
+    real_replace, real_fsync_dir = os.replace, files.fsync_dir
     monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real_replace(a, b))[1])
-    monkeypatch.setattr(onnx_export, "fsync_dir", lambda d: (synced.append((Path(d), len(renames))),
+    monkeypatch.setattr(files, "fsync_dir", lambda d: (synced.append((Path(d), len(renames))),
                                                              real_fsync_dir(d))[1])
     quantize_int8(student / "model.onnx", module)
     [(source, final)] = [r for r in renames if r[1] == target]

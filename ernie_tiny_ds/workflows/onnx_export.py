@@ -15,15 +15,13 @@ import json
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..files import fsync_dir, temp_file_beside
+from ..files import replaced_atomically
 from ..outputs import claim_file
 from .speed import _inputs, _threads, timed_in_turns
 
@@ -111,25 +109,6 @@ def check_against_pytorch(path: Path, module: nn.Module, seq_len: int = 24, batc
     if got.shape != expected.shape:
         raise UserError(f"{path}: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
     return float(abs(got - expected).max())
-
-
-@contextmanager
-def replaced_atomically(output: Path) -> Iterator[Path]:
-    """A temp path beside `output` for a library that writes only by file name (the exporter, the
-    quantiser). When the block ends without an error the file is synced and renamed over `output`, its
-    folder synced: a reader sees the old graph or the whole new one, never half of one."""
-    # an exclusive temp file (mkstemp): a predictable name could be a planted symlink the writer writes through
-    handle, name = temp_file_beside(output)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as graph:  # on disk before the rename, the rename on disk before we return
-            os.fsync(graph.fileno())
-        os.replace(tmp, output)
-        fsync_dir(output.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_onnx(model, output: str | os.PathLike, opset: int = OPSET, tolerance: float = CHECK_TOLERANCE) -> dict:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..config import TaskConfig
-from .onnx_export import OrtModel, check_against_pytorch, replaced_atomically, require_onnx
+from ..files import replaced_atomically
+from .onnx_export import OrtModel, check_against_pytorch, require_onnx
 
 INT8_SUFFIX = ".int8.onnx"
 MIB = 2 ** 20
