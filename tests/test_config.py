@@ -1,8 +1,11 @@
 """Recipes: YAML + overrides into typed sections; every mistake names its key."""
+import json
+
 import pytest
 import yaml
 
-from ernie_tiny_ds.config import ConfigError, load_recipe
+from ernie_tiny_ds.config import load_recipe
+from ernie_tiny_ds.errors import ConfigError
 
 
 def write(tmp_path, values, name="recipe.yaml"):
@@ -50,7 +53,8 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
     ("teacher.zero3=maybe", r"teacher.zero3: expected true or false"),
     ("student.hidden_size=100", r"student.hidden_size \(100\) must be divisible"),
     ("stages.genral.train={}", r"unknown key 'stages.genral'; did you mean 'stages.general'"),
-    ("stages.general.train.max_step=3", r"unknown key 'train.max_step'"),
+    ("stages.general.train.max_step=3", r"unknown key 'stages.general.train.max_step'; did you mean "
+                                        r"'stages.general.train.max_steps'"),
 ])
 def test_bad_values_name_their_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -150,3 +154,113 @@ def test_weight_decay_skips_biases_and_layer_norms():
     assert all(n.endswith("bias") or "LayerNorm" in n for n in kept)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decayed | kept == trainable and not decayed & kept and not any(n.startswith("pooler") for n in trainable)
+
+
+# --------------------------------------------------------------------------- rules as field metadata
+def _outside(bounds, integer: bool):
+    """A value just outside `bounds`."""
+    step = 1 if integer else 0.5
+    if bounds.low is not None:
+        return bounds.low if bounds.low_open else bounds.low - step
+    return bounds.high if bounds.high_open else bounds.high + step
+
+
+def test_each_fields_bounds_are_checked_in_its_section_and_in_stage_overrides():
+    import typing
+
+    from ernie_tiny_ds.config import Recipe
+    from ernie_tiny_ds.config.rules import rules_of, settings
+    from ernie_tiny_ds.config.stage_overrides import STAGE_SECTIONS
+
+    bounded = [(key, f) for key, f in settings(Recipe) if rules_of(f).bounds is not None]
+    assert len(bounded) > 30  # the walk reaches every section
+    for key, f in bounded:
+        section, name = key.split(".")
+        integer = typing.get_type_hints(typing.get_type_hints(Recipe)[section])[name] in (int, typing.Optional[int])
+        bad = _outside(rules_of(f).bounds, integer)
+        keys = [key] + ([f"stages.general.{key}"] if key.split(".")[0] in STAGE_SECTIONS else [])
+        for where in keys:
+            with pytest.raises(ConfigError) as info:
+                load_recipe(None, ["teacher.config={}", f"{where}={bad}"])
+            message = str(info.value)
+            assert message.startswith(f"{where} must be ") and f"got {bad}" in message and "\n" not in message
+
+
+def test_a_stage_override_is_a_typed_partial_section(tmp_path):
+    cases = {"stages.general.train.max_step=3": "unknown key 'stages.general.train.max_step'; did you mean "
+                                                "'stages.general.train.max_steps'?",
+             "stages.task_specific.optim.lr=fast": "stages.task_specific.optim.lr: expected a number, got str 'fast'",
+             "stages.general.losses.kernels=cuda": "stages.general.losses.kernels: 'cuda' is not one of",
+             "stages.general.task.name=x": "unknown key 'stages.general.task'; did you mean 'stages.general.data'?"}
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_recipe(write(tmp_path, BASE), [override])
+        assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(ConfigError, match=r"^unknown key 'stages.general.losses.temprature'; did you mean "
+                                          r"'stages.general.losses.temperature'\?$"):
+        load_recipe(write(tmp_path, {**BASE, "stages": {"general": {"losses": {"temprature": 2}}}}))
+    # typed at load: coerced like the section (an integer widens to a float), the rest left unset
+    r = load_recipe(write(tmp_path, {**BASE, "stages": {"general": {"losses": {"temperature": 2}}}}))
+    assert r.stages["general"].given() == {"train": {}, "optim": {}, "losses": {"temperature": 2.0}, "data": {}}
+    assert isinstance(r.stages["general"].losses.temperature, float)
+    assert r.for_stage("general").losses.temperature == 2.0 and r.for_stage("general").train == r.train
+
+
+def _another(value, hint):
+    """A different value of the field's type (None: no generic one)."""
+    import typing
+    optional = typing.get_origin(hint) is typing.Union
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    if typing.get_origin(hint) is typing.Literal:
+        return next(c for c in typing.get_args(hint) if c != value)
+    if typing.get_origin(options[0]) is typing.Literal:
+        return next(c for c in typing.get_args(options[0]) if c != value)
+    if options[0] is bool:
+        return not value
+    if options[0] in (int, float):
+        return options[0](value * 2 + 1) if value is not None else options[0](3)
+    return None
+
+
+def test_what_a_resume_or_skip_may_change_is_each_fields_metadata(tmp_path):
+    """Every setting in a fingerprint is changed on its own: the change is accepted exactly when the
+    field's metadata marks it safe on that occasion, and refused naming the key otherwise."""
+    import copy
+    import typing
+
+    from ernie_tiny_ds.config import Recipe
+    from ernie_tiny_ds.config.dotted import flatten
+    from ernie_tiny_ds.config.rules import SafeOn, rules_of, settings
+    from ernie_tiny_ds.runtime import recipe_changes
+
+    base = ["teacher.config={}", "task.name=sentiment", "task.max_seq_len=32"]
+    occasions = [(SafeOn.RESUME, recipe_changes.SAFE_ON_RESUME, lambda r: recipe_changes.fingerprint(r, "general")),
+                 (SafeOn.SKIP, recipe_changes.SAFE_ON_SKIP, lambda r: recipe_changes.fingerprint(r, "task_specific")),
+                 (SafeOn.FINETUNE_RESUME, recipe_changes.FINETUNE_SAFE_ON_RESUME, recipe_changes.finetune_fingerprint)]
+    sections = typing.get_type_hints(Recipe)
+    hints = {key: typing.get_type_hints(sections[key.split(".")[0]])[key.split(".")[1]]
+             for key, _ in settings(Recipe) if "." in key}
+    for occasion, safe, fingerprint in occasions:
+        recipe = load_recipe(None, base)
+        old = fingerprint(recipe)
+        accepted, refused = set(), set()
+        for key, f in settings(Recipe):
+            if key not in flatten(old):
+                continue
+            changed = _another(flatten(old)[key], hints.get(key))
+            try:  # a real change of the recipe where a generic value is valid, else of the fingerprint
+                new = fingerprint(load_recipe(None, base + [f"{key}={json.dumps(changed)}"]))
+            except ConfigError:
+                new = old
+            if new == old or changed is None:
+                new = copy.deepcopy(old)
+                section, name = key.split(".")
+                new[section][name] = ["changed"]
+            try:
+                recipe_changes.check(old, new, safe, "what", "remedy")
+                accepted.add(key)
+            except ConfigError as exc:
+                assert str(exc).startswith(f"what: {key} (") and "\n" not in str(exc)
+                refused.add(key)
+            assert (key in accepted) == bool(rules_of(f).safe_on & occasion), (occasion, key)
+        assert accepted == set(safe) and len(refused) > 10, (occasion, accepted)

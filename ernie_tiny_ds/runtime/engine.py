@@ -19,6 +19,7 @@ import torch
 
 from ..assets.shipped import shipped
 from ..config import Recipe
+from ..config.dotted import flatten
 from ..errors import ConfigError
 from . import safe_load
 
@@ -217,15 +218,6 @@ PICKLE_LOADING = ("checkpoint", "load_universal_checkpoint", "nebula", "checkpoi
                   "elasticity", "data_efficiency", "curriculum_learning")
 
 
-def _leaves(node: dict, prefix: str = ""):
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            yield from _leaves(value, path + ".")
-        else:
-            yield path
-
-
 def _allowed(path: str) -> bool:
     return any(path == pattern or (pattern.endswith(".*") and path.startswith(pattern[:-1]))
                for pattern in ALLOWED_OVERRIDES)
@@ -235,7 +227,7 @@ def check_overrides(overrides: dict, config_source: dict | None = None, source: 
     """Refuse deepspeed.overrides outside ALLOWED_OVERRIDES, and pickle-loading keys anywhere."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"deepspeed.overrides: expected a mapping, got {type(overrides).__name__}")
-    for path in _leaves(overrides):
+    for path in flatten(overrides):
         top = path.split(".")[0]
         if top in PICKLE_LOADING:
             raise ConfigError(f"deepspeed.overrides.{path}: refused: it leads DeepSpeed to load checkpoints with "

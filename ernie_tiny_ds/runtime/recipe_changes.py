@@ -16,8 +16,8 @@ Teacher finetuning keeps a fingerprint of what it reads (finetune_fingerprint): 
 finetune.epochs and the selection keys (eval_every, ship) are safe on its resume, the distillation
 stages' settings are no part of it.
 
-Not part of the fingerprint: output_dir (a run folder may move), the stages/command_line
-bookkeeping (already merged into the sections), the finetune section (it shapes the teacher,
+Not part of the fingerprint: output_dir (a run folder may move), the stages overrides
+(already merged into the sections), the finetune section (it shapes the teacher,
 whose path is compared), the augment section (its output, task.augmented_train_file, is), the
 finetuned teacher of a stage that does not use it, and the task of a general-corpus stage.
 """
@@ -26,30 +26,23 @@ from __future__ import annotations
 import json
 
 from ..config import Recipe, to_dict
+from ..config.dotted import flatten
+from ..config.rules import SafeOn, rules_of, settings
 from ..errors import ConfigError
 from ..stages import STAGE_SPECS
 
-# how a run works and logs, never what it learns
-_RUN_ONLY = {"train.save_every", "train.log_every", "train.progress_bar", "train.keep_checkpoints",
-             "train.stop_at_step", "train.dist_timeout_s", "train.dist_backend", "train.max_nonfinite_steps"}
-SAFE_ON_SKIP = frozenset(_RUN_ONLY)
-SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"train.max_steps", "optim.lr"})
 
-# teacher finetuning: its own section sets the rate, length and batch (train.max_steps/micro_batch_size/
-# grad_accum and the optim rate are not read there); eval_every and ship choose among checkpoints, they
-# do not change what is learnt
-FINETUNE_SAFE_ON_RESUME = frozenset(_RUN_ONLY | {"finetune.lr", "finetune.epochs", "finetune.eval_every",
-                                                 "finetune.ship", "train.eval_every"})
+def safe_keys(occasion: SafeOn) -> frozenset[str]:
+    """The dotted keys whose fields are marked safe to change on `occasion` (config/rules.py)."""
+    return frozenset(key for key, f in settings(Recipe) if rules_of(f).safe_on & occasion)
 
-HOW_APPLIED = {
-    "optim.lr": "applied: the scheduler's base rate is reset to it from this step on",
-    "finetune.lr": "applied: the scheduler's base rate is reset to it from this step on",
-    "train.max_steps": "applied: the warm-up/decay schedule now ends at the new step count",
-    "finetune.epochs": "applied: the warm-up/decay schedule now ends at the new step count",
-    "finetune.eval_every": "applied: the teacher is scored at the new cadence; the best so far is kept",
-    "train.eval_every": "applied to finetuning through finetune.eval_every; the best so far is kept",
-    "finetune.ship": "applied: it picks the teacher that stages 2-4 distil from",
-}
+
+SAFE_ON_SKIP = safe_keys(SafeOn.SKIP)
+SAFE_ON_RESUME = safe_keys(SafeOn.RESUME)
+# teacher finetuning: its own section sets the rate, length and batch (its fingerprint leaves out
+# the distillation stages' settings)
+FINETUNE_SAFE_ON_RESUME = safe_keys(SafeOn.FINETUNE_RESUME)
+HOW_APPLIED = {key: rules_of(f).applied for key, f in settings(Recipe) if rules_of(f).applied}
 
 
 def fingerprint(recipe: Recipe, stage: str) -> dict:
@@ -57,7 +50,7 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     r = recipe.for_stage(stage)
     spec = STAGE_SPECS[stage]
     values = to_dict(r)
-    for key in ("output_dir", "stages", "command_line", "finetune", "augment"):  # augment: only its output counts
+    for key in ("output_dir", "stages", "finetune", "augment"):  # augment: only its output counts
         values.pop(key, None)
     _drop_unset_augmented_file(values)
     if not spec.finetuned_teacher:
@@ -85,17 +78,6 @@ def finetune_fingerprint(recipe: Recipe) -> dict:
     kept = {"teacher": values["teacher"], "task": values["task"], "finetune": values["finetune"], "train": train,
             "optim": optim, "deepspeed": values["deepspeed"], "data": {"tokenizer": values["data"]["tokenizer"]}}
     return json.loads(json.dumps(kept, sort_keys=True, default=str))
-
-
-def flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def changed_keys(old: dict, new: dict) -> list[tuple[str, object, object]]:

@@ -18,24 +18,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..config.dotted import flatten
 from ..errors import UserError
 
 ROW_TRACKERS = ("wandb", "mlflow")  # tensorboard rows: MetricsLogger already writes them
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _numbers(values: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in _flatten(values).items()
+    return {k: float(v) for k, v in flatten(values).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -85,7 +75,7 @@ class _MlflowRun:
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
             self.run_id = self.client.create_run(experiment_id, run_name=name,
                                                  tags={"ernie_tiny_ds.group": group}).info.run_id
-            params = {k: str(v)[:500] for k, v in _flatten(config).items()}  # MLflow's value limit
+            params = {k: str(v)[:500] for k, v in flatten(config).items()}  # MLflow's value limit
             from mlflow.entities import Param
             items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), 100):  # at most 100 params per batch
@@ -165,7 +155,6 @@ class Trackers:
         self.group = str(out.resolve())
         from ..config import to_dict
         self.config = to_dict(recipe)
-        self.config.pop("command_line", None)
 
     def open(self, title: str, out_dir: Path, start_step: int) -> StageRuns:
         stage = Path(out_dir).name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # a recipe holds a few hundred values; this leaves room for long inline lists (layer maps, labels)
 MAX_EXPANDED_VALUES = 100_000

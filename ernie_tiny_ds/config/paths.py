@@ -12,26 +12,31 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .assets.shipped import shipped
-from .data.hub import looks_like_hub_id
-
-# (section, key); output_dir is a top-level key
-PATH_KEYS = (("", "output_dir"), ("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"),
-             ("student", "projections"), ("data", "corpus"), ("data", "tokenizer"), ("task", "train_file"),
-             ("task", "dev_file"), ("task", "test_file"), ("task", "augmented_train_file"), ("task", "dataset"),
-             ("augment", "mlm_model"), ("deepspeed", "config"))
-HUB_KEYS = {("teacher", "path"), ("teacher", "finetuned_path"), ("student", "path"), ("data", "tokenizer"),
-            ("task", "dataset"), ("augment", "mlm_model")}
-STAGE_PATH_KEYS = (("data", "corpus"), ("data", "tokenizer"))  # what stages.<name> may set among them
+from ..data.hub import looks_like_hub_id
+from .recipe import Recipe
+from .rules import PathKind, rules_of, settings
+from .sections import is_bundled_deepspeed_config
+from .stage_overrides import StageOverride
 
 
-def _takes_hub_id(section: str, key: str, node: dict) -> bool:
+def _path_keys(cls: type) -> list[tuple[str, str, bool]]:
+    """(section, key, takes a Hub ID) of every path setting of `cls`, from the fields' metadata."""
+    out = []
+    for dotted, f in settings(cls):
+        kind = rules_of(f).path
+        if kind is not None:
+            section, _, key = dotted.rpartition(".")
+            out.append((section, key, kind is PathKind.HUB))
+    return out
+
+
+PATH_KEYS = _path_keys(Recipe)                 # output_dir is a top-level key: section ""
+STAGE_PATH_KEYS = _path_keys(StageOverride)    # what stages.<name> may set among them
+
+
+def _takes_hub_id(section: str, key: str, hub: bool, node: dict) -> bool:
     # format=datasets reads data.corpus as a dataset: a local folder or a Hub name
-    return (section, key) in HUB_KEYS or (section, key) == ("data", "corpus") and node.get("format") == "datasets"
-
-
-def is_bundled_deepspeed_config(value: str) -> bool:
-    return Path(value).suffix == "" and (shipped("ds_configs") / f"{value}.json").is_file()
+    return hub or (section, key) == ("data", "corpus") and node.get("format") == "datasets"
 
 
 def _anchored(value: str, base: Path, hub: bool) -> str:
@@ -47,13 +52,13 @@ def _anchored(value: str, base: Path, hub: bool) -> str:
 def _anchor_section(node, pairs, base: Path) -> None:
     if not isinstance(node, dict):
         return  # a mistyped section: validation names it
-    for section, key in pairs:
+    for section, key, hub in pairs:
         holder = node if section == "" else node.get(section)
         if not isinstance(holder, dict) or not isinstance(holder.get(key), str):
             continue
         if (section, key) == ("deepspeed", "config") and is_bundled_deepspeed_config(holder[key]):
             continue
-        holder[key] = _anchored(holder[key], base, _takes_hub_id(section, key, holder))
+        holder[key] = _anchored(holder[key], base, _takes_hub_id(section, key, hub, holder))
 
 
 def anchor(values: dict, base: Path) -> dict:

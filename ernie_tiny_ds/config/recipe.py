@@ -1,0 +1,99 @@
+"""The whole recipe: its sections, its stages' overrides, and the checks that span sections."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..stages import STAGE_SPECS, STAGES  # the stage names, defined once beside what each stage is
+from .convert import build, to_dict
+from .overrides import apply_overrides, parse_override
+from .positions import check_positions
+from .rules import PathKind, bookkeeping, check_tree, setting
+from .sections import (
+    AugmentConfig,
+    DataConfig,
+    DeepSpeedSection,
+    FinetuneConfig,
+    LossConfig,
+    OptimConfig,
+    ReleaseConfig,
+    StudentConfig,
+    TaskConfig,
+    TeacherConfig,
+    TrainConfig,
+    is_bundled_deepspeed_config,
+)
+from .stage_overrides import STAGE_SECTIONS, StageOverride
+
+
+@dataclass
+class Recipe:
+    output_dir: str = setting("runs/ernie-tiny", path=PathKind.LOCAL)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stages: dict[str, StageOverride] = field(default_factory=dict)
+    # set by load_recipe: the command-line overrides of the sections a stage can override, so that
+    # for_stage lets them win over the recipe file's stages.<name> too
+    command_line: list[str] = bookkeeping(list)
+
+    def for_stage(self, stage: str) -> "Recipe":
+        """This recipe with the stage's overrides applied (validated like the rest).
+
+        Precedence, lowest first: the recipe's sections, its stages.<stage>, the command line's
+        section keys (train.max_steps=20 shortens every stage), the command line's stages.<stage>."""
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+        merged = to_dict(self)
+        override = self.stages.get(stage)
+        if override is not None:
+            for section, values in override.given().items():
+                merged[section].update(values)
+        general, this_stage = [], []
+        for text in self.command_line:
+            path, _ = parse_override(text)
+            if path[0] in STAGE_SECTIONS:
+                general.append(text)
+            elif path[:2] == ["stages", stage] and len(path) > 3:
+                this_stage.append(text.split(".", 2)[2])  # stages.<stage>.train.x=v -> train.x=v
+        merged = apply_overrides(merged, general + this_stage)
+        merged["stages"] = {}
+        out = from_dict(merged, source=f"stages.{stage}")
+        if STAGE_SPECS[stage].data == "general":  # the commands that never read the corpus never check its length
+            check_positions(out, [("data.max_seq_len", out.data.max_seq_len)])
+        out.stages = self.stages
+        out.command_line = self.command_line
+        return out
+
+    def check(self) -> None:
+        """What spans sections; check_tree has checked each section by then."""
+        for stage, override in self.stages.items():
+            if stage not in STAGES:
+                close = difflib.get_close_matches(stage, STAGES, n=1)
+                hint = f"; did you mean 'stages.{close[0]}'?" if close else f"; stages are {', '.join(STAGES)}"
+                raise ConfigError(f"unknown key 'stages.{stage}'{hint}")
+            override.check_keys(f"stages.{stage}")
+        if self.task.name or self.task.train_file or self.task.dataset:  # no task: task.max_seq_len is never used
+            check_positions(self, [("task.max_seq_len", self.task.max_seq_len)])
+        if self.deepspeed.overrides or not is_bundled_deepspeed_config(self.deepspeed.config):
+            from ..runtime.ds_validation import check_ds_config  # imports DeepSpeed: only when there is something
+            check_ds_config(self)
+        for stage in self.stages:  # each stage's recipe must itself be valid
+            self.for_stage(stage)
+
+
+def from_dict(values: dict, source: str = "recipe") -> Recipe:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(values).__name__}")
+    recipe = build(Recipe, values, "")
+    check_tree(recipe)  # each field's rules, each section's check(), then Recipe.check(); files: where used
+    return recipe
