@@ -100,13 +100,12 @@ class TaskConfig:
 
 @dataclass
 class LossConfig:
-    hidden_weight: float = 1.0
-    embedding_weight: float = 1.0
-    attention_weight: float = 1.0
+    # loss-term weights by registered name (distill/loss_terms.py: embedding, hidden, attention,
+    # soft_label, hard_label, ...); a term not named keeps its default weight, 0 switches it off.
+    # Which terms a stage trains on is the stage's own (stages.py).
+    weights: dict[str, float] = field(default_factory=dict)
     attention_kind: Literal["kl", "mse"] = "kl"
     relation_heads: Optional[int] = None    # MiniLMv2 re-split when head counts differ
-    soft_label_weight: float = 1.0          # task_specific stage only
-    hard_label_weight: float = 1.0          # task_specific stage only
     temperature: float = 1.0
     layer_map: Union[str, list[int]] = "uniform"  # uniform | last-k | [teacher layer per student layer]
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -114,6 +113,19 @@ class LossConfig:
                                             # whole maps (~5% faster at L=512, 2.6x the memory: BENCHMARKS 1)
     carry_projections: bool = True          # start the projections from the previous stage's (as TinyBERT's
                                             # fit_dense lives across its stages); false: fresh every stage
+
+    # keys of earlier recipes: each is refused with its new name, not as an unknown key (a plain class
+    # attribute, not a field: no recipe key)
+    RENAMED_KEYS = {f"{term}_weight": f"weights.{term}"
+                    for term in ("hidden", "embedding", "attention", "soft_label", "hard_label")}
+
+    def check_weights(self) -> None:
+        """Each weight >= 0 and of a registered loss term (one line naming the key otherwise)."""
+        for name, value in self.weights.items():
+            _non_negative(value, f"losses.weights.{name}")
+        if self.weights:  # the registry imports torch: only when there is a name to check
+            from .distill.loss_terms import check_weight_names
+            check_weight_names(self.weights)
 
 
 @dataclass
@@ -242,13 +254,14 @@ class Recipe:
 
         Precedence, lowest first: the recipe's sections, its stages.<stage>, the command line's
         section keys (train.max_steps=20 shortens every stage), the command line's stages.<stage>."""
-        if stage not in STAGES:
-            raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+        if stage not in STAGE_SPECS:
+            raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGE_SPECS)}")
         merged = to_dict(self)
         override = self.stages.get(stage)
         if override is not None:
-            for section in STAGE_SECTIONS:
-                merged[section].update(getattr(override, section))
+            for section in STAGE_SECTIONS:  # a mapping in a section (losses.weights) merges name by name
+                merged[section].update({k: {**merged[section][k], **v} if isinstance(merged[section].get(k), dict)
+                                        and isinstance(v, dict) else v for k, v in getattr(override, section).items()})
         general, this_stage = [], []
         for text in self.command_line:
             path, _ = parse_override(text)
@@ -329,7 +342,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         _checked(isinstance(value, dict), key, "a mapping", value)
         args = typing.get_args(tp)
-        if args and dataclasses.is_dataclass(args[1]):
+        if args:  # the values' type (a section, a number, ...); the keys are names
             return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return value
     if tp is type(None):
@@ -367,6 +380,8 @@ def _build(cls: type, values: dict, key: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in values.items():
+        if name in getattr(cls, "RENAMED_KEYS", {}):
+            raise ConfigError(f"{key}.{name}: renamed to {key}.{cls.RENAMED_KEYS[name]}")
         if name not in hints:
             raise _unknown_key(key, str(name), names)
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}" if key else name)
@@ -539,8 +554,7 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"data.max_seq_len must be in 8..8192, got {r.data.max_seq_len}")
     _positive(r.data.shuffle_buffer, "data.shuffle_buffer")
     _non_negative(r.data.num_workers, "data.num_workers")
-    for name in ("hidden_weight", "embedding_weight", "attention_weight", "soft_label_weight", "hard_label_weight"):
-        _non_negative(getattr(r.losses, name), f"losses.{name}")
+    r.losses.check_weights()
     _positive(r.losses.temperature, "losses.temperature")
     if r.losses.relation_heads is not None:
         _positive(r.losses.relation_heads, "losses.relation_heads")
