@@ -40,6 +40,7 @@ from ernie_tiny_ds.data.packing import collate  # noqa: E402
 from ernie_tiny_ds.distill.models import FeatureCapture, build_student  # noqa: E402
 from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput  # noqa: E402
 from ernie_tiny_ds.losses import layer_map  # noqa: E402
+from ernie_tiny_ds.stages import STAGE_SPECS  # noqa: E402
 
 MODES = ("before", "document", "full")
 
@@ -100,7 +101,7 @@ def main() -> None:
     capture = FeatureCapture(teacher)
     student = build_student(StudentConfig(), teacher.config, seed=0)
     objective = DistillationObjective(student, teacher.config.hidden_size, layer_map(t_layers, 4), LossConfig(),
-                                      use_labels=False)
+                                      terms=STAGE_SPECS["general"].terms)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch) -> None:

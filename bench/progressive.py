@@ -56,8 +56,8 @@ VARIANTS = {  # name -> the stages it runs, in order
     "reused": STAGES[1:],
     "s4-task": STAGES[3:],
 }
-LABELS_ONLY = ["stages.task_specific.losses.hidden_weight=0", "stages.task_specific.losses.embedding_weight=0",
-               "stages.task_specific.losses.attention_weight=0", "stages.task_specific.losses.soft_label_weight=0"]
+LABELS_ONLY = [f"stages.task_specific.losses.weights.{term}=0"
+               for term in ("hidden", "embedding", "attention", "soft_label")]
 
 
 def minilm_folder() -> str:

@@ -164,14 +164,19 @@ def attention_denominator(mask: torch.Tensor, heads: int, kind: str) -> torch.Te
 
 
 # --------------------------------------------------------------------------- prediction layer
-def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """Batch-mean KL(softmax(teacher / T) || softmax(student / T)) * T^2 over rows [N, C]."""
+def check_soft_label(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> None:
+    """The soft-label arguments every path takes (the fused kernel checks these, then its own needs)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, "
                          f"teacher {tuple(teacher_logits.shape)}")
+
+
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Batch-mean KL(softmax(teacher / T) || softmax(student / T)) * T^2 over rows [N, C]."""
+    check_soft_label(student_logits, teacher_logits, temperature)
     s = _at_least_fp32(student_logits).reshape(-1, student_logits.shape[-1]) / temperature
     t = _at_least_fp32(teacher_logits).reshape(-1, teacher_logits.shape[-1]) / temperature
     logp_s = torch.log_softmax(s, dim=-1)

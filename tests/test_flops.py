@@ -12,6 +12,7 @@ from ernie_tiny_ds.config import LossConfig
 from ernie_tiny_ds.distill.models import encoder_up_to
 from ernie_tiny_ds.distill.objective import DistillationObjective
 from ernie_tiny_ds.runtime import flops
+from ernie_tiny_ds.stages import LATENT_TERMS
 
 
 def bert_config(hidden=16, layers=2, heads=2, ffn=24, labels=2):
@@ -62,7 +63,7 @@ def test_distill_step_is_teacher_forward_plus_three_student_forwards_with_projec
     teacher = encoder_up_to(transformers.AutoModel.from_config(bert_config(hidden=16, layers=4)), 4)
     student = transformers.AutoModel.from_config(bert_config(hidden=8, layers=2, heads=2, ffn=12))
     mapping = [2, 4]
-    objective = DistillationObjective(student, 16, mapping, LossConfig(), use_labels=False)
+    objective = DistillationObjective(student, 16, mapping, LossConfig(), terms=LATENT_TERMS)
     parts = SimpleNamespace(teacher=teacher, student=student, objective=objective, mapping=mapping)
     b, length = 3, 7
     # embedding projection once, hidden projection per mapped layer: 2*B*L*8*16 each
@@ -71,7 +72,7 @@ def test_distill_step_is_teacher_forward_plus_three_student_forwards_with_projec
             + 3 * (flops.encoder_forward_flops(student.config, b, length, pooler=True) + projections))
     assert flops.distill_step_flops(parts, b, length) == want
     # a switched-off term applies no projection
-    objective.cfg = LossConfig(hidden_weight=0.0)
+    objective.cfg = LossConfig(weights={"hidden": 0.0})
     assert flops.distill_step_flops(parts, b, length) == want - 3 * 2 * 2 * b * length * 8 * 16
 
 

@@ -19,7 +19,7 @@ def _recipe(tmp_path, tokenizer_dir, vocab_size, **sections):
 # --------------------------------------------------------------------------- 9, 10: non-finite floats
 NON_FINITE = {
     "optim.lr=.nan": "optim.lr",
-    "losses.hidden_weight=nan": "losses.hidden_weight",
+    "losses.weights.hidden=nan": "losses.weights.hidden",
     "losses.temperature=.inf": "losses.temperature",
     "finetune.epochs=nan": "finetune.epochs",
     "finetune.lr=-.inf": "finetune.lr",
@@ -48,9 +48,9 @@ def test_finetune_range_keys_are_checked(tmp_path, tokenizer_dir, vocab_size):
 
 def test_non_negative_and_positive_keys(tmp_path, tokenizer_dir, vocab_size):
     path = _recipe(tmp_path, tokenizer_dir, vocab_size)
-    load_recipe(path, ["losses.hidden_weight=0", "optim.grad_clip=0", "optim.weight_decay=0"])  # 0 allowed
-    with pytest.raises(ConfigError, match=r"losses.hidden_weight must be >= 0"):
-        load_recipe(path, ["losses.hidden_weight=-0.5"])
+    load_recipe(path, ["losses.weights.hidden=0", "optim.grad_clip=0", "optim.weight_decay=0"])  # 0 allowed
+    with pytest.raises(ConfigError, match=r"losses.weights.hidden must be >= 0"):
+        load_recipe(path, ["losses.weights.hidden=-0.5"])
     with pytest.raises(ConfigError, match=r"losses.temperature must be > 0"):
         load_recipe(path, ["losses.temperature=0"])
 

@@ -16,6 +16,7 @@ from ernie_tiny_ds.distill.objective import (
     projections_fingerprint,
 )
 from ernie_tiny_ds.runtime.export import consolidated_state_dict
+from ernie_tiny_ds.stages import LATENT_TERMS
 
 
 def tiny_student(hidden=32):
@@ -26,14 +27,14 @@ def tiny_student(hidden=32):
 
 def test_projections_load_when_widths_match_and_stay_fresh_otherwise():
     torch.manual_seed(0)
-    source = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), use_labels=False)
+    source = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), terms=LATENT_TERMS)
     saved = projection_state(source.state_dict())
     assert sorted(saved) == ["embedding_proj.bias", "embedding_proj.weight", "hidden_proj.bias", "hidden_proj.weight"]
-    target = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), use_labels=False)
+    target = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), terms=LATENT_TERMS)
     assert target.load_projections(saved) is None
     for key, value in projection_state(target.state_dict()).items():
         assert torch.equal(value, saved[key])
-    wider = DistillationObjective(tiny_student(), 96, [2, 4], LossConfig(), use_labels=False)
+    wider = DistillationObjective(tiny_student(), 96, [2, 4], LossConfig(), terms=LATENT_TERMS)
     before = {k: v.clone() for k, v in projection_state(wider.state_dict()).items()}
     why = wider.load_projections(saved)
     assert "maps 32 -> 64, this stage needs 32 -> 96" in why

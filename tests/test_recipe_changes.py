@@ -26,9 +26,9 @@ def test_fingerprint_names_every_changed_key_and_refuses_unsafe_ones(tmp_path, t
     safe = recipe_changes.check(old, fingerprints(recipe, "optim.lr=0.002", "train.max_steps=9"),
                                 recipe_changes.SAFE_ON_RESUME, "what", "remedy")
     assert [k for k, _, _ in safe] == ["optim.lr", "train.max_steps"]
-    with pytest.raises(ConfigError, match=r"what: losses.hidden_weight \(1.0 -> 0.5\), "
+    with pytest.raises(ConfigError, match=r"what: losses.weights.hidden \(1.0 -> 0.5\), "
                                           r"train.micro_batch_size \(4 -> 8\); only .*; remedy"):
-        recipe_changes.check(old, fingerprints(recipe, "losses.hidden_weight=0.5", "train.micro_batch_size=8",
+        recipe_changes.check(old, fingerprints(recipe, "losses.weights.hidden=0.5", "train.micro_batch_size=8",
                                                "optim.lr=0.002"), recipe_changes.SAFE_ON_RESUME, "what", "remedy")
     with pytest.raises(ConfigError, match=r"optim.lr \(0.001 -> 0.002\)"):  # a finished stage was trained with it
         recipe_changes.check(old, fingerprints(recipe, "optim.lr=0.002"), recipe_changes.SAFE_ON_SKIP, "w", "r")
@@ -48,12 +48,12 @@ def test_resume_applies_a_new_lr_and_refuses_an_unsafe_change(tmp_path, tokenize
     ckpt = tmp_path / "out/general/checkpoints/step_00000002"
     assert json.loads((ckpt / "recipe.json").read_text())["optim"]["lr"] == 0.001
 
-    refused = distill(recipe, "losses.hidden_weight=0.5")
+    refused = distill(recipe, "losses.weights.hidden=0.5")
     assert refused.returncode == 2
     lines = [line for line in refused.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert re.search(r"error: the recipe of general changed since .*step_00000002 was written: "
-                     r"losses.hidden_weight \(1.0 -> 0.5\); only .*optim.lr.*; rm -r .*out/general", lines[0])
+                     r"losses.weights.hidden \(1.0 -> 0.5\); only .*optim.lr.*; rm -r .*out/general", lines[0])
 
     resumed = distill(recipe, "optim.lr=0.002")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -91,10 +91,10 @@ def pipeline(recipe, *overrides):
 def test_the_pipeline_refuses_to_skip_a_stage_whose_recipe_changed(finished_stage_1, tmp_path):
     recipe = copy_of(finished_stage_1, tmp_path)
     assert "recipe" in json.loads((tmp_path / "out/general/stage_done.json").read_text())
-    refused = pipeline(recipe, "losses.attention_weight=0.25")
+    refused = pipeline(recipe, "losses.weights.attention=0.25")
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert re.search(r"error: pipeline: the recipe of general changed since it finished: "
-                     r"losses.attention_weight \(1.0 -> 0.25\); only .*; rm -r .*out/general", refused.stderr)
+                     r"losses.weights.attention \(1.0 -> 0.25\); only .*; rm -r .*out/general", refused.stderr)
     assert "Traceback" not in refused.stderr
     skipped = pipeline(recipe, "train.log_every=5")  # how a run logs is no reason to retrain
     assert skipped.returncode == 0, skipped.stderr[-3000:]
@@ -129,12 +129,12 @@ def test_a_resumed_teacher_finetuning_applies_a_new_lr_and_refuses_a_new_task_le
     first = run_cli(common)
     assert "stopped at step 1" in first.stdout, first.stderr[-3000:]
     # the distillation stages' settings are no part of finetuning: changing them refuses nothing
-    refused = run_cli(common + ["task.max_seq_len=16", "losses.hidden_weight=0.5", "train.max_steps=3"])
+    refused = run_cli(common + ["task.max_seq_len=16", "losses.weights.hidden=0.5", "train.max_steps=3"])
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert re.search(r"error: the recipe of finetuning changed since .*step_00000001 was written: "
                      r"task.max_seq_len \(32 -> 16\); only .*finetune.lr.*; rm -r .*teacher_finetuned.checkpoints ",
                      refused.stderr), refused.stderr[-3000:]
-    resumed = run_cli(common + ["finetune.lr=0.001", "losses.hidden_weight=0.5", "finetune.ship=last"])
+    resumed = run_cli(common + ["finetune.lr=0.001", "losses.weights.hidden=0.5", "finetune.ship=last"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"warning: finetuning: finetune.lr changed from 0.003 to 0.001 .*applied", resumed.stdout)
     assert re.search(r"warning: finetuning: finetune.ship changed from None to 'last' .*applied", resumed.stdout)

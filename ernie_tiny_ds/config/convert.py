@@ -38,6 +38,8 @@ def build(cls: type, values: dict, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
+        if name in getattr(cls, "RENAMED_KEYS", {}):
+            raise ConfigError(f"{join(key, name)}: renamed to {join(key, cls.RENAMED_KEYS[name])}")
         if name not in fields:
             raise unknown_key(key, str(name), [n for n, f in fields.items() if rules_of(f).setting])
         if not rules_of(fields[name]).setting:
@@ -128,7 +130,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         _checked(isinstance(value, dict), key, "a mapping", value)
         args = typing.get_args(tp)
-        if args and dataclasses.is_dataclass(args[1]):
+        if args:  # the values' type (a section, a number, ...); the keys are names
             return {k: coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return value
     return _coerce_scalar(value, tp, key)

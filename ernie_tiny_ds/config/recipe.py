@@ -5,7 +5,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..stages import STAGE_SPECS, STAGES  # the stage names, defined once beside what each stage is
+from ..stages import STAGE_SPECS  # the stage names, defined once beside what each stage is
 from .convert import build, to_dict
 from .overrides import apply_overrides, parse_override
 from .positions import check_positions
@@ -51,13 +51,16 @@ class Recipe:
 
         Precedence, lowest first: the recipe's sections, its stages.<stage>, the command line's
         section keys (train.max_steps=20 shortens every stage), the command line's stages.<stage>."""
-        if stage not in STAGES:
-            raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+        if stage not in STAGE_SPECS:  # read now, not at import: a stage registered later counts
+            raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGE_SPECS)}")
         merged = to_dict(self)
         override = self.stages.get(stage)
         if override is not None:
             for section, values in override.given().items():
-                merged[section].update(values)
+                for key, value in values.items():  # a mapping (losses.weights) merges name by name
+                    old = merged[section].get(key)
+                    merged[section][key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) \
+                        else value
         general, this_stage = [], []
         for text in self.command_line:
             path, _ = parse_override(text)
@@ -77,9 +80,9 @@ class Recipe:
     def check(self) -> None:
         """What spans sections; check_tree has checked each section by then."""
         for stage, override in self.stages.items():
-            if stage not in STAGES:
-                close = difflib.get_close_matches(stage, STAGES, n=1)
-                hint = f"; did you mean 'stages.{close[0]}'?" if close else f"; stages are {', '.join(STAGES)}"
+            if stage not in STAGE_SPECS:
+                close = difflib.get_close_matches(stage, list(STAGE_SPECS), n=1)
+                hint = f"; did you mean 'stages.{close[0]}'?" if close else f"; stages are {', '.join(STAGE_SPECS)}"
                 raise ConfigError(f"unknown key 'stages.{stage}'{hint}")
             override.check_keys(f"stages.{stage}")
         if self.task.name or self.task.train_file or self.task.dataset:  # no task: task.max_seq_len is never used

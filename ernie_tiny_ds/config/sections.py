@@ -115,13 +115,12 @@ class TaskConfig(Section):
 
 @dataclass
 class LossConfig(Section):
-    hidden_weight: float = setting(1.0, bounds=NON_NEGATIVE)
-    embedding_weight: float = setting(1.0, bounds=NON_NEGATIVE)
-    attention_weight: float = setting(1.0, bounds=NON_NEGATIVE)
+    # loss-term weights by registered name (distill/loss_terms.py: embedding, hidden, attention,
+    # soft_label, hard_label, ...); a term not named keeps its default weight, 0 switches it off.
+    # Which terms a stage trains on is the stage's own (stages.py).
+    weights: dict[str, float] = field(default_factory=dict)
     attention_kind: Literal["kl", "mse"] = "kl"
     relation_heads: Optional[int] = setting(None, bounds=POSITIVE)  # MiniLMv2 re-split when head counts differ
-    soft_label_weight: float = setting(1.0, bounds=NON_NEGATIVE)  # task_specific stage only
-    hard_label_weight: float = setting(1.0, bounds=NON_NEGATIVE)  # task_specific stage only
     temperature: float = setting(1.0, bounds=POSITIVE)
     layer_map: Union[str, list[int]] = "uniform"  # uniform | last-k | [teacher layer per student layer]
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -131,9 +130,19 @@ class LossConfig(Section):
     carry_projections: bool = True          # start the projections from the previous stage's (as TinyBERT's
                                             # fit_dense lives across its stages); false: fresh every stage
 
+    # keys of earlier recipes: each is refused with its new name, not as an unknown key (a plain class
+    # attribute, not a field: no recipe key)
+    RENAMED_KEYS = {f"{term}_weight": f"weights.{term}"
+                    for term in ("hidden", "embedding", "attention", "soft_label", "hard_label")}
+
     def check(self) -> None:
         if isinstance(self.layer_map, str) and self.layer_map not in ("uniform", "last-k"):
             raise ConfigError(f"losses.layer_map: {self.layer_map!r} is not 'uniform', 'last-k' or a list of layers")
+        for name, value in self.weights.items():
+            NON_NEGATIVE.check(value, f"losses.weights.{name}")
+        if self.weights:  # the registry imports torch: only when a recipe names a weight
+            from ..distill.loss_terms import check_weight_names
+            check_weight_names(self.weights)
 
 
 @dataclass

@@ -24,7 +24,8 @@ def partial(cls: type) -> type:
     hints = typing.get_type_hints(cls)
     fields = [(f.name, hints[f.name], field(default=UNSET, metadata=f.metadata)) for f in dataclasses.fields(cls)]
     made = dataclasses.make_dataclass(f"Partial{cls.__name__}", fields, repr=False,
-                                      namespace={"__repr__": _given_repr})
+                                      namespace={"__repr__": _given_repr,
+                                                 "RENAMED_KEYS": getattr(cls, "RENAMED_KEYS", {})})
     made.__module__ = __name__
     return made
 

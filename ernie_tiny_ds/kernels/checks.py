@@ -34,13 +34,9 @@ def check_attention_inputs(q_s, k_s, q_t, k_t, attention_mask, kind: str, relati
 
 
 def check_soft_label_inputs(student_logits, teacher_logits, temperature: float, fused: bool = False) -> None:
-    """Soft-label arguments (temperature, shapes); `fused`: also what the kernel needs. The torch
-    path is the reference itself, which checks the same temperature and shapes."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, "
-                         f"teacher {tuple(teacher_logits.shape)}")
+    """Soft-label arguments (temperature, shapes: the reference's own check); `fused`: also what the
+    kernel needs."""
+    _ref.check_soft_label(student_logits, teacher_logits, temperature)
     if fused:
         if student_logits.dim() == 0 or student_logits.numel() == 0:
             raise ValueError(f"logits need at least one row and one class, got shape {tuple(student_logits.shape)}")

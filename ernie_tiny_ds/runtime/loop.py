@@ -11,6 +11,7 @@ import torch
 
 from ..config import Recipe
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+from ..distill.loss_terms import terms_need
 from ..distill.models import (
     FeatureCapture,
     build_student,
@@ -59,7 +60,7 @@ def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
         return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed)
     from ..data.tasks import build_task_loader
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
-                             with_labels=spec.labels, augmented=spec.augmented_data)
+                             with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data)
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
@@ -119,7 +120,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     tokenizer = load_tokenizer(tokenizer_dir)
     teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
     check_vocab_matches(tokenizer, teacher.config, tokenizer_dir)
-    num_labels = teacher.config.num_labels if spec.labels else None
+    num_labels = teacher.config.num_labels if spec.task_head else None
     student = build_student(r.student, teacher.config, seed=r.train.seed, num_labels=num_labels)
     check_heads(student.config, teacher.config, r.losses.relation_heads)
     provenance = {
@@ -133,11 +134,11 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
         mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
     except ValueError as exc:
         raise ConfigError(f"losses.layer_map: {exc}") from None
-    objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, use_labels=spec.labels)
+    objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, terms=spec.terms)
     provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
     ds_config = build_ds_config(r, world)
     engine = build_training_engine(objective, r, ds_config)
-    if not spec.labels:  # no logits in this stage: run the teacher only as deep as the layer map reads
+    if spec.teacher_depth == "mapped_layers":  # no logits read: the teacher runs only as deep as the layer map reads
         teacher = encoder_up_to(teacher, max(mapping))
     teacher_capture = FeatureCapture(teacher, layers=mapping)
     teacher = prepare_teacher(teacher, r, r.train.micro_batch_size)

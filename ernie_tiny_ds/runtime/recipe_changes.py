@@ -28,6 +28,7 @@ import json
 from ..config import Recipe, to_dict
 from ..config.dotted import flatten
 from ..config.rules import SafeOn, rules_of, settings
+from ..distill.loss_terms import term_weights
 from ..errors import ConfigError
 from ..stages import STAGE_SPECS
 
@@ -50,6 +51,7 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     r = recipe.for_stage(stage)
     spec = STAGE_SPECS[stage]
     values = to_dict(r)
+    values["losses"]["weights"] = term_weights(spec.terms, r.losses.weights)  # the stage's terms, defaults included
     for key in ("output_dir", "stages", "finetune", "augment"):  # augment: only its output counts
         values.pop(key, None)
     _drop_unset_augmented_file(values)

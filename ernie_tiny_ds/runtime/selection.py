@@ -27,6 +27,7 @@ from ..data.benchmarks import compute_metrics
 from ..data.tasks import TaskData, encode_batch, load_task
 from ..errors import ConfigError
 from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
+from ..stages import shipping_stage
 from .collectives import all_gather_objects, broadcast_object
 
 BEST_DIR = "student_best"
@@ -134,9 +135,9 @@ class Selector:
 
 def best_checkpoint_hook(r, spec, parts, out_dir: Path, rank: int, world: int, dev: torch.device,
                          zero: int) -> Callable[[int], None] | None:
-    """The after-step hook of a stage: best-checkpoint selection in a stage with a task head when
-    train.eval_every is set, else None."""
-    if not spec.labels or r.train.eval_every is None:
+    """The after-step hook of a stage: best-checkpoint selection in a stage that selects on the task's
+    metric (StageSpec.selects_on) when train.eval_every is set, else None."""
+    if spec.selects_on is None or r.train.eval_every is None:
         return None
     return Selector(load_task(r.task), parts.student, parts.tokenizer, out_dir / BEST_DIR, r.train.eval_every,
                     r.train.max_steps, rank, world, dev, zero, after_eval=parts.objective.capture.pop)
@@ -154,10 +155,10 @@ def pick(choice: str, best: Path, last: Path) -> Path:
 
 def ship_choice(recipe) -> str:
     """task.ship, else best when the task-specific stage evaluates (train.eval_every), else last."""
-    return choose(recipe.task.ship, recipe.for_stage("task_specific").train.eval_every)
+    return choose(recipe.task.ship, recipe.for_stage(shipping_stage().name).train.eval_every)
 
 
 def shipped_student(recipe, out: Path) -> Path:
     """The task-specific student the pipeline ships: student_best/ when chosen and written, else student/."""
-    stage = Path(out) / "task_specific"
+    stage = Path(out) / shipping_stage().name
     return pick(ship_choice(recipe), stage / BEST_DIR, stage / "student")

@@ -15,7 +15,7 @@ import yaml
 from ..data.hub import looks_like_hub_id
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..stages import STAGE_SPECS
+from ..stages import STAGE_SPECS, shipping_stage
 
 CARD = "README.md"
 
@@ -64,14 +64,15 @@ def _teacher_config(report: dict) -> dict:
         return {}
 
 
-def render_card(report: dict, recipe, folder: Path, stage: str = "task_specific", name: str | None = None) -> str:
-    """The model card of the student exported by `stage` (the release is the task_specific one)."""
+def render_card(report: dict, recipe, folder: Path, stage: str | None = None, name: str | None = None) -> str:
+    """The model card of the student exported by `stage` (default: the shipping stage, the release)."""
     config = check_loadable(folder)
     release = getattr(recipe, "release", None)
-    final = stage == "task_specific"
+    spec = STAGE_SPECS[stage] if stage is not None else shipping_stage()
+    final = spec.ships
     teacher_source = getattr(recipe.teacher, "path", None) or "an inline-configured teacher"
     meta = {"library_name": "transformers",
-            "pipeline_tag": "text-classification" if final else "feature-extraction",
+            "pipeline_tag": "text-classification" if spec.task_head else "feature-extraction",
             "license": getattr(release, "license", None) or "apache-2.0",
             "tags": ["ernie-tiny-ds", "knowledge-distillation", config.get("model_type", "bert")]}
     if getattr(release, "language", None):
@@ -81,10 +82,11 @@ def render_card(report: dict, recipe, folder: Path, stage: str = "task_specific"
     name = name or getattr(release, "model_name", None) or Path(recipe.output_dir).name
     t, s = report["teacher"], report["student"]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "",
-             f"# {name}{'' if final else f' (after stage {STAGE_SPECS[stage].title})'}", ""]
+             f"# {name}{'' if final else f' (after stage {spec.title})'}", ""]
     if not final:
-        lines += [f"An intermediate student: the encoder after {STAGE_SPECS[stage].title}, without a task head. "
-                  "The released model is the task_specific stage's student; its figures are below.", ""]
+        lines += [f"An intermediate student: the encoder after {spec.title}"
+                  f"{'' if spec.task_head else ', without a task head'}. The released model is the "
+                  f"{shipping_stage().name} stage's student; its figures are below.", ""]
     lines += [f"A {_count(s['params'])}-parameter student ({_shape(config)}) distilled from "
               f"**{teacher_source}** ({_count(t['params'])} parameters"
               + (f"; {_shape(_teacher_config(report))}" if _teacher_config(report) else "") + ") with the "
@@ -119,7 +121,7 @@ def render_card(report: dict, recipe, folder: Path, stage: str = "task_specific"
                      f" | {_data_of(st['name'], recipe)} | {st['steps']} | {_fmt(st['final_loss'])} | "
                      f"{', '.join(st.get('loss_terms', []))} |")
     lines += ["", "## How to use", "", "```python"]
-    if final:
+    if spec.task_head:
         lines += ["from transformers import pipeline", "",
                   f'classifier = pipeline("text-classification", model="{folder}")  # or its Hub ID once pushed',
                   'print(classifier("..."))', "",

@@ -1,5 +1,6 @@
-"""`ernie-tiny-ds pipeline`: teacher finetuning, then stages 1-4, each starting from the student the
-previous stage wrote, then the report.
+"""`ernie-tiny-ds pipeline`: its steps in order (pipeline_steps): teacher finetuning, then each
+distillation stage of stages.STAGE_SPECS starting from the student the previous stage wrote, then the
+report once the stage that ships its student has run.
 
     OUT/teacher_finetuned/   stage 0 (only when the recipe gives no finetuned teacher); with
                              finetune.eval_every its best beside it in OUT/teacher_finetuned_best/
@@ -15,9 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ..config import STAGES, Recipe, load_recipe
+from ..config import Recipe, load_recipe
 from ..distill.objective import PROJECTIONS_FILE
 from ..errors import ConfigError, UserError
 from ..runtime import recipe_changes, stop
@@ -30,13 +33,13 @@ PIPELINE_DONE = "pipeline_done.json"
 
 
 def parse_stage(value: str) -> int:
-    """A stage by name or number: 0 = teacher finetuning, 1-4 = the distillation stages."""
-    names = [FINETUNE, *STAGES]
+    """A step by name or number: 0 = teacher finetuning, then the distillation stages in order."""
+    names = [name for name, _ in pipeline_steps()]
     if value.isdigit() and 0 <= int(value) < len(names):
         return int(value)
     if value in names:
         return names.index(value)
-    raise argparse.ArgumentTypeError(f"unknown stage {value!r}: use 0-4 or one of {', '.join(names)}")
+    raise argparse.ArgumentTypeError(f"unknown stage {value!r}: use 0-{len(names) - 1} or one of {', '.join(names)}")
 
 
 def stage_done(out: Path, stage: str) -> dict | None:
@@ -83,14 +86,15 @@ def with_paths(recipe: Recipe, student_path: str | None, finetuned: str | None) 
                                teacher=dataclasses.replace(recipe.teacher, finetuned_path=finetuned))
 
 
-def initial_student(recipe: Recipe, out: Path, first: int) -> str | None:
+def initial_student(recipe: Recipe, out: Path, first: str) -> str | None:
     """Stage `first` starts from the previous stage's export when there is one, else the recipe's student."""
-    if first > 1:
-        previous = STAGES[first - 2]
+    names = list(STAGE_SPECS)
+    if names.index(first) > 0:
+        previous = names[names.index(first) - 1]
         if (out / previous / "student" / "config.json").is_file():
             return str(out / previous / "student")
         if recipe.student.path is None:
-            raise ConfigError(f"--from-stage {STAGES[first - 1]}: there is no {out / previous / 'student'}; "
+            raise ConfigError(f"--from-stage {first}: there is no {out / previous / 'student'}; "
                               "set student.path to the student this stage should start from")
     return recipe.student.path
 
@@ -109,73 +113,109 @@ def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allow
     return str(shipped_teacher(recipe, path)), False  # finetune.ship: the best (by task.metric) or the last
 
 
-def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
-    """Runs stages first..last (0 = finetuning); True when the range finished, False when stopped."""
+@dataclass
+class PipelineRun:
+    """What the steps of one pipeline run hand on to each other."""
+    recipe: Recipe
+    out: Path
+    rank: int
+    stages: list[str]                 # the distillation stages in the range
+    stop_request: stop.StopRequest
+    finetuned: str | None = None      # the finetuned teacher the stages distil from
+    student: str | None = None        # the student the next stage starts from
+    projections: str | None = None    # the previous stage's projections, carried into the next
+    done: list[str] = field(default_factory=list)
+
+    def say(self, line: str) -> None:
+        if self.rank == 0:
+            print(f"pipeline: {line}", flush=True)
+
+
+def finetune_step(run: PipelineRun, name: str) -> bool:
+    """Teacher finetuning, when a stage in the range needs a finetuned teacher the recipe does not give."""
+    run.finetuned, stopped = ensure_finetuned_teacher(run.recipe, run.out, run.stages, allowed=True)
+    if stopped:
+        run.say(f"stopped during {name}; run the same command to resume")
+    return not stopped
+
+
+def distill_step(run: PipelineRun, stage: str) -> bool:
+    """One distillation stage: skipped when finished with this recipe, else run (or resumed); False when stopped."""
+    if not run.done:
+        run.student = initial_student(run.recipe, run.out, stage)
+    staged = with_paths(run.recipe, run.student, run.finetuned)
+    if run.done:  # the previous stage's projections, or none (never the recipe's, meant for the first)
+        staged.student.projections = run.projections
+    done = stage_done(run.out, stage)
+    if done is not None:
+        check_finished_stage(staged, stage, done, run.out)
+        ensure_export(run.out, stage, done, run.rank)
+        run.say(f"{stage} already done ({done['steps']} steps, final loss {done['final_loss']:.6g}); skipping")
+    else:
+        if run.stop_request.requested():  # e.g. SIGUSR1 while the previous stage exported
+            if run.rank == 0:
+                run.stop_request.clear()
+            run.say(f"stop requested before {stage}; run the same command to resume")
+            return False
+        run.say(f"{STAGE_SPECS[stage].title} ({stage}) starting from {run.student or 'a fresh student'}")
+        if not run_stage(staged, stage).complete:
+            run.say(f"stopped during {stage}; run the same command to resume")
+            return False
+    run.done.append(stage)
+    run.student = str(run.out / stage / "student")
+    carried = run.out / stage / PROJECTIONS_FILE  # absent when the stage was exported before they were kept
+    run.projections = str(carried) if carried.is_file() else None
+    return True
+
+
+def pipeline_steps() -> list[tuple[str, Callable[[PipelineRun, str], bool]]]:
+    """The pipeline in order: teacher finetuning, then every distillation stage (STAGE_SPECS, read now)."""
+    return [(FINETUNE, finetune_step), *((stage, distill_step) for stage in STAGE_SPECS)]
+
+
+def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None) -> bool:
+    """Runs the steps first..last of pipeline_steps() (0 = finetuning, default: to the last stage);
+    True when the range finished, False when stopped."""
     from ..runtime.engine import init_distributed
 
+    steps = pipeline_steps()
+    last = len(steps) - 1 if last is None else last
     if first > last:
         raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
+    steps = steps[first:last + 1]
     stop.install()  # from here on a SIGUSR1 is kept until a stage, or the check between stages, consumes it
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     out = Path(recipe.output_dir)
-    stop_request = stop.StopRequest(out)
-    stages = list(STAGES[max(first, 1) - 1:last])
-    finetuned, stopped = ensure_finetuned_teacher(recipe, out, stages, allowed=first == 0)
-    if stopped:
-        if rank == 0:
-            print("pipeline: stopped during finetune; run the same command to resume", flush=True)
-        return False
-    student = initial_student(recipe, out, max(first, 1))
-    results, projections = [], None  # projections: the previous stage's, carried into the next
-    for stage in stages:
-        staged = with_paths(recipe, student, finetuned)
-        if results:  # the previous stage's projections, or none (never the recipe's, meant for the first)
-            staged.student.projections = projections
-        done = stage_done(out, stage)
-        if done is not None:
-            check_finished_stage(staged, stage, done, out)
-            ensure_export(out, stage, done, rank)
-            if rank == 0:
-                print(f"pipeline: {stage} already done ({done['steps']} steps, final loss "
-                      f"{done['final_loss']:.6g}); skipping", flush=True)
-        else:
-            if stop_request.requested():  # e.g. SIGUSR1 while the previous stage exported
-                if rank == 0:
-                    stop_request.clear()
-                    print(f"pipeline: stop requested before {stage}; run the same command to resume", flush=True)
-                return False
-            if rank == 0:
-                print(f"pipeline: {STAGE_SPECS[stage].title} ({stage}) starting from "
-                      f"{student or 'a fresh student'}", flush=True)
-            result = run_stage(staged, stage)
-            if not result.complete:
-                if rank == 0:
-                    print(f"pipeline: stopped during {stage}; run the same command to resume", flush=True)
-                return False
-        results.append(stage)
-        student = str(out / stage / "student")
-        carried = out / stage / PROJECTIONS_FILE  # absent when the stage was exported before they were kept
-        projections = str(carried) if carried.is_file() else None
-    if last == 4:  # best or last (task.ship): the report scores it as the student, pipeline_done names it
+    stages = [name for name, _ in steps if name in STAGE_SPECS]
+    run = PipelineRun(recipe, out, rank, stages, stop.StopRequest(out), student=recipe.student.path)
+    if FINETUNE not in (name for name, _ in steps):  # refused before any work when a stage needs one
+        run.finetuned, _ = ensure_finetuned_teacher(recipe, out, stages, allowed=False)
+    for name, step in steps:
+        if not step(run, name):
+            return False
+    student = run.student
+    shipping = [stage for stage in stages if STAGE_SPECS[stage].ships]
+    if shipping:  # best or last (task.ship): the report scores it as the student, pipeline_done names it
         from ..runtime.selection import shipped_student
         student = str(shipped_student(recipe, out))
-    if last == 4 and rank == 0:
-        from .report import build_report
-        build_report(with_paths(recipe, student, finetuned), out)
+        if rank == 0:
+            from .report import build_report
+            build_report(with_paths(recipe, student, run.finetuned), out)
     wait_for_rank0()  # the report can outlast train.dist_timeout_s: the other ranks wait without it
     if rank == 0:
         from ..files import atomic_write_text
         atomic_write_text(out / PIPELINE_DONE,
-                          json.dumps({"range": [first, last], "stages": results, "student": student}))
-        print(f"pipeline: done ({', '.join(results) or 'nothing to run'}); student in {student}", flush=True)
+                          json.dumps({"range": [first, last], "stages": run.done, "student": student}))
+        run.say(f"done ({', '.join(run.done) or 'nothing to run'}); student in {student}")
     return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    steps = ", ".join(f"{i}/{name}" for i, (name, _) in enumerate(pipeline_steps()))
     parser.add_argument("--config", required=True, help="YAML recipe (or a bundled one: demo, ernie_tiny_en)")
-    parser.add_argument("--from-stage", type=parse_stage, default=0, metavar="STAGE",
-                        help="first stage: 0/finetune, 1/general, 2/general_enhanced, 3/task_adaptive, 4/task_specific")
-    parser.add_argument("--to-stage", type=parse_stage, default=4, metavar="STAGE", help="last stage (default 4)")
+    parser.add_argument("--from-stage", type=parse_stage, default=0, metavar="STAGE", help=f"first stage: {steps}")
+    parser.add_argument("--to-stage", type=parse_stage, default=None, metavar="STAGE",
+                        help="last stage (default: the last)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
 

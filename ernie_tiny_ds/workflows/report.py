@@ -6,12 +6,12 @@ import json
 import platform
 from pathlib import Path
 
-from ..config import STAGES, Recipe
+from ..config import Recipe
 from ..data.constant_predictions import KEY as CONSTANT
 from ..files import atomic_write_text, write_atomic
 from ..runtime.loop import DONE_FILE
 from ..runtime.metrics import RATE_FIELDS
-from ..stages import STAGE_SPECS
+from ..stages import STAGE_SPECS, shipping_stage
 
 
 def read_curve(stage_dir: Path) -> list[dict]:
@@ -43,19 +43,19 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
 
 def stage_section(out: Path) -> list[dict]:
     stages = []
-    for name in STAGES:
+    for name, spec in STAGE_SPECS.items():
         done_file = out / name / DONE_FILE
         if not done_file.is_file():
             continue
         done = json.loads(done_file.read_text())
         curve = read_curve(out / name)
-        entry = {"name": name, "title": STAGE_SPECS[name].title, "steps": done["steps"],
+        entry = {"name": name, "title": spec.title, "steps": done["steps"],
                  "final_loss": done["final_loss"], "teacher": done.get("teacher"),
                  "student_init": done.get("student_init"), "loss_terms": done.get("loss_terms", []),
                  "first_loss": curve[0]["loss"] if curve else None}
         if curve:
             entry["plot"] = f"loss_{name}.png"
-            plot_curve(curve, STAGE_SPECS[name].title, out / entry["plot"])
+            plot_curve(curve, spec.title, out / entry["plot"])
         stages.append(entry)
     return stages
 
@@ -115,11 +115,11 @@ def build_report(recipe: Recipe, out: Path) -> dict:
 
 
 def selection_section(recipe: Recipe, out: Path, shipped: Path, shipped_metrics: dict) -> dict | None:
-    """Stage 4's best checkpoint beside its last one (both scored on dev) and which one ships; None
-    without train.eval_every's student_best/."""
+    """The shipping stage's best checkpoint beside its last one (both scored on dev) and which one
+    ships; None without train.eval_every's student_best/."""
     from ..runtime.selection import BEST_DIR, ship_choice
 
-    stage = out / "task_specific"
+    stage = out / shipping_stage().name
     return best_and_last(recipe, stage / BEST_DIR, stage / "student", shipped, shipped_metrics, ship_choice(recipe))
 
 
