@@ -122,8 +122,8 @@ class DistillationObjective(nn.Module):
         return {k: v for k, v in w.items() if v > 0}
 
     def forward(self, input_ids, attention_mask, token_type_ids, teacher: TeacherOutput, labels=None):
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        student = self.capture.pop()
+        with self.capture.recording() as student:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         t = teacher.features
         weights = self.weights()
         terms: dict[str, torch.Tensor] = {}
