@@ -181,3 +181,11 @@ def test_a_non_finite_loss_is_skipped_up_to_a_limit_in_a_stage_and_fatal_in_fine
         fit(tmp_path / "finetune", parts, step_fn, FailOnNonFinite("finetune", "lower finetune.lr or check the data"))
     assert parts.engine.micro == 2 and [r["step"] for r in rows(tmp_path / "finetune")] == [1, 2]
 
+
+
+def test_a_save_records_the_runs_recipe_with_no_resume_before_it(tmp_path):
+    run = checkpoint.CheckpointedRun(TorchEngine(torch.nn.Linear(2, 2)), Loader(), tmp_path / "checkpoints", "job",
+                                     checkpoint.RecipeRecord({"train": {"max_steps": 4}}))
+    folder = Checkpointer(run, SaveSchedule(every=1, last_step=4, keep=1), StopRequest(tmp_path)).save(2)
+    assert json.loads((folder / "recipe.json").read_text()) == {"train": {"max_steps": 4}}
+    assert checkpoint.verify(folder) is None and (folder / "trainer_state_rank0.pt").is_file()

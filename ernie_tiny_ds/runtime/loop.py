@@ -1,4 +1,4 @@
-"""The distillation loop of one stage: build the parts, resume, train, checkpoint, export."""
+"""One distillation stage: build the parts, resume, train (runtime/trainer.py), checkpoint, export."""
 from __future__ import annotations
 
 import json

@@ -26,6 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from ..data.tasks import TaskData, build_task_loader, load_task
 from ..errors import ConfigError
 from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
 from ..outputs import claim_output, exclusive, output_dir_job, recipe_inputs, write_marker
+
+if TYPE_CHECKING:  # the training stack is imported where it runs (finetune_teacher)
+    from ..runtime.selection import Ranks
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
@@ -125,7 +129,7 @@ class FinetuneJob:
     output: Path
     ckpt_root: Path
     steps: int
-    ranks: object  # runtime.selection.Ranks
+    ranks: Ranks
 
 
 def _reusable(output: Path, task: TaskData) -> bool:
@@ -170,11 +174,8 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     request ended the run at a checkpoint (the same call resumes it)."""
     # imported here, not at the top: the training stack (transformers, deepspeed) is heavy, and the
     # CLI's parsing imports this module
-    from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
-    from ..distill.objective import ClassifierObjective
-    from ..runtime import checkpoint, rank_registry, recipe_changes
-    from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
-    from ..runtime.selection import Ranks
+    from ..runtime import checkpoint, rank_registry
+    from ..runtime.engine import init_distributed
     from ..runtime.shared_folder import require_shared_folder
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
@@ -192,6 +193,28 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     require_shared_folder(output.parent, rank, world, "--output" if output_dir is not None else "output_dir")
     rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
 
+    job, run = _build(recipe, task, output, ckpt_root, rank, world)
+    start = checkpoint.resume_or_seed(run, rank, recipe.finetune.seed)
+    selector = _selector(recipe, job, resumed=start > 0)
+    fit = _train(recipe, job, run, selector, start)
+    if fit.stopped:  # a stop request: checkpointed, the same call resumes
+        run.engine.destroy()
+        return None
+    _write_output(recipe, job, selector, {"task": task.name, "type": task.type, "labels": task.label_names,
+                                          "steps": job.steps, "epochs": recipe.finetune.epochs,
+                                          "final_loss": fit.last["loss"], "world_size": world})
+    run.engine.destroy()
+    return output
+
+
+def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: int, world: int):
+    """The classifier under its DeepSpeed engine, with its tokenizer and loader: (FinetuneJob, CheckpointedRun)."""
+    from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+    from ..distill.objective import ClassifierObjective
+    from ..runtime import checkpoint, recipe_changes
+    from ..runtime.engine import build_ds_config, build_training_engine, device, zero_stage
+    from ..runtime.selection import Ranks
+
     ft = recipe.finetune
     # finetuning starts from the pretrained teacher
     tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)
@@ -204,29 +227,17 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     ds_config = build_ds_config(recipe.deepspeed, settings, world)
     objective = ClassifierObjective(model)  # the engine trains the classifier through train_step
     engine = build_training_engine(objective, settings, ds_config)
-    job = FinetuneJob(task, model, tokenizer, output, ckpt_root, total, Ranks(rank, world, device(),
-                                                                                  zero_stage(ds_config)))
+    ranks = Ranks(rank, world, device(), zero_stage(ds_config))
     if rank == 0:
         print(f"finetuning the teacher on {task.name} ({task.type}, {task.num_labels} output(s)): "
               f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
-              f"ZeRO-{job.ranks.zero}", flush=True)
-
+              f"ZeRO-{ranks.zero}", flush=True)
     # a changed finetune.lr or epochs applies on resume (with a warning); other changes are refused
     record = checkpoint.RecipeRecord(recipe_changes.finetune_fingerprint(recipe),
                                      safe=recipe_changes.FINETUNE_SAFE_ON_RESUME, lr_key="finetune.lr",
                                      schedule_keys=("finetune.lr", "finetune.epochs"))
-    run = checkpoint.CheckpointedRun(engine, loader, ckpt_root, "finetuning", record)
-    start = checkpoint.resume_or_seed(run, rank, ft.seed)
-    selector = _selector(recipe, job, resumed=start > 0)
-    fit = _train(recipe, job, run, selector, start)
-    if fit.stopped:  # a stop request: checkpointed, the same call resumes
-        engine.destroy()
-        return None
-    _write_output(recipe, job, selector, {"task": task.name, "type": task.type, "labels": task.label_names,
-                                          "steps": total, "epochs": ft.epochs, "final_loss": fit.last["loss"],
-                                          "world_size": world})
-    engine.destroy()
-    return output
+    return (FinetuneJob(task, model, tokenizer, output, ckpt_root, total, ranks),
+            checkpoint.CheckpointedRun(engine, loader, ckpt_root, "finetuning", record))
 
 
 def _train(recipe: Recipe, job: FinetuneJob, run, selector, start: int):
