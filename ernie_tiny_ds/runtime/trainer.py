@@ -101,7 +101,7 @@ class Trainer:
     logger: MetricsLogger
     nonfinite: NonFinitePolicy
     flops: Callable[[int, int], float]        # (rows, length) -> this rank's matmul FLOPs of a micro-batch
-    hooks: Sequence[Callable[[int], None]] = ()  # after each logged step: best-checkpoint selection
+    hooks: Sequence[Callable[[int], None]] = ()  # after each optimizer step: best-checkpoint selection
 
     def fit(self, batches: Iterator[dict], start: int, last_step: int) -> FitResult:
         """Optimizer steps start+1..last_step (fewer when stopped). Collective: every rank calls it."""
