@@ -105,9 +105,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), capture.recording() as features:
             teacher(**batch)
-        total, _ = objective(**batch, teacher=TeacherOutput(capture.pop()))
+        total, _ = objective(**batch, teacher=TeacherOutput(features))
         total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

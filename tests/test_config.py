@@ -123,14 +123,15 @@ def test_bundled_recipes_load_by_name_and_are_valid(name, tmp_path):
 @pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_bundled_deepspeed_configs_get_the_fused_torch_adamw(zero, tmp_path):
     from ernie_tiny_ds.runtime.engine import build_ds_config
+    from ernie_tiny_ds.runtime.engine_settings import EngineSettings
 
     r = load_recipe(write(tmp_path, BASE), [f"deepspeed.config={zero}", "optim.lr=3e-4"])
-    params = build_ds_config(r, world_size=2)["optimizer"]["params"]
+    params = build_ds_config(r.deepspeed, EngineSettings.of_stage(r), world_size=2)["optimizer"]["params"]
     assert params["fused"] is True and params["torch_adam"] is True and params["lr"] == pytest.approx(3e-4)
     # a config that chooses its AdamW form keeps it
     r = load_recipe(write(tmp_path, BASE), [f"deepspeed.config={zero}",
                                             "deepspeed.overrides.optimizer.params.foreach=true"])
-    params = build_ds_config(r, world_size=2)["optimizer"]["params"]
+    params = build_ds_config(r.deepspeed, EngineSettings.of_stage(r), world_size=2)["optimizer"]["params"]
     assert "fused" not in params and params["foreach"] is True
 
 

@@ -16,13 +16,13 @@ from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.data.benchmarks import compute_metrics
 from ernie_tiny_ds.data.tasks import iter_dev_batches, load_task
 from ernie_tiny_ds.errors import ConfigError
-from ernie_tiny_ds.runtime.selection import BEST_FILE, Selector, read_best
+from ernie_tiny_ds.runtime.selection import BEST_FILE, EvalPlan, Ranks, Selector, read_best
 from ernie_tiny_ds.workflows.evaluate import predict
 from ernie_tiny_ds.workflows.finetune import (
     DONE_FILE,
     best_dir,
+    engine_settings,
     eval_every,
-    finetune_recipe,
     last_and_best,
     ship_choice,
     shipped_teacher,
@@ -56,10 +56,12 @@ def test_finetune_eval_every_defaults_to_train_eval_every_and_picks_what_ships(t
     stage4_only = load_recipe(None, base + ["stages.task_specific.train.eval_every=5"])
     last = load_recipe(None, base + ["finetune.eval_every=3", "finetune.ship=last"])
     assert [eval_every(r) for r in (plain, inherited, own, stage4_only)] == [None, 5, 3, None]
-    assert finetune_recipe(own, 10).train.eval_every == 3 and finetune_recipe(plain, 10).train.eval_every is None
+    settings = engine_settings(load_recipe(None, base + ["finetune.lr=3e-4", "finetune.micro_batch_size=6",
+                                                         "train.grad_accum=4", "optim.lr=1e-2"]), 10)
+    assert (settings.lr, settings.micro_batch_size, settings.grad_accum, settings.total_steps) == (3e-4, 6, 1, 10)
     assert [ship_choice(r) for r in (plain, inherited, own, last)] == ["last", "best", "best", "last"]
     with pytest.raises(ConfigError, match="finetune.eval_every must be > 0, got 0"):
-        finetune_recipe(load_recipe(None, base + ["finetune.eval_every=0"]), 10)
+        engine_settings(load_recipe(None, base + ["finetune.eval_every=0"]), 10)
 
     output = fake_teacher(tmp_path / "teacher_finetuned")
     assert shipped_teacher(own, output) == output  # nothing exported yet: the last
@@ -95,7 +97,7 @@ def test_a_resumed_selector_keeps_the_best_score_and_a_fresh_one_forgets_it(tmp_
     task = load_task(TaskConfig(**{**keyword_task(tmp_path / "task", n_train=64, n_dev=20), "selection_split": 0.25}))
     model, tokenizer = tiny_classifier(vocab_size), transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     folder = fake_teacher(tmp_path / "t_best", {"step": 4, "score": 2.0, "metric": "accuracy", "split": "selection"})
-    args = (task, model, tokenizer, folder, 3, 8, 0, 1, torch.device("cpu"), 1)
+    args = (model, tokenizer, folder, EvalPlan(task, every=3, last_step=8), Ranks(0, 1, torch.device("cpu"), zero=1))
     resumed = Selector(*args, resumed=True)
     assert resumed.best_score == 2.0 and resumed.split == "selection" and len(resumed.examples) == 16
     resumed(6)  # no score beats the one before the interruption: nothing exported

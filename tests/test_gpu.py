@@ -153,8 +153,8 @@ def test_capture_hooks_keep_sdpa_on_the_fused_backends():
     mask = padding_mask(batch, length)
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        out = model(input_ids=ids, attention_mask=mask)
-        features = capture.pop()
+        with capture.recording() as features:
+            out = model(input_ids=ids, attention_mask=mask)
         loss = sum(features.q[i].float().pow(2).mean() + features.k[i].float().pow(2).mean() for i in features.q)
         (loss + out.last_hidden_state.float().pow(2).mean()).backward()
     torch.cuda.synchronize()

@@ -62,9 +62,10 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     from ernie_tiny_ds.runtime import checkpoint
     from ernie_tiny_ds.runtime import stop as stop_module
     from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group, wait_for_rank0
-    from ernie_tiny_ds.runtime.loop import all_ranks_finite, global_mean
     from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
+    from ernie_tiny_ds.runtime.step import all_ranks_finite
     from ernie_tiny_ds.runtime.stop import StopRequest
+    from ernie_tiny_ds.runtime.trainer import global_mean
 
     dist.init_process_group("cuda:gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     results = {}
@@ -74,9 +75,9 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     except RuntimeError as exc:
         results["plain_cpu_all_reduce"] = str(exc)
     results["separate_group"] = control_group() is not None
-    results["mean"] = global_mean({"loss": torch.tensor(1.0 + 2 * rank), "hidden": torch.tensor(float(rank))}, 2)
-    results["finite_all"] = all_ranks_finite(torch.tensor(0.5), 2)
-    results["finite_one_nan"] = all_ranks_finite(torch.tensor(float("nan") if rank == 1 else 0.5), 2)
+    results["mean"] = global_mean({"loss": torch.tensor(1.0 + 2 * rank), "hidden": torch.tensor(float(rank))})
+    results["finite_all"] = all_ranks_finite(torch.tensor(0.5))
+    results["finite_one_nan"] = all_ranks_finite(torch.tensor(float("nan") if rank == 1 else 0.5))
     stop = StopRequest(Path(out_dir) / f"nowhere{rank}")
     results["stop_none"] = stop.requested()
     stop_module._signalled = rank == 1  # SIGUSR1 reached rank 1 only (a process-wide flag)
@@ -119,15 +120,15 @@ def _selector_worker(rank: int, store_path: str, out_dir: str, model_dir: str) -
 
     from ernie_tiny_ds.config import TaskConfig
     from ernie_tiny_ds.data.tasks import load_task
-    from ernie_tiny_ds.runtime.selection import Selector
+    from ernie_tiny_ds.runtime.selection import EvalPlan, Ranks, Selector
 
     dist.init_process_group("cuda:gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     task = load_task(TaskConfig(name="sentiment", max_seq_len=32, selection_split=0.05))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)  # the same weights on both
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     # what teacher finetuning and stage 4 build: scores gathered over ranks, the best exported by rank 0
-    selector = Selector(task, model, tokenizer, Path(out_dir) / "best", every=1, last_step=1, rank=rank, world=2,
-                        dev=torch.device("cpu"), zero=1, key="finetune.eval_every", resumed=False)
+    selector = Selector(model, tokenizer, Path(out_dir) / "best", EvalPlan(task, 1, 1, "finetune.eval_every"),
+                        Ranks(rank, 2, torch.device("cpu"), zero=1), resumed=False)
     selector(1)
     Path(out_dir, f"selector{rank}.json").write_text(json.dumps({"best_score": selector.best_score}))
     dist.destroy_process_group()
@@ -272,7 +273,7 @@ def _batch(n: int = 3, length: int = 16) -> dict:
 def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
     from ernie_tiny_ds.config import load_recipe
     from ernie_tiny_ds.runtime import engine
-    from ernie_tiny_ds.runtime import loop as train
+    from ernie_tiny_ds.runtime.trainer import on_device
 
     recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", "teacher.dtype=bf16"])
     moved = {}
@@ -285,7 +286,7 @@ def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
     monkeypatch.setattr(engine, "device", lambda: torch.device("cpu"))
     assert engine.prepare_teacher(Spy(), recipe, 4) is not None
     assert moved == {"device": torch.device("cpu"), "dtype": torch.bfloat16}
-    batch = train.batch_to_device(_batch(), torch.device("cpu"))
+    (batch,) = on_device([_batch()], torch.device("cpu"))
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
 
 
@@ -301,9 +302,9 @@ def test_bf16_teacher_with_fp32_and_bf16_student():
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     outs = {}
     for teacher_dtype in (torch.float32, torch.bfloat16):
-        with torch.no_grad():
+        with torch.no_grad(), capture.recording() as features:
             logits = teacher.to(teacher_dtype)(**inputs).logits
-        outs[teacher_dtype] = TeacherOutput(capture.pop(), logits)
+        outs[teacher_dtype] = TeacherOutput(features, logits)
         assert outs[teacher_dtype].features.hidden[2].dtype == teacher_dtype
     student = _tiny_bert(32, 2, labels=3)
     objective = DistillationObjective(student, 64, [2, 4], LossConfig(), terms=STAGE_SPECS["task_specific"].terms)
@@ -351,13 +352,12 @@ def test_capture_leaves_sdpa_in_charge():
 
     torch.nn.functional.scaled_dot_product_attention = spy
     try:
-        with torch.no_grad():
+        with torch.no_grad(), capture.recording() as features:
             out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
     finally:
         torch.nn.functional.scaled_dot_product_attention = real
     assert len(calls) == 2  # every layer went through SDPA
     assert out.attentions is None and model.config._attn_implementation == "sdpa"
-    features = capture.pop()
     assert features.q[1].shape == (3, 4, 16, 8) and features.k[2].shape == (3, 4, 16, 8)
 
 

@@ -32,10 +32,9 @@ def test_attention_from_captured_qk_equals_eager_output_attentions(model_type):
     sdpa.load_state_dict(eager.state_dict())
     ids, mask = random_batch()
     capture = FeatureCapture(sdpa)
-    with torch.no_grad():
+    with torch.no_grad(), capture.recording() as features:
         reference = eager(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
         out = sdpa(input_ids=ids, attention_mask=mask)
-    features = capture.pop()
     assert set(features.q) == {1, 2, 3} and set(features.hidden) == {0, 1, 2, 3}
     key_valid = mask.bool()[:, None, None, :]
     for layer in (1, 2, 3):
@@ -48,16 +47,18 @@ def test_attention_from_captured_qk_equals_eager_output_attentions(model_type):
         assert torch.allclose(features.hidden[layer], reference.hidden_states[layer], atol=1e-5)
     assert torch.allclose(features.hidden[0], reference.hidden_states[0], atol=1e-6)
     assert torch.allclose(out.last_hidden_state, reference.last_hidden_state, atol=1e-5)
-    assert capture.pop().q == {}  # nothing is kept for the next step
+    kept = dict(features.q)
+    with torch.no_grad():
+        sdpa(input_ids=ids, attention_mask=mask)  # outside recording(): the hooks keep nothing
+    assert all(features.q[i] is q for i, q in kept.items()) and capture._features is None
 
 
 def test_only_the_mapped_layers_are_captured_and_bad_layers_are_named():
     model = transformers.AutoModel.from_config(inline_config({"model_type": "bert", **SMALL}))
     capture = FeatureCapture(model, layers=[2])
     ids, mask = random_batch()
-    with torch.no_grad():
+    with torch.no_grad(), capture.recording() as features:
         model(input_ids=ids, attention_mask=mask)
-    features = capture.pop()
     assert set(features.q) == {2} and set(features.hidden) == {0, 2}
     with pytest.raises(UserError, match="layer 4 is outside the model's layers 1..3"):
         FeatureCapture(model, layers=[4])
@@ -81,15 +82,13 @@ def test_a_truncated_teacher_captures_exactly_what_the_full_one_does():
     mapping = [2, 4]
     reference = copy.deepcopy(full)
     capture = FeatureCapture(reference, layers=mapping)
-    with torch.no_grad():
+    with torch.no_grad(), capture.recording() as want:
         reference(input_ids=ids, attention_mask=mask)
-    want = capture.pop()
     truncated = encoder_up_to(full, max(mapping))
     assert len(truncated.encoder.layer) == 4 and truncated.pooler is None
     capture = FeatureCapture(truncated, layers=mapping)
-    with torch.no_grad():
+    with torch.no_grad(), capture.recording() as got:
         out = truncated(input_ids=ids, attention_mask=mask)
-    got = capture.pop()
     assert getattr(out, "logits", None) is None
     for name in ("hidden", "q", "k"):
         assert set(getattr(got, name)) == set(getattr(want, name))

@@ -43,9 +43,9 @@ def test_a_registered_loss_term_is_weighted_into_the_total_of_a_stage_that_lists
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0
     types, labels = torch.zeros_like(ids), torch.tensor([0, 2, 1])
-    with torch.no_grad():
+    with torch.no_grad(), capture.recording() as features:
         teacher(input_ids=ids, attention_mask=mask)
-    teacher_out = TeacherOutput(capture.pop(), torch.randn(3, 3) * 2)  # logits far from the student's
+    teacher_out = TeacherOutput(features, torch.randn(3, 3) * 2)  # logits far from the student's
 
     def run(spec, weights):
         torch.manual_seed(2)  # the same projections in every objective
@@ -75,9 +75,8 @@ def test_a_term_that_reads_logits_names_what_is_missing():
     ids = torch.randint(1, 40, (2, 5))
     teacher = tiny_classifier(16, 1, seed=0)
     capture = FeatureCapture(teacher, layers=[1])
-    with torch.no_grad():
-        out = TeacherOutput(None, teacher(input_ids=ids).logits)
-    out.features = capture.pop()
+    with torch.no_grad(), capture.recording() as features:
+        out = TeacherOutput(features, teacher(input_ids=ids).logits)
     with pytest.raises(ValueError, match="the soft_label loss term needs task logits, but the student has no task"):
         objective(ids, torch.ones_like(ids), torch.zeros_like(ids), out)
     with pytest.raises(ValueError, match=r"unregistered loss terms \['hiden'\]"):

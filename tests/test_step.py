@@ -1,5 +1,6 @@
 """The one named step (runtime.step.train_step), the Checkpointer's save/stop decisions, and the
 log rows a training engineer reads (step, losses, lr, tokens/s, timings, TFLOP/s, MFU)."""
+import contextlib
 import random
 from types import SimpleNamespace
 
@@ -8,7 +9,8 @@ import torch
 from distributed import read_metrics, run_cli, tiny_recipe
 
 from ernie_tiny_ds.runtime import checkpointer as checkpointer_module
-from ernie_tiny_ds.runtime.checkpointer import Checkpointer
+from ernie_tiny_ds.runtime.checkpoint import CheckpointedRun
+from ernie_tiny_ds.runtime.checkpointer import Checkpointer, SaveSchedule
 from ernie_tiny_ds.runtime.step import StepParts, train_step
 
 
@@ -90,7 +92,7 @@ def test_a_teacher_forward_with_capture_feeds_the_objective():
             assert not torch.is_grad_enabled()  # the teacher runs without autograd
             return SimpleNamespace(logits=input_ids.float())
 
-    capture = SimpleNamespace(pop=lambda: "features")
+    capture = SimpleNamespace(recording=lambda: contextlib.nullcontext("features"))
     objective = Objective()
     batch = batch_of(2, 4)
     train_step(StepParts(FakeEngine(objective), Teacher(), capture), batch)
@@ -110,10 +112,10 @@ def decisions(monkeypatch, last_step, every, stop_at=None, requests=(), save_las
     saved = []
     monkeypatch.setattr(checkpointer_module.checkpoint, "trainer_state", lambda step, loader: {"step": step})
     monkeypatch.setattr(checkpointer_module.checkpoint, "save",
-                        lambda engine, root, step, state, extra_files=None, keep=2: saved.append(step))
+                        lambda engine, root, step, state, extra_files=None, keep=2, recipe=None: saved.append(step))
     stop = Requests(requests)
-    ckpt = Checkpointer(None, "/nonexistent", None, every=every, last_step=last_step, keep=2, stop_request=stop,
-                        stop_at_step=stop_at, save_last=save_last)
+    run = CheckpointedRun(None, None, "/nonexistent", "test")
+    ckpt = Checkpointer(run, SaveSchedule(every, last_step, keep=2, stop_at_step=stop_at, save_last=save_last), stop)
     stopped = None
     for step in range(1, last_step + 1):
         stop.step = step

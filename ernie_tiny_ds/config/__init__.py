@@ -10,7 +10,7 @@ from .convert import load_section, to_dict
 from .loading import load_recipe
 from .overrides import apply_overrides
 from .recipe import Recipe, from_dict
-from .sections import DataConfig, LossConfig, StudentConfig, TaskConfig, TeacherConfig
+from .sections import DataConfig, DeepSpeedSection, LossConfig, StudentConfig, TaskConfig, TeacherConfig
 
-__all__ = ["STAGES", "DataConfig", "LossConfig", "Recipe", "StudentConfig", "TaskConfig", "TeacherConfig",
-           "apply_overrides", "from_dict", "load_recipe", "load_section", "to_dict"]
+__all__ = ["STAGES", "DataConfig", "DeepSpeedSection", "LossConfig", "Recipe", "StudentConfig", "TaskConfig",
+           "TeacherConfig", "apply_overrides", "from_dict", "load_recipe", "load_section", "to_dict"]

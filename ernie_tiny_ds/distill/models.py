@@ -5,9 +5,11 @@ captured Q and K, so no model ever materialises attention maps (never `output_at
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import transformers
@@ -200,13 +202,15 @@ class FeatureCapture:
     """Forward hooks on an encoder's embeddings, layers and query/key projections.
 
     ``layers`` are 1-based layer numbers to capture (None = all); the embedding output is always kept.
+    The hooks keep features only inside ``with capture.recording() as features:``; a forward outside
+    one (an evaluation, an export probe) keeps nothing, so no step's activations outlive it.
     """
 
     def __init__(self, model: nn.Module, layers: list[int] | None = None):
         body = base_model(model)
         self.num_layers = len(body.encoder.layer)
         self.layers = sorted(set(layers)) if layers is not None else list(range(1, self.num_layers + 1))
-        self._features = Features()
+        self._features: Features | None = None  # the store of the open recording()
         self._handles = [body.embeddings.register_forward_hook(self._keep_hidden(0))]
         for i in self.layers:
             if not 1 <= i <= self.num_layers:
@@ -220,19 +224,26 @@ class FeatureCapture:
             self._handles.append(attention.query.register_forward_hook(self._keep_heads("q", i, heads)))
             self._handles.append(attention.key.register_forward_hook(self._keep_heads("k", i, heads)))
 
-    # The hooks look up self._features when they fire, so pop() can hand the store over by swapping it.
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Features]:
+        """The features of the forward passes run inside the block; the capture lets go of them when
+        the block ends (its caller alone holds them then)."""
+        self._features = Features()
+        try:
+            yield self._features
+        finally:
+            self._features = None
+
+    # The hooks look up self._features when they fire: None outside recording().
     def _keep_hidden(self, index: int):
         def hook(_module, _inputs, output):
-            self._features.hidden[index] = output[0] if isinstance(output, tuple) else output
+            if self._features is not None:
+                self._features.hidden[index] = output[0] if isinstance(output, tuple) else output
         return hook
 
     def _keep_heads(self, which: str, index: int, heads: int):
         def hook(_module, _inputs, output):
-            b, l, width = output.shape
-            getattr(self._features, which)[index] = output.view(b, l, heads, width // heads).transpose(1, 2)
+            if self._features is not None:
+                b, l, width = output.shape
+                getattr(self._features, which)[index] = output.view(b, l, heads, width // heads).transpose(1, 2)
         return hook
-
-    def pop(self) -> Features:
-        """The features of the last forward; nothing is kept for the next step."""
-        features, self._features = self._features, Features()
-        return features

@@ -112,8 +112,9 @@ class DistillationObjective(nn.Module):
         return {k: v for k, v in loss_terms.term_weights(self.terms, self.cfg.weights).items() if v > 0}
 
     def forward(self, input_ids, attention_mask, token_type_ids, teacher: TeacherOutput, labels=None):
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        inputs = loss_terms.TermInputs(self, self.capture.pop(), teacher.features, attention_mask,
+        with self.capture.recording() as student:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        inputs = loss_terms.TermInputs(self, student, teacher.features, attention_mask,
                                        getattr(out, "logits", None), teacher.logits, labels)
         weights = self.weights()
         terms = {name: loss_terms.compute_term(name, inputs) for name in weights}

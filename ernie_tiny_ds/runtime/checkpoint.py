@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,28 @@ LATEST = "latest"
 PARTIAL = ".partial"
 RECIPE = "recipe.json"  # the stage's effective recipe when the checkpoint was written
 
-_recipes: dict[Path, dict] = {}  # checkpoint root -> the recipe fingerprint its saves record (set at resume)
+
+
+@dataclass(frozen=True)
+class RecipeRecord:
+    """The recipe fingerprint (recipe_changes.fingerprint) a run's checkpoints keep as recipe.json, and
+    what a resume lets change: keys in `safe` apply with a warning, others are refused; a change of a
+    key in `schedule_keys` re-derives the rate from the recipe's `lr_key`."""
+    fingerprint: dict | None = None
+    safe: frozenset = recipe_changes.SAFE_ON_RESUME
+    lr_key: str = "optim.lr"
+    schedule_keys: tuple = ("optim.lr", "train.max_steps")
+
+
+@dataclass(frozen=True)
+class CheckpointedRun:
+    """What a run's checkpoints under `root` save and a resume restores: the engine, the loader's
+    position (and every RNG), the recipe record; `what` names the run in messages."""
+    engine: object
+    loader: object
+    root: Path
+    what: str
+    recipe: RecipeRecord = RecipeRecord()
 
 
 def tag_for(step: int) -> str:
@@ -109,13 +131,12 @@ def _barrier() -> None:
 
 def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, keep: int = 2,
          recipe: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder. `recipe` (default: the
-    fingerprint given to resume_or_seed for this root) is kept in the checkpoint as recipe.json."""
+    """Collective: every rank calls it. Returns the final checkpoint folder. `recipe` (the run's
+    recipe fingerprint, RecipeRecord) is kept in the checkpoint as recipe.json."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     partial = root / (tag + PARTIAL)
     final = root / tag
-    recipe = recipe if recipe is not None else _recipes.get(Path(root).resolve())
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(root)  # leftovers of a crash or a full disk during an earlier save
@@ -326,33 +347,30 @@ def apply_lr(engine, lr: float) -> None:
     sched._last_lr = rates
 
 
-def resume_or_seed(engine, root: Path, loader, rank: int, seed: int, what: str, recipe: dict | None = None,
-                   safe: frozenset = recipe_changes.SAFE_ON_RESUME, lr_key: str = "optim.lr",
-                   schedule_keys: tuple = ("optim.lr", "train.max_steps")) -> int:
-    """Restore the newest intact checkpoint under `root` (engine, data position, RNG) and return its
-    step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0.
-    Collective: rank 0 chooses (and alone reads the checksums), every rank loads that one.
-    `recipe` (recipe_changes.fingerprint): compared with the checkpoint's; keys safe to change are
-    applied with a warning, others refused; later saves under `root` record it."""
-    if recipe is not None:
-        _recipes[Path(root).resolve()] = recipe
-    choice = agreed_tag(_choose(root, recipe, what, safe) if rank == 0 else None)
+def resume_or_seed(run: CheckpointedRun, rank: int, seed: int) -> int:
+    """Restore the newest intact checkpoint under `run.root` (engine, data position, RNG) and return
+    its step; without one, seed this rank's RNG (dropout differs by rank, reproducibly) and return 0.
+    Collective: rank 0 chooses (and alone reads the checksums), every rank loads that one. The
+    checkpoint's recipe is compared with `run.recipe`: keys safe to change are applied with a
+    warning, others refused."""
+    root, what, record = run.root, run.what, run.recipe
+    choice = agreed_tag(_choose(root, record.fingerprint, what, record.safe) if rank == 0 else None)
     if choice["error"] is not None:
         raise (ConfigError if choice.get("config") else UserError)(choice["error"])
     tag = choice["tag"]
     if tag is None:
         torch.manual_seed(seed + rank)
         return 0
-    state = load(engine, root, tag, rank)
+    state = load(run.engine, root, tag, rank)
     steps = set(all_gather_objects(int(state["step"])))
     if steps != {int(state["step"])} or int(state["step"]) != int(tag.split("_")[-1]):
         raise RuntimeError(f"ranks loaded different steps {sorted(steps)} from {root / tag}: the checkpoint's "
                            "trainer states disagree")
-    loader.load_state_dict(state["loader"])
+    run.loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     changed = {key for key, _old, _new in choice["changes"]}
-    if changed & set(schedule_keys) and recipe is not None:  # the schedule follows the new rate and length
-        apply_lr(engine, float(recipe_changes.flatten(recipe)[lr_key]))
+    if changed & set(record.schedule_keys) and record.fingerprint is not None:  # the schedule follows the new rate
+        apply_lr(run.engine, float(recipe_changes.flatten(record.fingerprint)[record.lr_key]))
     if rank == 0:
         for key, old, new in choice["changes"]:
             print(f"warning: {what}: {key} changed from {old!r} to {new!r} since {root / tag}; "

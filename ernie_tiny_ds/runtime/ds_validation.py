@@ -12,6 +12,7 @@ from typing import Callable
 from ..config import Recipe
 from ..errors import ConfigError
 from .engine import build_ds_config
+from .engine_settings import EngineSettings
 
 # what DeepSpeed itself takes out of optimizer.params before it builds the optimizer
 _DEEPSPEED_OPTIMIZER_KEYS = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}
@@ -23,7 +24,7 @@ _SCALAR_TYPES = {"gradient_clipping": _NUMBER, "gradient_predivide_factor": _NUM
 
 
 def check_ds_config(recipe: Recipe) -> None:
-    config = build_ds_config(recipe, world_size=1)
+    config = build_ds_config(recipe.deepspeed, EngineSettings.of_stage(recipe), world_size=1)
     # the batch keys are the recipe's (an override of them is refused); without train_batch_size
     # DeepSpeedConfig derives it from whatever world it sees, so the check holds on any number of ranks
     del config["train_batch_size"]

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from ..assets.shipped import shipped
-from ..config import Recipe
+from ..config import DeepSpeedSection, Recipe
 from ..config.dotted import flatten
 from ..errors import ConfigError
 from . import safe_load
+from .engine_settings import EngineSettings
 
 DS_CONFIG_DIR = shipped("ds_configs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -247,24 +248,26 @@ def check_overrides(overrides: dict, config_source: dict | None = None, source: 
                               f"(code could run) or to start jobs of its own")
 
 
-def build_ds_config(recipe: Recipe, world_size: int) -> dict:
-    t, o = recipe.train, recipe.optim
-    base = read_ds_config(recipe.deepspeed.config)
-    check_overrides(recipe.deepspeed.overrides, base, f"deepspeed.config {recipe.deepspeed.config}")
-    raw = _deep_merge(base, recipe.deepspeed.overrides)
+def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world_size: int) -> dict:
+    """The DeepSpeed JSON: the recipe's deepspeed.config with its overrides, its "auto" values filled
+    from what the engine trains with."""
+    s = settings
+    base = read_ds_config(deepspeed.config)
+    check_overrides(deepspeed.overrides, base, f"deepspeed.config {deepspeed.config}")
+    raw = _deep_merge(base, deepspeed.overrides)
     auto = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": o.grad_clip,
-        "optimizer.params.lr": o.lr,
-        "optimizer.params.betas": list(o.betas),
-        "optimizer.params.eps": o.eps,
-        "optimizer.params.weight_decay": o.weight_decay,
-        "bf16.enabled": t.precision == "bf16",
-        "fp16.enabled": t.precision == "fp16",
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.grad_accum,
+        "gradient_clipping": s.grad_clip,
+        "optimizer.params.lr": s.lr,
+        "optimizer.params.betas": list(s.betas),
+        "optimizer.params.eps": s.eps,
+        "optimizer.params.weight_decay": s.weight_decay,
+        "bf16.enabled": s.precision == "bf16",
+        "fp16.enabled": s.precision == "fp16",
     }
     config = _fill_auto(raw, auto)
-    config["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    config["train_batch_size"] = s.micro_batch_size * s.grad_accum * world_size
     if config.get("zero_optimization", {}).get("offload_optimizer"):
         # offloaded optimizer states are updated on the CPU; torch's AdamW avoids a JIT-compiled op
         config.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -316,16 +319,16 @@ def engine_args() -> argparse.Namespace:
     return argparse.Namespace(device_rank=device_index())
 
 
-def build_training_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
+def build_training_engine(module: torch.nn.Module, settings: EngineSettings, ds_config: dict):
     """DeepSpeed training engine over an objective module, with warm-up + linear decay: the student
     and its projections (distillation stages) or the teacher's classifier (teacher finetuning)."""
     import deepspeed
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_linear_decay(recipe.train.max_steps, recipe.optim.warmup_ratio))
+            optimizer, warmup_linear_decay(settings.total_steps, settings.warmup_ratio))
 
-    groups = parameter_groups(module, recipe.optim.weight_decay)
+    groups = parameter_groups(module, settings.weight_decay)
     engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, model_parameters=groups,
                                            config=ds_config, lr_scheduler=scheduler)
     safe_load.install_on_engine(engine)

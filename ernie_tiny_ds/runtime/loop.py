@@ -1,4 +1,4 @@
-"""The distillation loop of one stage: build the parts, resume, train, checkpoint, export."""
+"""One distillation stage: build the parts, resume, train (runtime/trainer.py), checkpoint, export."""
 from __future__ import annotations
 
 import json
@@ -21,22 +21,24 @@ from ..distill.models import (
     weights_fingerprint,
 )
 from ..distill.objective import PROJECTIONS_FILE, DistillationObjective, start_projections
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..files import atomic_torch_save, atomic_write_text
 from ..losses import layer_map
 from ..stages import STAGE_SPECS
 from . import checkpoint, rank_registry, recipe_changes
-from .checkpointer import Checkpointer
-from .collectives import all_reduce_values, wait_for_rank0
+from .checkpointer import Checkpointer, SaveSchedule
+from .collectives import wait_for_rank0
 from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
+from .engine_settings import EngineSettings
 from .export import STUDENT_DIR, export_checkpoint, model_outputs
 from .export_check import check_export
 from .flops import distill_step_flops, peak_flops
 from .metrics import MetricsLogger
-from .selection import best_checkpoint_hook
+from .selection import Ranks, best_checkpoint_hook
 from .shared_folder import require_shared_folder
-from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)
+from .step import train_step
 from .stop import StopRequest
+from .trainer import SkipNonFinite, Trainer, on_device
 
 DONE_FILE = "stage_done.json"
 
@@ -50,10 +52,6 @@ class StageResult:
     complete: bool = True
 
 
-class NonFiniteLoss(UserError):
-    pass
-
-
 def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
     if spec.data == "general":
         from ..data.corpus import build_general_loader
@@ -61,18 +59,6 @@ def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
     from ..data.tasks import build_task_loader
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
                              with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data)
-
-
-def batch_to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of a batch (labels too) on this rank's device; pinned host memory copies asynchronously."""
-    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-
-
-def global_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
-    """Loss terms averaged over ranks: the log shows one global loss (a control-plane collective)."""
-    names = sorted(values)
-    sums = all_reduce_values([float(values[n].detach().float().reshape(())) for n in names], "sum")
-    return {n: v / max(world, 1) for n, v in zip(names, sums)}
 
 
 def engine_student_outputs(engine, student, batch: dict, stage: int) -> torch.Tensor:
@@ -136,8 +122,9 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
         raise ConfigError(f"losses.layer_map: {exc}") from None
     objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, terms=spec.terms)
     provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
-    ds_config = build_ds_config(r, world)
-    engine = build_training_engine(objective, r, ds_config)
+    settings = EngineSettings.of_stage(r)
+    ds_config = build_ds_config(r.deepspeed, settings, world)
+    engine = build_training_engine(objective, settings, ds_config)
     if spec.teacher_depth == "mapped_layers":  # no logits read: the teacher runs only as deep as the layer map reads
         teacher = encoder_up_to(teacher, max(mapping))
     teacher_capture = FeatureCapture(teacher, layers=mapping)
@@ -160,70 +147,38 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     out_dir = Path(r.output_dir) / stage
     require_shared_folder(Path(r.output_dir), rank, world)  # before any work: checkpoints need one folder for all
     rank_registry.register(out_dir / ".ranks", rank, world)  # lets a survivor name a rank that dies
-    ckpt_root = out_dir / "checkpoints"
     dev = device()
     parts = build_parts(r, spec, rank, world)
-    engine, loader = parts.engine, parts.loader
 
     # --- resume from the newest intact checkpoint
-    step = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, r.train.seed, what=stage,
-                                     recipe=parts.provenance["recipe"])
-    checkpointer = Checkpointer(engine, ckpt_root, loader, every=r.train.save_every, last_step=r.train.max_steps,
-                                keep=r.train.keep_checkpoints, stop_request=StopRequest(r.output_dir),
-                                stop_at_step=r.train.stop_at_step, extra_files=lambda f: save_student_files(parts, f))
+    run = checkpoint.CheckpointedRun(parts.engine, parts.loader, out_dir / "checkpoints", what=stage,
+                                     recipe=checkpoint.RecipeRecord(parts.provenance["recipe"]))
+    step = checkpoint.resume_or_seed(run, rank, r.train.seed)
+    schedule = SaveSchedule(r.train.save_every, r.train.max_steps, r.train.keep_checkpoints,
+                            stop_at_step=r.train.stop_at_step)
+    checkpointer = Checkpointer(run, schedule, StopRequest(r.output_dir),
+                                extra_files=lambda f: save_student_files(parts, f))
+    selector = best_checkpoint_hook(r, spec, parts, out_dir, Ranks(rank, world, dev, zero_stage(parts.ds_config)))
 
-    after_step = best_checkpoint_hook(r, spec, parts, out_dir, rank, world, dev, zero_stage(parts.ds_config))
-
-    # --- the loop: fetch -> step -> log -> maybe save -> maybe stop
     peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None  # only rank 0 logs
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every,
                            peak_flops=peak)
-    batches = iter(loader)
-    nonfinite = skipped = tokens = positions = 0
-    flops = 0.0
-    last, batch = {"loss": float("nan")}, None
-    while step < r.train.max_steps:
-        batch = batch_to_device(next(batches), dev)
-        result = train_step(parts, batch)
-        if not result.finite:
-            nonfinite, skipped = nonfinite + 1, skipped + 1
-            bad = [n for n, v in result.terms.items() if not torch.isfinite(v)] or ["total"]
-            logger.message(f"warning: non-finite loss ({', '.join(bad)}) at step {step + 1}: micro-batch skipped")
-            if nonfinite >= r.train.max_nonfinite_steps:
-                raise NonFiniteLoss(f"{nonfinite} consecutive non-finite losses (term: {', '.join(bad)}) at step "
-                                    f"{step + 1} of {stage}; lower optim.lr or check the data")
-            continue
-        nonfinite = 0
-        tokens += result.tokens
-        positions += batch["attention_mask"].numel()
-        flops += distill_step_flops(parts, *batch["input_ids"].shape)
-        if not result.boundary:
-            continue
-        step += 1
-        # global_mean reads the loss on the host: the step's device work is done before the logger times it
-        last = {**global_mean({"loss": result.total, **result.terms}, world), "lr": result.lr}
-        if skipped:
-            last["skipped_nonfinite"] = skipped
-        last["padding"] = round(1 - tokens / max(positions, 1), 4)  # this rank's padded share of the step
-        # tokens of all ranks (theirs taken as this rank's), flops of this rank: its device's MFU
-        logger.step(step, last, tokens=tokens * world, flops=flops)
-        tokens, positions, flops = 0, 0, 0.0
-        if after_step is not None:
-            after_step(step)  # stage 4 with train.eval_every: score, export the best (runtime/selection.py)
-        if checkpointer.after_step(step):
-            break
-    logger.close()
+    trainer = Trainer(lambda batch: train_step(parts, batch), checkpointer, logger,
+                      SkipNonFinite(r.train.max_nonfinite_steps, stage),
+                      flops=lambda rows, length: distill_step_flops(parts, rows, length),
+                      hooks=[selector] if selector is not None else [])
+    fit = trainer.fit(on_device(parts.loader, dev), step, r.train.max_steps)
 
-    if step < r.train.max_steps:
+    if fit.step < r.train.max_steps:
         if rank == 0:
             why = "stop requested (STOP file or SIGUSR1)" if checkpointer.requested else "train.stop_at_step"
             checkpointer.stop_request.clear()
-            print(f"{spec.title}: stopped at step {step} of {r.train.max_steps} ({why}); checkpoint saved; "
+            print(f"{spec.title}: stopped at step {fit.step} of {r.train.max_steps} ({why}); checkpoint saved; "
                   f"run the same command again to continue", flush=True)
-        return StageResult(stage, step, last["loss"], out_dir / "student", complete=False)
-    checkpointer.ensure_saved(step)
-    final_loss = finish_stage(r, spec, parts, out_dir, step, last["loss"], batch, rank, world)
-    return StageResult(stage, step, final_loss, out_dir / "student")
+        return StageResult(stage, fit.step, fit.last["loss"], out_dir / "student", complete=False)
+    checkpointer.ensure_saved(fit.step)
+    final_loss = finish_stage(r, spec, parts, out_dir, fit.step, fit.last["loss"], fit.batch, rank, world)
+    return StageResult(stage, fit.step, final_loss, out_dir / "student")
 
 
 def save_student_files(parts: StageParts, folder: Path) -> None:
@@ -241,7 +196,6 @@ def finish_stage(r: Recipe, spec, parts: StageParts, out_dir: Path, step: int, f
     probe_batch = {k: v[:2] for k, v in batch.items()} if batch is not None else None
     probe = engine_student_outputs(parts.engine, parts.student, probe_batch, zero_stage(parts.ds_config)) \
         if probe_batch is not None else None
-    parts.objective.capture.pop()
     done_file = out_dir / DONE_FILE
     if math.isnan(final_loss) and done_file.is_file():  # a re-run of a finished stage trains no step
         final_loss = json.loads(done_file.read_text()).get("final_loss") or float("nan")

@@ -17,8 +17,8 @@ import contextlib
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -52,27 +52,46 @@ def full_state_dict(module: torch.nn.Module, zero: int, rank: int) -> dict[str, 
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """Where this rank runs: its number, the world, its device and the engine's ZeRO stage (3: the
+    parameters are gathered to export them)."""
+    rank: int
+    world: int
+    device: torch.device
+    zero: int
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to score and when: the task's selection set (else dev) every `every` steps and at
+    `last_step`; `key` is the recipe key an error names."""
+    task: TaskData
+    every: int
+    last_step: int
+    key: str = "train.eval_every"
+
+
 class Selector:
     """Scores `model` and exports the best to `folder`; call it after every optimizer step on every
-    rank (collective). `resumed=False` forgets a best folder left by an earlier run (rank 0 removes
-    it); `after_eval` runs after the forward passes (stage 4 drops the features its hooks captured)."""
+    rank (collective). `resumed=False` forgets a best folder left by an earlier run (rank 0 removes it)."""
 
-    def __init__(self, task: TaskData, model: torch.nn.Module, tokenizer, folder: Path, every: int, last_step: int,
-                 rank: int, world: int, dev: torch.device, zero: int, key: str = "train.eval_every",
-                 resumed: bool = True, after_eval: Callable[[], object] | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, folder: Path, plan: EvalPlan, ranks: Ranks,
+                 resumed: bool = True):
+        task = plan.task
         self.split = "selection" if task.selection else (next(iter(task.dev_splits), None) or "dev")
         self.examples = task.selection or task.dev
         if not self.examples:
-            raise ConfigError(f"{key}: the task has no dev split (task.dev_file / task.dev_split) and no "
+            raise ConfigError(f"{plan.key}: the task has no dev split (task.dev_file / task.dev_split) and no "
                               "task.selection_split to pick the best checkpoint on")
         self.task, self.model, self.tokenizer, self.folder = task, model, tokenizer, Path(folder)
-        self.every, self.last_step, self.rank, self.dev, self.zero = every, last_step, rank, dev, zero
-        self.after_eval = after_eval
-        self.mine = list(range(rank, len(self.examples), world))
-        self.batches = math.ceil(math.ceil(len(self.examples) / world) / EVAL_BATCH)  # equal on every rank
-        best = read_best(self.folder) if rank == 0 and resumed else None
+        self.every, self.last_step = plan.every, plan.last_step
+        self.rank, self.dev, self.zero = ranks.rank, ranks.device, ranks.zero
+        self.mine = list(range(ranks.rank, len(self.examples), ranks.world))
+        self.batches = math.ceil(math.ceil(len(self.examples) / ranks.world) / EVAL_BATCH)  # equal on every rank
+        best = read_best(self.folder) if ranks.rank == 0 and resumed else None
         self.best_score = broadcast_object(best["score"] if best is not None else None)  # one value on all ranks
-        if rank == 0 and not resumed:  # after the collective: every rank has looked at the folder by now
+        if ranks.rank == 0 and not resumed:  # after the collective: every rank has looked at the folder by now
             shutil.rmtree(self.folder, ignore_errors=True)  # a fresh run never ships an earlier run's best
 
     def _local_outputs(self) -> list[tuple[int, list[float]]]:
@@ -89,8 +108,6 @@ class Selector:
                 logits = self.model(**{k: v.to(self.dev) for k, v in batch.items()}).logits.float().cpu()
                 if real:
                     out += [(i, row.tolist()) for i, row in zip(ids, logits)]
-        if self.after_eval is not None:
-            self.after_eval()
         self.model.train(was_training)
         return out
 
@@ -133,14 +150,13 @@ class Selector:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def best_checkpoint_hook(r, spec, parts, out_dir: Path, rank: int, world: int, dev: torch.device,
-                         zero: int) -> Callable[[int], None] | None:
+def best_checkpoint_hook(r, spec, parts, out_dir: Path, ranks: Ranks) -> Selector | None:
     """The after-step hook of a stage: best-checkpoint selection in a stage that selects on the task's
     metric (StageSpec.selects_on) when train.eval_every is set, else None."""
     if spec.selects_on is None or r.train.eval_every is None:
         return None
-    return Selector(load_task(r.task), parts.student, parts.tokenizer, out_dir / BEST_DIR, r.train.eval_every,
-                    r.train.max_steps, rank, world, dev, zero, after_eval=parts.objective.capture.pop)
+    plan = EvalPlan(load_task(r.task), r.train.eval_every, r.train.max_steps)
+    return Selector(parts.student, parts.tokenizer, out_dir / BEST_DIR, plan, ranks)
 
 
 def choose(ship: str | None, eval_every: int | None) -> str:

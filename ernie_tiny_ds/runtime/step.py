@@ -1,5 +1,5 @@
-"""One training step, the same for every loop: the distillation stages, teacher finetuning and
-bench/step.py.
+"""One training step, the same for every job: the distillation stages and teacher finetuning
+(through runtime/trainer.py's loop) and bench/step.py (which times it bare).
 
     teacher forward with capture (when the parts have a teacher)
     -> the objective's forward through the DeepSpeed engine: (total, terms)
@@ -42,15 +42,15 @@ class StepResult:
 
 
 def teacher_forward(teacher, capture: FeatureCapture, batch: dict) -> TeacherOutput:
-    with torch.no_grad():
+    with torch.no_grad(), capture.recording() as features:
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       token_type_ids=batch["token_type_ids"])
-    return TeacherOutput(capture.pop(), getattr(out, "logits", None))
+    return TeacherOutput(features, getattr(out, "logits", None))
 
 
-def all_ranks_finite(total: torch.Tensor, world: int | None = None) -> bool:
-    """True on every rank when no rank's loss is NaN or inf (a control-plane collective; `world`
-    is not needed: the collective spans the process group)."""
+def all_ranks_finite(total: torch.Tensor) -> bool:
+    """True on every rank when no rank's loss is NaN or inf (a control-plane collective over the
+    process group)."""
     (flag,) = all_reduce_values([1.0 if torch.isfinite(total).item() else 0.0], "min")
     return bool(flag)
 

@@ -24,15 +24,20 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import Recipe, load_recipe
 from ..data.tasks import TaskData, build_task_loader, load_task
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
 from ..outputs import claim_output, exclusive, output_dir_job, recipe_inputs, write_marker
+
+if TYPE_CHECKING:  # the training stack is imported where it runs (finetune_teacher)
+    from ..runtime.selection import Ranks
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
@@ -97,21 +102,34 @@ def build_classifier(recipe: Recipe, task: TaskData):
     return model
 
 
-def finetune_recipe(recipe: Recipe, total_steps: int) -> Recipe:
-    """The recipe with the finetune section in the places engine.py reads (batch, lr, warm-up, steps)."""
-    ft = recipe.finetune
+def engine_settings(recipe: Recipe, total_steps: int):
+    """What the engine trains the classifier with: the finetune section's batch, rate, warm-up and
+    decay over `total_steps`; precision, betas, eps and clipping as the recipe's."""
+    from ..runtime.engine_settings import EngineSettings
+
+    ft, o = recipe.finetune, recipe.optim
     if not 0 <= ft.warmup_ratio < 1:
         raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
     if ft.weight_decay < 0:
         raise ConfigError(f"finetune.weight_decay must be >= 0, got {ft.weight_decay}")
     if ft.eval_every is not None and ft.eval_every <= 0:
         raise ConfigError(f"finetune.eval_every must be > 0, got {ft.eval_every}")
-    return dataclasses.replace(
-        recipe,
-        train=dataclasses.replace(recipe.train, micro_batch_size=ft.micro_batch_size, grad_accum=1,
-                                  max_steps=total_steps, eval_every=eval_every(recipe)),
-        optim=dataclasses.replace(recipe.optim, lr=ft.lr, weight_decay=ft.weight_decay,
-                                  warmup_ratio=ft.warmup_ratio))
+    return EngineSettings(micro_batch_size=ft.micro_batch_size, grad_accum=1, precision=recipe.train.precision,
+                          lr=ft.lr, weight_decay=ft.weight_decay, warmup_ratio=ft.warmup_ratio,
+                          total_steps=total_steps, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip)
+
+
+@dataclass
+class FinetuneJob:
+    """One rank's teacher finetuning: the classifier it trains on the task, where the output and the
+    checkpoints beside it go, the run's length and where this rank runs."""
+    task: TaskData
+    classifier: torch.nn.Module
+    tokenizer: object
+    output: Path
+    ckpt_root: Path
+    steps: int
+    ranks: Ranks
 
 
 def _reusable(output: Path, task: TaskData) -> bool:
@@ -156,15 +174,9 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     request ended the run at a checkpoint (the same call resumes it)."""
     # imported here, not at the top: the training stack (transformers, deepspeed) is heavy, and the
     # CLI's parsing imports this module
-    from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
-    from ..distill.objective import ClassifierObjective
-    from ..runtime import checkpoint, rank_registry, recipe_changes
-    from ..runtime.checkpointer import Checkpointer
-    from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
-    from ..runtime.flops import peak_flops
-    from ..runtime.metrics import MetricsLogger
+    from ..runtime import checkpoint, rank_registry
+    from ..runtime.engine import init_distributed
     from ..runtime.shared_folder import require_shared_folder
-    from ..runtime.stop import StopRequest
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)
@@ -181,6 +193,28 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     require_shared_folder(output.parent, rank, world, "--output" if output_dir is not None else "output_dir")
     rank_registry.register(ckpt_root / ".ranks", rank, world)  # lets a survivor name a rank that dies
 
+    job, run = _build(recipe, task, output, ckpt_root, rank, world)
+    start = checkpoint.resume_or_seed(run, rank, recipe.finetune.seed)
+    selector = _selector(recipe, job, resumed=start > 0)
+    fit = _train(recipe, job, run, selector, start)
+    if fit.stopped:  # a stop request: checkpointed, the same call resumes
+        run.engine.destroy()
+        return None
+    _write_output(recipe, job, selector, {"task": task.name, "type": task.type, "labels": task.label_names,
+                                          "steps": job.steps, "epochs": recipe.finetune.epochs,
+                                          "final_loss": fit.last["loss"], "world_size": world})
+    run.engine.destroy()
+    return output
+
+
+def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: int, world: int):
+    """The classifier under its DeepSpeed engine, with its tokenizer and loader: (FinetuneJob, CheckpointedRun)."""
+    from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+    from ..distill.objective import ClassifierObjective
+    from ..runtime import checkpoint, recipe_changes
+    from ..runtime.engine import build_ds_config, build_training_engine, device, zero_stage
+    from ..runtime.selection import Ranks
+
     ft = recipe.finetune
     # finetuning starts from the pretrained teacher
     tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)
@@ -189,110 +223,89 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     check_vocab_matches(tokenizer, model.config, tokenizer_dir)
     loader = build_task_loader(recipe.task, tokenizer, ft.micro_batch_size, rank, world, ft.seed, with_labels=True)
     total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
-    r = finetune_recipe(recipe, total)
-    ds_config = build_ds_config(r, world)
+    settings = engine_settings(recipe, total)
+    ds_config = build_ds_config(recipe.deepspeed, settings, world)
     objective = ClassifierObjective(model)  # the engine trains the classifier through train_step
-    engine = build_training_engine(objective, r, ds_config)
+    engine = build_training_engine(objective, settings, ds_config)
+    ranks = Ranks(rank, world, device(), zero_stage(ds_config))
     if rank == 0:
         print(f"finetuning the teacher on {task.name} ({task.type}, {task.num_labels} output(s)): "
               f"{len(task.train)} examples, {total} steps of {ft.micro_batch_size} x {world} rank(s), "
-              f"ZeRO-{zero_stage(ds_config)}", flush=True)
-
+              f"ZeRO-{ranks.zero}", flush=True)
     # a changed finetune.lr or epochs applies on resume (with a warning); other changes are refused
-    start = checkpoint.resume_or_seed(engine, ckpt_root, loader, rank, ft.seed, what="finetuning",
-                                      recipe=recipe_changes.finetune_fingerprint(recipe),
-                                      safe=recipe_changes.FINETUNE_SAFE_ON_RESUME, lr_key="finetune.lr",
-                                      schedule_keys=("finetune.lr", "finetune.epochs"))
+    record = checkpoint.RecipeRecord(recipe_changes.finetune_fingerprint(recipe),
+                                     safe=recipe_changes.FINETUNE_SAFE_ON_RESUME, lr_key="finetune.lr",
+                                     schedule_keys=("finetune.lr", "finetune.epochs"))
+    return (FinetuneJob(task, model, tokenizer, output, ckpt_root, total, ranks),
+            checkpoint.CheckpointedRun(engine, loader, ckpt_root, "finetuning", record))
 
-    dev = device()
+
+def _train(recipe: Recipe, job: FinetuneJob, run, selector, start: int):
+    """Steps start+1..job.steps through the training loop; a non-finite loss ends the run."""
+    from ..runtime.checkpointer import Checkpointer, SaveSchedule
+    from ..runtime.flops import finetune_step_flops, peak_flops
+    from ..runtime.metrics import MetricsLogger
+    from ..runtime.step import StepParts, train_step
+    from ..runtime.stop import StopRequest
+    from ..runtime.trainer import FailOnNonFinite, Trainer, on_device
+
+    rank, total = job.ranks.rank, job.steps
     # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
-    peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None
-    logger = MetricsLogger(ckpt_root, rank, total, start, "finetune", progress_bar=False,
+    peak = peak_flops(job.ranks.device, recipe.train.precision, recipe.train.peak_tflops) if rank == 0 else None
+    logger = MetricsLogger(job.ckpt_root, rank, total, start, "finetune", progress_bar=False,
                            log_every=max(1, total // 10), peak_flops=peak, tracked=False)
     # no save at the last step: the finished output replaces the checkpoints
-    checkpointer = Checkpointer(engine, ckpt_root, loader, every=recipe.train.save_every, last_step=total,
-                                keep=recipe.train.keep_checkpoints, stop_request=StopRequest(recipe.output_dir),
-                                save_last=False)
-    selector = _selector(r, task, objective.classifier, tokenizer, output, rank, world, zero_stage(ds_config),
-                         resumed=start > 0)
-    loss = _train_steps(engine, objective, iter(loader), logger, checkpointer, start, total, world, rank, selector)
-    logger.close()
-    if loss is None:  # a stop request: checkpointed, the same call resumes
-        engine.destroy()
-        return None
-    _write_output(recipe, task, objective, model, tokenizer, output, ckpt_root, selector, zero_stage(ds_config),
-                  rank, {"task": task.name, "type": task.type, "labels": task.label_names, "steps": total,
-                         "epochs": ft.epochs, "final_loss": loss, "world_size": world})
-    engine.destroy()
-    return output
+    schedule = SaveSchedule(recipe.train.save_every, total, recipe.train.keep_checkpoints, save_last=False)
+    checkpointer = Checkpointer(run, schedule, StopRequest(recipe.output_dir))
+    parts = StepParts(run.engine)  # grad_accum is 1: every step is an optimizer step
+    trainer = Trainer(lambda batch: train_step(parts, batch), checkpointer, logger,
+                      FailOnNonFinite("finetune", "lower finetune.lr or check the task data"),
+                      flops=lambda rows, length: finetune_step_flops(job.classifier, rows, length),
+                      hooks=[selector] if selector is not None else [])  # finetune.eval_every: score, keep the best
+    run.engine.train()
+    fit = trainer.fit(on_device(run.loader, job.ranks.device), start, total)
+    if fit.stopped and rank == 0:
+        checkpointer.stop_request.clear()
+        print(f"finetune: stopped at step {fit.step} of {total} (stop requested: STOP file or SIGUSR1); "
+              f"checkpoint saved; run the same command again to continue", flush=True)
+    return fit
 
 
-def _write_output(recipe: Recipe, task: TaskData, objective, model, tokenizer, output: Path, ckpt_root: Path,
-                  selector, zero: int, rank: int, summary: dict) -> None:
+def _write_output(recipe: Recipe, job: FinetuneJob, selector, summary: dict) -> None:
     """Collective: gathers the classifier, rank 0 writes and scores the finetuned teacher, then drops the
     checkpoints it no longer needs."""
     from ..runtime.collectives import wait_for_rank0  # heavy stack: see finetune_teacher
     from ..runtime.selection import full_state_dict, read_best
 
-    state = full_state_dict(objective.classifier, zero, rank)  # the classifier's own keys
+    rank = job.ranks.rank
+    state = full_state_dict(job.classifier, job.ranks.zero, rank)  # the classifier's own keys
     if rank == 0:
         if selector is not None:  # the best's step and score, and the choice stages 2-4 follow
             summary.update(best=read_best(selector.folder), ship=ship_choice(recipe))
-        metrics = save_finetuned(model.config, state, tokenizer, task, output, summary)
-        print(f"finetuned teacher written to {output}; dev metrics {json.dumps(metrics)}"
+        metrics = save_finetuned(job.classifier.config, state, job.tokenizer, job.task, job.output, summary)
+        print(f"finetuned teacher written to {job.output}; dev metrics {json.dumps(metrics)}"
               f"{'' if selector is None else f'; best in {selector.folder}, {ship_choice(recipe)} is used'}",
               flush=True)
     # the dev evaluation can outlast train.dist_timeout_s: the other ranks wait for it without that timeout
     wait_for_rank0()
     if rank == 0:  # after the wait: the rank registry in there lets the others name a rank 0 that dies
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
+        shutil.rmtree(job.ckpt_root, ignore_errors=True)  # the output is final: its checkpoints are not needed
 
 
-def _selector(r: Recipe, task: TaskData, classifier, tokenizer, output: Path, rank: int, world: int, zero: int,
-              resumed: bool):
+def _selector(recipe: Recipe, job: FinetuneJob, resumed: bool):
     """The best-teacher selector when finetuning evaluates, else None; a fresh run forgets an earlier best."""
-    from ..runtime.engine import device
-    from ..runtime.selection import Selector, read_best
+    from ..runtime.selection import EvalPlan, Selector, read_best
 
-    if r.train.eval_every is None:
+    every = eval_every(recipe)
+    if every is None:
         return None
-    folder = best_dir(output)
-    key = "finetune.eval_every" if r.finetune.eval_every is not None else "train.eval_every"
+    folder = best_dir(job.output)
+    key = "finetune.eval_every" if recipe.finetune.eval_every is not None else "train.eval_every"
     if folder.exists() and read_best(folder) is None:  # every rank sees the same files: all stop alike
         raise ConfigError(f"{key}: {folder} exists and is not a best teacher (no best.json); the best teacher "
                           "is exported there: remove it or pick another --output")
-    return Selector(task, classifier, tokenizer, folder, r.train.eval_every, r.train.max_steps, rank, world,
-                    device(), zero, key=key, resumed=resumed)
-
-
-def _train_steps(engine, objective, batches, logger, checkpointer, start: int, total: int, world: int,
-                 rank: int, selector=None) -> float | None:
-    """Steps start+1..total of teacher finetuning; the last global loss, or None when a stop request
-    ended the run at a checkpoint."""
-    from ..runtime.engine import device
-    from ..runtime.flops import finetune_step_flops
-    from ..runtime.loop import batch_to_device, global_mean
-    from ..runtime.step import StepParts, train_step
-
-    dev, parts, loss = device(), StepParts(engine), float("nan")
-    engine.train()
-    for step in range(start + 1, total + 1):
-        batch = batch_to_device(next(batches), dev)
-        result = train_step(parts, batch)  # grad_accum is 1: every step is an optimizer step
-        if not result.finite:
-            raise UserError(f"finetune: non-finite loss at step {step}; lower finetune.lr or check the task data")
-        loss = global_mean({"loss": result.total}, world)["loss"]  # read on the host: the step's time is complete
-        logger.step(step, {"loss": loss, "lr": result.lr}, tokens=result.tokens * world,
-                    flops=finetune_step_flops(objective.classifier, *batch["input_ids"].shape))
-        if selector is not None:
-            selector(step)  # finetune.eval_every: score, export the best (runtime/selection.py)
-        if checkpointer.after_step(step):
-            if rank == 0:
-                checkpointer.stop_request.clear()
-                print(f"finetune: stopped at step {step} of {total} (stop requested: STOP file or SIGUSR1); "
-                      f"checkpoint saved; run the same command again to continue", flush=True)
-            return None
-    return loss
+    return Selector(job.classifier, job.tokenizer, folder, EvalPlan(job.task, every, job.steps, key), job.ranks,
+                    resumed=resumed)
 
 
 # --------------------------------------------------------------------------- CLI
