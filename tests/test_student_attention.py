@@ -105,13 +105,13 @@ def test_the_padded_student_matches_a_float64_eager_student(padded_everywhere):
     mask = padding_mask(4, 15)
     capture = FeatureCapture(student)
     weights = torch.randn(4, 15, 2 * HEAD, dtype=torch.float64) * mask[..., None]  # valid tokens only
-    got = student(input_ids=ids, attention_mask=mask).last_hidden_state
+    with capture.recording() as features:
+        got = student(input_ids=ids, attention_mask=mask).last_hidden_state
     want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     (got.double() * weights).sum().backward()
     (want * weights).sum().backward()
 
     assert padded_everywhere == [32, 32]  # both layers ran SDPA on 26 padded to 32
-    features = capture.pop()
     assert features.q[1].shape == features.k[2].shape == (4, 2, 15, HEAD)  # the losses see unpadded Q/K
     valid = mask.bool()
     assert rel(got[valid], want[valid]) < 1e-5, rel(got[valid], want[valid])
