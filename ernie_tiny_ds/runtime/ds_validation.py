@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..config import Recipe
 from ..errors import ConfigError
-from .engine import build_ds_config
+from .ds_config import build_ds_config
 
 # what DeepSpeed itself takes out of optimizer.params before it builds the optimizer
 _DEEPSPEED_OPTIMIZER_KEYS = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}

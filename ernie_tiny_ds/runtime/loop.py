@@ -27,11 +27,13 @@ from ..stages import STAGE_SPECS
 from . import checkpoint, rank_registry, recipe_changes
 from .checkpointer import Checkpointer
 from .collectives import all_reduce_values, wait_for_rank0
-from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
+from .ds_config import build_ds_config, zero_stage
+from .engines import build_training_engine, prepare_teacher
 from .export import STUDENT_DIR, export_checkpoint, model_outputs
 from .export_check import check_export
 from .flops import distill_step_flops, peak_flops
 from .metrics import MetricsLogger
+from .process_group import device, init_distributed
 from .selection import best_checkpoint_hook
 from .shared_folder import require_shared_folder
 from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)

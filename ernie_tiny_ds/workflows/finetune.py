@@ -98,7 +98,7 @@ def build_classifier(recipe: Recipe, task: TaskData):
 
 
 def finetune_recipe(recipe: Recipe, total_steps: int) -> Recipe:
-    """The recipe with the finetune section in the places engine.py reads (batch, lr, warm-up, steps)."""
+    """The recipe with the finetune section in the places the engine builder reads (batch, lr, warm-up, steps)."""
     ft = recipe.finetune
     if not 0 <= ft.warmup_ratio < 1:
         raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
@@ -160,9 +160,11 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     from ..distill.objective import ClassifierObjective
     from ..runtime import checkpoint, rank_registry, recipe_changes
     from ..runtime.checkpointer import Checkpointer
-    from ..runtime.engine import build_ds_config, build_training_engine, device, init_distributed, zero_stage
+    from ..runtime.ds_config import build_ds_config, zero_stage
+    from ..runtime.engines import build_training_engine
     from ..runtime.flops import peak_flops
     from ..runtime.metrics import MetricsLogger
+    from ..runtime.process_group import device, init_distributed
     from ..runtime.shared_folder import require_shared_folder
     from ..runtime.stop import StopRequest
 
@@ -251,7 +253,7 @@ def _write_output(recipe: Recipe, task: TaskData, objective, model, tokenizer, o
 def _selector(r: Recipe, task: TaskData, classifier, tokenizer, output: Path, rank: int, world: int, zero: int,
               resumed: bool):
     """The best-teacher selector when finetuning evaluates, else None; a fresh run forgets an earlier best."""
-    from ..runtime.engine import device
+    from ..runtime.process_group import device
     from ..runtime.selection import Selector, read_best
 
     if r.train.eval_every is None:
@@ -269,9 +271,9 @@ def _train_steps(engine, objective, batches, logger, checkpointer, start: int, t
                  rank: int, selector=None) -> float | None:
     """Steps start+1..total of teacher finetuning; the last global loss, or None when a stop request
     ended the run at a checkpoint."""
-    from ..runtime.engine import device
     from ..runtime.flops import finetune_step_flops
     from ..runtime.loop import batch_to_device, global_mean
+    from ..runtime.process_group import device
     from ..runtime.step import StepParts, train_step
 
     dev, parts, loss = device(), StepParts(engine), float("nan")

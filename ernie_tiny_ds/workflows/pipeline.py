@@ -111,7 +111,7 @@ def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allow
 
 def run_pipeline(recipe: Recipe, first: int = 0, last: int = 4) -> bool:
     """Runs stages first..last (0 = finetuning); True when the range finished, False when stopped."""
-    from ..runtime.engine import init_distributed
+    from ..runtime.process_group import init_distributed
 
     if first > last:
         raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
