@@ -15,7 +15,8 @@ from ..config import Recipe
 from . import safe_load
 from .ds_config import fill_auto, read_ds_config
 from .process_group import device, device_index
-from .teacher_precision import teacher_dtype
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
@@ -60,6 +61,12 @@ def build_training_engine(module: torch.nn.Module, recipe: Recipe, ds_config: di
                                            config=ds_config, lr_scheduler=scheduler)
     safe_load.install_on_engine(engine)
     return engine
+
+
+def teacher_dtype(recipe: Recipe) -> torch.dtype:
+    """The frozen teacher's precision: `teacher.dtype`, or for auto the training precision (a bf16 teacher
+    cost the demo's student more accuracy than it allows, BENCHMARKS.md section 6: bf16 is asked for, never picked)."""
+    return DTYPES[recipe.train.precision if recipe.teacher.dtype == "auto" else recipe.teacher.dtype]
 
 
 def prepare_teacher(teacher: torch.nn.Module, recipe: Recipe, micro_batch_size: int) -> torch.nn.Module:
