@@ -19,13 +19,6 @@ def _recipe(args):
     return load_recipe(args.config, args.overrides)
 
 
-def _start_trackers(args) -> None:
-    """train.report_to: rank 0's metrics rows and the report also go to the recipe's trackers."""
-    if args.command in ("distill", "pipeline"):
-        from .runtime.trackers import activate
-        activate(_recipe(args))
-
-
 def cmd_distill(args) -> int:
     from .outputs import output_dir_job
     from .runtime.loop import run_stage
@@ -121,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        _start_trackers(args)
         code = args.func(args)
     except UserError as exc:
         rank = os.environ.get("RANK")  # set by the launcher, or by init_distributed during the call

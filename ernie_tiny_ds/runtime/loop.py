@@ -38,6 +38,7 @@ from .selection import best_checkpoint_hook
 from .shared_folder import require_shared_folder
 from .step import all_ranks_finite, train_step  # noqa: F401  (all_ranks_finite re-exported: tests/test_gpu_paths.py)
 from .stop import StopRequest
+from .trackers import recipe_trackers
 
 DONE_FILE = "stage_done.json"
 
@@ -178,7 +179,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     # --- the loop: fetch -> step -> log -> maybe save -> maybe stop
     peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None  # only rank 0 logs
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every,
-                           peak_flops=peak)
+                           peak_flops=peak, trackers=recipe_trackers(r))
     batches = iter(loader)
     nonfinite = skipped = tokens = positions = 0
     flops = 0.0

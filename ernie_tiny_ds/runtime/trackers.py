@@ -199,12 +199,7 @@ class Trackers:
                 run.close()
 
 
-def activate(recipe) -> Trackers | None:
-    """Register the recipe's trackers with MetricsLogger (rank 0 of every stage logs through them)."""
-    from . import metrics
-    metrics.TRACKERS[:] = []
-    if not recipe.train.report_to:
-        return None
-    trackers = Trackers(recipe)
-    metrics.TRACKERS.append(trackers)
-    return trackers
+def recipe_trackers(recipe) -> Trackers | None:
+    """The trackers train.report_to names (None when it names none): a stage passes them to its
+    MetricsLogger, the report logs through them. Nothing opens a run until one of those asks."""
+    return Trackers(recipe) if recipe.train.report_to else None

@@ -210,7 +210,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
     peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None
     logger = MetricsLogger(ckpt_root, rank, total, start, "finetune", progress_bar=False,
-                           log_every=max(1, total // 10), peak_flops=peak, tracked=False)
+                           log_every=max(1, total // 10), peak_flops=peak)
     # no save at the last step: the finished output replaces the checkpoints
     checkpointer = Checkpointer(engine, ckpt_root, loader, every=recipe.train.save_every, last_step=total,
                                 keep=recipe.train.keep_checkpoints, stop_request=StopRequest(recipe.output_dir),
