@@ -5,7 +5,6 @@ the student only. ZeRO shards are consolidated to fp32 on the CPU, so any stage 
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +13,14 @@ import torch
 import transformers
 
 from ..errors import UserError
-from ..files import plain_file_modes, remove_stale_temps, replace_dir, temp_dir_beside, write_atomic
+from ..files import (
+    plain_file_modes,
+    remove_stale_temps,
+    replace_dir,
+    temp_dir_beside,
+    weights_disk_full_is_one_line,
+    write_atomic,
+)
 from ..outputs import write_marker
 from . import safe_load
 from .checkpoint import LATEST, verify
@@ -81,35 +87,12 @@ def save_projections(full: dict[str, torch.Tensor], path: Path) -> Path:
     return write_atomic(path, lambda handle: handle.write(save(tensors)))
 
 
-class disk_full_is_one_line:
-    """A full disk while writing a model folder: one line naming the disk (the folder) and about how
-    many bytes the weights need, instead of a traceback (the caller removes its temporary folder)."""
-
-    def __init__(self, output: Path, model):
-        self.output, self.model = Path(output), model
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, _tb):
-        if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
-            return False
-        needed = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        try:
-            free = f"{shutil.disk_usage(self.output.parent).free:,} bytes free"
-        except OSError:
-            free = "free space unknown"
-        raise UserError(f"no space left on the disk holding {self.output.parent} ({free}): the weights of "
-                        f"{self.output.name} need about {needed:,} bytes; free space there or write "
-                        "elsewhere") from None
-
-
 def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer=None) -> Path:
     """Write model (safetensors) + tokenizer to `output` durably: a temp folder, synced, renamed at the end."""
     remove_stale_temps(output)  # what an interrupted export (a full disk) left beside it
     tmp = temp_dir_beside(output)
     try:
-        with disk_full_is_one_line(output, model):
+        with weights_disk_full_is_one_line(output, model):
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is None and tokenizer_dir is not None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -129,7 +129,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
     """Rank 0: write, score and rename the Hugging Face folder; returns the dev metrics ({} without dev)."""
     import transformers
 
-    from ..runtime.export import disk_full_is_one_line
+    from ..files import weights_disk_full_is_one_line
     from .evaluate import evaluate_on_task
 
     model = transformers.AutoModelForSequenceClassification.from_config(model_config, dtype=torch.float32)
@@ -137,7 +137,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
     remove_stale_temps(output)  # what an interrupted write (a full disk) left beside it
     tmp = temp_dir_beside(output)
     try:
-        with disk_full_is_one_line(output, model):
+        with weights_disk_full_is_one_line(output, model):
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp)  # score what was written
