@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import TaskConfig, apply_overrides, load_recipe, load_section
-from ..data.benchmarks import compute_metrics  # noqa: F401  (its public home was here)
+from ..data.benchmarks import compute_metrics
 from ..data.constant_predictions import KEY as CONSTANT
 from ..data.constant_predictions import constant_prediction
 from ..data.tasks import TaskData, iter_dev_batches, load_task
