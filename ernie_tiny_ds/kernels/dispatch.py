@@ -21,6 +21,7 @@ import os
 import torch
 
 from .. import losses as _ref
+from .attention_transfer_torch import attention_transfer_torch
 from .checks import KERNEL_DTYPES
 
 BACKENDS = ("auto", "triton", "torch")
@@ -77,7 +78,6 @@ def attention_transfer(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
     if select_backend(backend, q_s, k_s, q_t, k_t) == "triton":
         from . import attention_transfer as fused
         return fused(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads)
-    from .attention_transfer_torch import attention_transfer_torch
     return attention_transfer_torch(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads,
                                     query_chunk=query_chunk)
 

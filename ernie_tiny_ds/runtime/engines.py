@@ -50,7 +50,7 @@ def engine_args() -> argparse.Namespace:
 def build_training_engine(module: torch.nn.Module, recipe: Recipe, ds_config: dict):
     """DeepSpeed training engine over an objective module, with warm-up + linear decay: the student
     and its projections (distillation stages) or the teacher's classifier (teacher finetuning)."""
-    import deepspeed
+    import deepspeed  # not at the top: see process_group.init_distributed
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
@@ -74,7 +74,7 @@ def prepare_teacher(teacher: torch.nn.Module, recipe: Recipe, micro_batch_size: 
     dtype = teacher_dtype(recipe)
     if not recipe.teacher.zero3:
         return teacher.to(device=device(), dtype=dtype)
-    import deepspeed
+    import deepspeed  # not at the top: see process_group.init_distributed
 
     config = read_ds_config("teacher_zero3_inference")
     config = fill_auto(config, {"train_micro_batch_size_per_gpu": micro_batch_size,

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save
 
+from ..distill.objective import projection_state
 from ..errors import UserError
 from ..files import (
     plain_file_modes,
@@ -80,9 +82,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
 
 def save_projections(full: dict[str, torch.Tensor], path: Path) -> Path:
     """The projection weights of a consolidated state, written durably (temp file, fsync, rename)."""
-    from safetensors.torch import save
-
-    from ..distill.objective import projection_state
     tensors = {k: v.detach().float().contiguous() for k, v in projection_state(full).items()}
     return write_atomic(path, lambda handle: handle.write(save(tensors)))
 

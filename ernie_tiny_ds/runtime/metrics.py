@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..files import atomic_write_text
 
 # row fields that are not loss terms (the report plots the others as losses)
@@ -49,7 +51,6 @@ class MetricsLogger:
         except ImportError:
             self._tb = None
         if progress_bar:
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc=title, dynamic_ncols=True)
 
     @staticmethod

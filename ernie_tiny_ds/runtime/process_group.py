@@ -6,13 +6,18 @@ DeepSpeed's engines live.
 from __future__ import annotations
 
 import contextlib
+import glob
+import inspect
 import os
 import socket
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from ..errors import ConfigError
+from .collectives import bound_later_groups, control_group, gloo_interface_from_nccl
+from .op_build_locks import remove_stale_build_locks
 
 
 def _free_port() -> int:
@@ -27,11 +32,8 @@ def init_distributed(timeout_s: int, backend: str = "auto") -> tuple[int, int]:
     backend "auto" is the accelerator's own (NCCL on CUDA, gloo on CPU); "gloo" on CUDA lets
     several ranks share one GPU (tensors cross through the host: slow, but every code path runs).
     Every group of the job, DeepSpeed's included, waits at most `timeout_s` for a silent peer."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from .collectives import bound_later_groups, control_group, gloo_interface_from_nccl
-    from .op_build_locks import remove_stale_build_locks
+    import deepspeed  # not at the top: its import picks an accelerator and logs, in `launch` too (it parses a
+    #                   training command's arguments, which imports this module, and trains nothing)
 
     if "RANK" not in os.environ:  # a plain `ernie-tiny-ds …` run: one process, no launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
@@ -97,10 +99,6 @@ def cuda_group_args(backend: str | None, timeout: timedelta) -> dict:
     """init_process_group's arguments on CUDA. DeepSpeed binds an NCCL group to cuda:LOCAL_RANK, a device
     that a rank shown only its own GPU (Slurm --gpus-per-task=1: LOCAL_RANK 5, one visible device), or
     the second of two ranks sharing one GPU, does not have. Made here first, DeepSpeed adopts the group."""
-    import inspect
-
-    import torch.distributed as dist
-
     args = {"backend": backend or "nccl", "timeout": timeout}
     # device_id binds NCCL's communicator eagerly; torch 2.6.x-2.7.0 could hang with it (DeepSpeed skips it there)
     hangs = torch.__version__.split("+")[0].startswith(("2.6.", "2.7.0"))
@@ -122,10 +120,6 @@ def release_shm_buffer_names() -> None:
     removes it, so every run (and every killed one) leaks RAM until the machine runs out. Once all
     ranks are through init_distributed, each has mapped its peers' files; the names can go then
     and the mappings stay valid until the processes exit."""
-    import glob
-
-    import torch.distributed as dist
-
     if dist.get_world_size() > 1:
         dist.barrier()  # every rank, files or not: a barrier some ranks skip would hang the others
     pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_*"
@@ -135,7 +129,7 @@ def release_shm_buffer_names() -> None:
 
 
 def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # not at the top: see init_distributed
 
     acc = get_accelerator()
     if acc.device_name() == "cpu":

@@ -15,9 +15,11 @@ MLFLOW_TRACKING_URI (e.g. file:///path/mlruns for a local store).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+from ..config import to_dict
 from ..errors import UserError
 
 ROW_TRACKERS = ("wandb", "mlflow")  # tensorboard rows: MetricsLogger already writes them
@@ -46,7 +48,6 @@ class _WandbRun:
         except ImportError:
             raise UserError("train.report_to: wandb needs the wandb package: pip install 'ernie-tiny-ds[trackers]'") \
                 from None
-        import os
         folder.mkdir(parents=True, exist_ok=True)
         try:
             # WANDB_DIR wins when set; else the run's files stay beside the stage's outputs
@@ -91,7 +92,6 @@ class _MlflowRun:
             for i in range(0, len(items), 100):  # at most 100 params per batch
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
         except Exception as exc:  # MlflowException, connection errors
-            import os
             where = self.client.tracking_uri if self.client is not None else (
                 os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default store")
             text = " ".join(str(exc).split())
@@ -163,7 +163,6 @@ class Trackers:
         out = Path(recipe.output_dir)
         self.project = recipe.train.tracker_project or out.resolve().name
         self.group = str(out.resolve())
-        from ..config import to_dict
         self.config = to_dict(recipe)
         self.config.pop("command_line", None)
 
