@@ -188,7 +188,7 @@ part0() {
     command -v nvidia-smi >/dev/null && nvidia-smi -L
     local imports=("${WHEEL_MODULES[@]}")
     [ "$DRY" = 1 ] && imports=("${imports[@]/pynvml}")   # the venv need not have nvidia-ml-py
-    timeout 120 "$PY" - ${imports[@]} "${MACHINE_MODULES[@]}" ernie_tiny_ds.cli ernie_tiny_ds.runtime.engine <<'EOF'
+    timeout 120 "$PY" - ${imports[@]} "${MACHINE_MODULES[@]}" ernie_tiny_ds.cli ernie_tiny_ds.runtime.engines <<'EOF'
 import importlib, sys
 bad = []
 for name in sys.argv[1:]:

@@ -49,7 +49,7 @@ def test_deepspeed_imports_and_probes_ops_on_a_gpu_node_without_nvcc(tmp_path):
         import deepspeed
         ops = deepspeed.ops.__compatible_ops__   # what init_distributed's shm probe reads
         assert ops["fp_quantizer"] is False, ops  # needs nvcc: not compatible, and no exception
-        import ernie_tiny_ds.runtime.engine      # the trainer's own import of it
+        import ernie_tiny_ds.runtime.engines     # the trainer's own import of it
         print("imported", deepspeed.__version__)
     """)
     env = {"PATH": "/usr/bin:/bin", "CUDA_HOME": "", "CUDA_PATH": "",

@@ -337,6 +337,59 @@ def test_a_full_disk_during_an_export_is_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
 
 
+# what safetensors raises when the OS says the disk is full: its own error class, no errno, the OS's words inside
+SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                    'message: "No space left on device" })')
+
+
+class SafetensorFull(Exception):
+    pass
+
+
+@pytest.mark.parametrize("writer", ["export", "checkpoint"])
+def test_a_full_disk_reported_without_an_errno_is_one_line_at_both_writers(tmp_path, monkeypatch, writer):
+    """Both writers share one check: an error that only says so (safetensors' for an export, torch.save's
+    RuntimeError for a checkpoint) is a full disk when the disk has less room than the write needs, and
+    passes through unchanged when there is room (then it is some other failure)."""
+    import transformers
+
+    from ernie_tiny_ds.runtime.export import save_model_folder
+
+    root = tmp_path / "checkpoints"
+    if writer == "checkpoint":
+        save(root, 1)
+
+    def write(error: Exception) -> None:
+        if writer == "export":
+            model = transformers.BertModel(transformers.BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16))
+
+            def full(*_args, **_kwargs):
+                raise error
+            monkeypatch.setattr(model, "save_pretrained", full)
+            save_model_folder(model, None, tmp_path / "student")
+            return
+
+        class FullDisk(FakeEngine):
+            def save_checkpoint(self, root, tag, client_state, save_latest):
+                raise error
+        save(root, 2, engine=FullDisk())
+
+    error = SafetensorFull(SAFETENSORS_FULL) if writer == "export" else RuntimeError("[enforce fail] file write failed")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=7))
+    with pytest.raises(UserError) as info:
+        write(error)
+    line = str(info.value)
+    disk = tmp_path if writer == "export" else root
+    assert "\n" not in line and line.startswith(f"no space left on the disk holding {disk} (7 bytes free)")
+    assert not list(tmp_path.glob("*.tmp*")) and not (root / "step_00000002.partial").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 50))
+    with pytest.raises(type(error)):  # room enough: not a full disk, the error is the writer's own
+        write(error)
+
+
 def test_stale_partial_folders_and_temporaries_are_removed_at_resume(tmp_path):
     root = tmp_path / "checkpoints"
     save(root, 1)

@@ -8,8 +8,9 @@ import transformers
 from distributed import run_cli
 
 from ernie_tiny_ds.config import TaskConfig
+from ernie_tiny_ds.data.benchmarks import compute_metrics
 from ernie_tiny_ds.errors import ConfigError, UserError
-from ernie_tiny_ds.workflows.evaluate import compute_metrics, evaluate_model
+from ernie_tiny_ds.workflows.evaluate import evaluate_model
 from ernie_tiny_ds.workflows.speed import compare_inference, measure_inference
 
 

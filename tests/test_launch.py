@@ -18,16 +18,16 @@ HOSTILE = "we ird $HOME `touch pwned`; 'q\" %j"
 
 def in_process(args: list[str], capsys) -> str:
     """Run a sub-command in this process (no interpreter start-up) and return what it printed."""
-    from ernie_tiny_ds.cli import build_parser
-    parsed = build_parser().parse_args(args)
+    from ernie_tiny_ds.cli import parse_args
+    parsed = parse_args(args)
     assert parsed.func(parsed) == 0
     return capsys.readouterr().out
 
 
 def user_error(args: list[str]) -> str:
-    from ernie_tiny_ds.cli import build_parser
+    from ernie_tiny_ds.cli import parse_args
     from ernie_tiny_ds.errors import UserError
-    parsed = build_parser().parse_args(args)
+    parsed = parse_args(args)
     with pytest.raises(UserError) as caught:
         parsed.func(parsed)
     return str(caught.value)

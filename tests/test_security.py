@@ -58,7 +58,7 @@ def test_resuming_from_a_checkpoint_with_a_pickle_is_one_line_and_runs_nothing(t
 # --------------------------------------------------------------------------- 18: deepspeed.overrides
 def _ds_config(tmp_path, tokenizer_dir, vocab_size, *overrides, **sections):
     from ernie_tiny_ds.config import load_recipe
-    from ernie_tiny_ds.runtime.engine import build_ds_config
+    from ernie_tiny_ds.runtime.ds_config import build_ds_config
     from ernie_tiny_ds.runtime.engine_settings import EngineSettings
     recipe = load_recipe(str(tiny_recipe(tmp_path, tokenizer_dir, vocab_size, **sections)), list(overrides))
     return build_ds_config(recipe.deepspeed, EngineSettings.of_stage(recipe), world_size=2)
