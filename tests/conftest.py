@@ -37,3 +37,8 @@ def wordpiece_dir(tmp_path_factory) -> str:
 def wordpiece(wordpiece_dir):
     from corpus_fixtures import load
     return load(wordpiece_dir)
+
+
+def pytest_configure(config):
+    import process_count
+    config.pluginmanager.register(process_count, "process_count")

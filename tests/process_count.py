@@ -1,0 +1,69 @@
+"""pytest plugin: counts the processes the tests start, by kind, and prints the counts after the run.
+
+Process start-ups (each importing torch, deepspeed and transformers) are most of the suite's time, so
+the summary names the tests that start the most of them: the ones to fold into shared runs first.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+
+LAUNCHERS = {"deepspeed", "torchrun", "accelerate", "srun", "sbatch", "salloc"}
+# what costs seconds to start (an interpreter); `ps`, `git` and the like are counted apart
+HEAVY = ("launcher", "cli", "python", "bash")
+
+_by_kind: collections.Counter = collections.Counter()
+_by_test: collections.Counter = collections.Counter()
+_current_test = [None]
+_real_popen_init = subprocess.Popen.__init__
+
+
+def kind_of(argv) -> str:
+    """launcher (a command that starts ranks), cli (`python -m ernie_tiny_ds.cli`), python (any other
+    interpreter), or the program's own name (bash, ps, ...)."""
+    words = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else str(argv).split()
+    if not words:
+        return "other"
+    program = os.path.basename(words[0])
+    module = words[words.index("-m") + 1] if "-m" in words[:-1] else ""
+    if program in LAUNCHERS or module in ("torch.distributed.run", "deepspeed.launcher.runner"):
+        return "launcher"
+    if module == "ernie_tiny_ds.cli":
+        # `cli launch` and `cli submit` start ranks (or a job) themselves
+        return "launcher" if len(words) > words.index("-m") + 2 and words[words.index("-m") + 2] in (
+            "launch", "submit") else "cli"
+    if program.startswith("python"):
+        return "python"
+    return program
+
+
+def _counting_init(self, args, *rest, **kwargs):
+    kind = kind_of(args)
+    _by_kind[kind] += 1
+    if kind in HEAVY:
+        _by_test[_current_test[0]] += 1
+    return _real_popen_init(self, args, *rest, **kwargs)
+
+
+def pytest_configure(config):
+    subprocess.Popen.__init__ = _counting_init
+
+
+def pytest_unconfigure(config):
+    subprocess.Popen.__init__ = _real_popen_init
+
+
+def pytest_runtest_setup(item):
+    # fixtures that start processes run in setup: they count for the first test that needs them
+    _current_test[0] = item.nodeid
+
+
+def pytest_terminal_summary(terminalreporter):
+    heavy = {k: n for k, n in _by_kind.items() if k in HEAVY}
+    rest = {k: n for k, n in _by_kind.items() if k not in heavy}
+    terminalreporter.write_sep("=", f"process start-ups: {sum(heavy.values())} "
+                                    f"({', '.join(f'{k} {n}' for k, n in sorted(heavy.items()))}); "
+                                    f"other programs {sum(rest.values())}")
+    for nodeid, n in _by_test.most_common(25):
+        terminalreporter.write_line(f"{n:4d}  {nodeid}")
