@@ -39,6 +39,33 @@ def wordpiece(wordpiece_dir):
     return load(wordpiece_dir)
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """`in_process(argv)` runs cli.main in this process and returns (exit code, stderr's non-blank lines):
+    the cheap way to check a one-line exit where no process group is needed. The one-line exit
+    (os._exit in production, which would end pytest) becomes SystemExit."""
+    from ernie_tiny_ds import cli
+    from ernie_tiny_ds.runtime import rank_registry
+
+    def report(line, code=1):
+        print(line, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(rank_registry, "report_and_exit", report)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+    def run(argv: list[str]) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        return code, [line for line in err.splitlines() if line.strip()]
+    return run
+
+
 def pytest_configure(config):
     import process_count
     config.pluginmanager.register(process_count, "process_count")
