@@ -52,8 +52,10 @@ def in_process(monkeypatch, capsys):
         raise SystemExit(code)
 
     monkeypatch.setattr(rank_registry, "report_and_exit", report)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    # a run without a launcher sets these for its one-process group: restored afterwards
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
 
     def run(argv: list[str]) -> tuple[int, list[str]]:
         capsys.readouterr()
@@ -61,6 +63,9 @@ def in_process(monkeypatch, capsys):
             code = cli.main(argv)
         except SystemExit as exc:
             code = exc.code
+        finally:
+            if torch.distributed.is_initialized():  # left by an exit inside the command
+                torch.distributed.destroy_process_group()
         err = capsys.readouterr().err
         return code, [line for line in err.splitlines() if line.strip()]
     return run
