@@ -16,6 +16,10 @@ HEAVY = ("launcher", "cli", "python", "bash")
 _by_kind: collections.Counter = collections.Counter()
 _by_test: collections.Counter = collections.Counter()
 _current_test = [None]
+_current_is_slow = [False]
+# tests outside the slow tier that start processes or run long: the quick tier (-m "not slow") must stay quick
+QUICK_LIMIT_S = 3.0
+_unmarked: dict = {}
 _real_popen_init = subprocess.Popen.__init__
 
 
@@ -43,6 +47,8 @@ def _counting_init(self, args, *rest, **kwargs):
     _by_kind[kind] += 1
     if kind in HEAVY:
         _by_test[_current_test[0]] += 1
+        if not _current_is_slow[0]:
+            _unmarked[_current_test[0]] = "starts processes"
     return _real_popen_init(self, args, *rest, **kwargs)
 
 
@@ -57,6 +63,12 @@ def pytest_unconfigure(config):
 def pytest_runtest_setup(item):
     # fixtures that start processes run in setup: they count for the first test that needs them
     _current_test[0] = item.nodeid
+    _current_is_slow[0] = item.get_closest_marker("slow") is not None
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > QUICK_LIMIT_S and "slow" not in report.keywords:
+        _unmarked.setdefault(report.nodeid, f"took {report.duration:.0f} s")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -67,3 +79,8 @@ def pytest_terminal_summary(terminalreporter):
                                     f"other programs {sum(rest.values())}")
     for nodeid, n in _by_test.most_common(25):
         terminalreporter.write_line(f"{n:4d}  {nodeid}")
+    if _unmarked:
+        terminalreporter.write_sep("=", f"not marked slow but {len(_unmarked)} tests start processes or take "
+                                        f"> {QUICK_LIMIT_S:.0f} s (mark them @pytest.mark.slow)")
+        for nodeid, why in _unmarked.items():
+            terminalreporter.write_line(f"{why:>17}  {nodeid}")

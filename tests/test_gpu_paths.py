@@ -214,6 +214,7 @@ time.sleep(600)  # where NCCL leaves a rank whose peer died: waiting, no error e
 """
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_where_nccl_leaves_it_is_ended_with_one_line(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", STUCK_RANK, str(tmp_path / ".ranks"), str(r)], env=env(),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]

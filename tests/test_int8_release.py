@@ -132,6 +132,7 @@ def test_onnx_command_int8_in_process(tmp_path, tokenizer_dir, vocab_size, capsy
     assert (tmp_path / "graphs" / "tiny.int8.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_without_onnxruntime_int8_is_one_line_and_exit_2(tmp_path, tokenizer_dir, vocab_size, monkeypatch):
     folder = save_classifier(tmp_path / "student", tokenizer_dir, vocab_size, layers=1, hidden=32)
     shadow = tmp_path / "no_onnxruntime" / "onnxruntime"

@@ -266,6 +266,7 @@ HOLDER = ("import sys, time; from ernie_tiny_ds.outputs import exclusive\n"
           "with exclusive(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n")
 
 
+@pytest.mark.slow
 def test_one_job_per_output_dir_and_a_dead_holders_lock_never_blocks(tmp_path, tokenizer_dir, vocab_size,
                                                                        in_process):
     """A killed holder's lock file does not block a 2-rank distill; while that distill holds the

@@ -124,6 +124,7 @@ def _fake_pdsh(tmp_path):
     return bin_dir, hostfile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["exported by deepspeed", ".deepspeed_env key"])
 def test_nothing_from_the_environment_runs_in_the_remote_shell(tmp_path, where):
     bin_dir, hostfile = _fake_pdsh(tmp_path)

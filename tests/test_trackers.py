@@ -130,6 +130,7 @@ def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_open(tmp_path
     assert wandb.run is None  # the W&B run opened first was finished
 
 
+@pytest.mark.slow
 def test_distill_on_two_ranks_logs_once(tmp_path, tokenizer_dir, vocab_size, offline_trackers):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 3, "save_every": 3})
     env = offline_trackers  # in os.environ, which run_ranks passes on
