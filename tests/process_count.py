@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import subprocess
 
 LAUNCHERS = {"deepspeed", "torchrun", "accelerate", "srun", "sbatch", "salloc"}
@@ -32,7 +33,7 @@ def kind_of(argv) -> str:
     program = os.path.basename(words[0])
     module = words[words.index("-m") + 1] if "-m" in words[:-1] else ""
     if program in LAUNCHERS or module in ("torch.distributed.run", "deepspeed.launcher.runner"):
-        return "launcher"
+        return "script" if _is_script(words[0]) else "launcher"  # a test's stand-in sbatch is a shell script
     if module == "ernie_tiny_ds.cli":
         # `cli launch` and `cli submit` start ranks (or a job) themselves
         return "launcher" if len(words) > words.index("-m") + 2 and words[words.index("-m") + 2] in (
@@ -42,12 +43,22 @@ def kind_of(argv) -> str:
     return program
 
 
+def _is_script(program: str) -> bool:
+    """A shell script (a test's stand-in), not an interpreter's entry point like the venv's `deepspeed`."""
+    try:
+        with open(shutil.which(program) or program, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" not in first
+
+
 def _counting_init(self, args, *rest, **kwargs):
     kind = kind_of(args)
     _by_kind[kind] += 1
     if kind in HEAVY:
         _by_test[_current_test[0]] += 1
-        if not _current_is_slow[0]:
+        if not _current_is_slow[0] and kind != "bash":  # a shell script alone starts in milliseconds
             _unmarked[_current_test[0]] = "starts processes"
     return _real_popen_init(self, args, *rest, **kwargs)
 

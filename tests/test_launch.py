@@ -120,14 +120,14 @@ def test_launch_bad_input_is_a_clear_error(args, message):
     assert message in user_error(["launch", "--dry-run", *args])
 
 
-@pytest.mark.slow
-def test_hostfile_errors_name_the_line_and_the_cli_exits_2(tmp_path):
+def test_hostfile_errors_name_the_line_and_the_cli_exits_2(tmp_path, request):
+    cli_main = request.getfixturevalue("in_process")  # conftest's: cli.main in this process, exit code and stderr
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b slots two\n")
-    proc = run_cli(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c", "--output",
-                    "o"])
-    assert proc.returncode == 2, proc.stdout
-    assert proc.stderr == f"error: {hostfile} line 3: expected 'HOST slots=N', got 'node-b slots two'\n"
+    code, lines = cli_main(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c",
+                            "--output", "o"])
+    assert code == 2, lines
+    assert lines == [f"error: {hostfile} line 3: expected 'HOST slots=N', got 'node-b slots two'"]
 
 
 def test_ssh_launch_refuses_what_the_remote_shell_would_run(tmp_path, hostile):
@@ -176,7 +176,6 @@ def render_dry_run(args: list[str], capsys) -> tuple[str, list[str]]:
     return script, sbatch
 
 
-@pytest.mark.slow
 def test_slurm_script_delivers_the_exact_arguments_and_runs_none_of_them(tmp_path, hostile, capsys, monkeypatch):
     """Run the rendered script under stand-in srun/scontrol: the launch each node runs gets the exact argv."""
     recipe, out = hostile
@@ -224,7 +223,6 @@ while [ $# -gt 0 ]; do [ "$1" = --hostfile ] && cp "$2" {shlex.quote(str(record)
     ("finishes first", False, 0),             # the work was done: nothing to resume
     ("fails", False, 3),                      # a failure is reported, not retried
 ])
-@pytest.mark.slow
 def test_slurm_script_requeues_only_a_job_that_stopped_early(tmp_path, hostile, capsys, step_ends, requeued, code):
     recipe, out = hostile
     script, _ = render_dry_run(["--nodes", "1", "--gpus-per-node", "2", "--gpu-request", "cpus", "--", "distill",
@@ -265,7 +263,6 @@ case "$END" in consume) rm "$OUT/STOP"; exit 0 ;; finish) exit 0 ;; *) exit 3 ;;
     assert not (out / "STOP").exists(), "a leftover STOP would stop the next run at once"
 
 
-@pytest.mark.slow
 def test_slurm_script_without_gpus_asks_one_cpu_per_rank(hostile, capsys):
     recipe, _ = hostile
     script, _ = render_dry_run(["--nodes", "1", "--gpus-per-node", "2", "--gpu-request", "cpus", "--", "distill",
@@ -281,7 +278,6 @@ def test_slurm_script_without_gpus_asks_one_cpu_per_rank(hostile, capsys):
     (["--job-name", "x;y"], "--job-name"),
     (["--nodes", "0"], "--nodes must be >= 1"),
 ])
-@pytest.mark.slow
 def test_submit_bad_input_is_a_clear_error(hostile, args, message):
     recipe, _ = hostile
     base = {"--nodes": "1", "--gpus-per-node": "1", "--gpu-request": "gpus"}
@@ -291,7 +287,6 @@ def test_submit_bad_input_is_a_clear_error(hostile, args, message):
     assert message in user_error(["submit", "slurm", "--dry-run", *flat, "--", "distill", "--config", str(recipe)])
 
 
-@pytest.mark.slow
 def test_submit_checks_its_arguments_before_asking_sinfo(hostile, tmp_path, monkeypatch, capsys):
     """A malformed partition is refused before it reaches any Slurm command."""
     recipe, _ = hostile
@@ -311,7 +306,6 @@ def test_submit_checks_its_arguments_before_asking_sinfo(hostile, tmp_path, monk
     assert asked.exists() and "#SBATCH --gpus-per-node=2" in script  # a valid job does ask, and gets GPUs
 
 
-@pytest.mark.slow
 def test_submit_marks_the_new_output_dir_it_puts_the_job_logs_in(tmp_path, hostile, capsys, monkeypatch):
     """OUTPUT_DIR/slurm, made by submit, must not make the job refuse its own output_dir as a user's folder;
     a folder the user already filled is never adopted."""
@@ -338,7 +332,6 @@ def test_submit_marks_the_new_output_dir_it_puts_the_job_logs_in(tmp_path, hosti
         claim_output_dir(mine, {})
 
 
-@pytest.mark.slow
 def test_submit_without_a_recipe_needs_a_log_dir():
     message = user_error(["submit", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--dry-run", "--", "export",
                           "--checkpoint", "c", "--output", "o"])
