@@ -6,6 +6,7 @@ the summary names the tests that start the most of them: the ones to fold into s
 from __future__ import annotations
 
 import collections
+import multiprocessing.util
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ _current_is_slow = [False]
 QUICK_LIMIT_S = 3.0
 _unmarked: dict = {}
 _real_popen_init = subprocess.Popen.__init__
+_real_spawnv_passfds = multiprocessing.util.spawnv_passfds
 
 
 def kind_of(argv) -> str:
@@ -54,21 +56,33 @@ def _is_script(program: str) -> bool:
 
 
 def _counting_init(self, args, *rest, **kwargs):
-    kind = kind_of(args)
+    _count(kind_of(args))
+    return _real_popen_init(self, args, *rest, **kwargs)
+
+
+def _counting_spawn(path, args, passfds):
+    # multiprocessing's "spawn" start method starts a fresh interpreter without subprocess.Popen; its
+    # resource tracker is a small helper that imports nothing heavy
+    _count("mp-helper" if any("resource_tracker" in str(a) for a in args) else "python")
+    return _real_spawnv_passfds(path, args, passfds)
+
+
+def _count(kind: str) -> None:
     _by_kind[kind] += 1
     if kind in HEAVY:
         _by_test[_current_test[0]] += 1
         if not _current_is_slow[0] and kind != "bash":  # a shell script alone starts in milliseconds
             _unmarked[_current_test[0]] = "starts processes"
-    return _real_popen_init(self, args, *rest, **kwargs)
 
 
 def pytest_configure(config):
     subprocess.Popen.__init__ = _counting_init
+    multiprocessing.util.spawnv_passfds = _counting_spawn
 
 
 def pytest_unconfigure(config):
     subprocess.Popen.__init__ = _real_popen_init
+    multiprocessing.util.spawnv_passfds = _real_spawnv_passfds
 
 
 def pytest_runtest_setup(item):

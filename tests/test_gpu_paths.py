@@ -92,6 +92,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_control_plane_under_a_group_without_cpu_backend(tmp_path):
     import json
 
@@ -133,6 +134,7 @@ def _selector_worker(rank: int, store_path: str, out_dir: str, model_dir: str) -
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_best_checkpoint_selection_under_a_group_without_cpu_backend(tmp_path, tokenizer_dir, vocab_size):
     """The Selector (stage 4's and teacher finetuning's best checkpoint) gathers its scores and agrees on the
     best through the control plane, so it works under NCCL; its score is the exported model's own."""
