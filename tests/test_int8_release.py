@@ -171,6 +171,7 @@ def dev_accuracy_by_hand(graph: Path, folder: Path) -> float:
     return correct / len(texts)
 
 
+@pytest.mark.slow
 def test_report_scores_and_times_the_int8_student_beside_fp32(tmp_path, tokenizer_dir, vocab_size):
     from ernie_tiny_ds.workflows.report import build_report
 
