@@ -118,6 +118,7 @@ def test_int8_graph_is_written_atomically(student, monkeypatch):
     assert target.read_bytes()[:64] != b"the previous int8 graph"[:64] and not list(student.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_onnx_command_int8_in_process(tmp_path, tokenizer_dir, vocab_size, capsys):
     from ernie_tiny_ds.cli import main
 
