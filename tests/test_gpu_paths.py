@@ -292,6 +292,7 @@ def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
 
 
+@pytest.mark.slow
 def test_bf16_teacher_with_fp32_and_bf16_student():
     from ernie_tiny_ds.config import LossConfig
     from ernie_tiny_ds.distill.models import FeatureCapture
