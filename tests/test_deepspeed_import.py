@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -44,6 +45,7 @@ def test_setup_cfg_requires_a_deepspeed_whose_import_does_not_need_nvcc():
     assert deepspeed.specifier.contains(str(SAFE)), deepspeed
 
 
+@pytest.mark.slow
 def test_deepspeed_imports_and_probes_ops_on_a_gpu_node_without_nvcc(tmp_path):
     script = FAKE_GPU_NODE + textwrap.dedent("""
         import deepspeed

@@ -154,6 +154,7 @@ def test_models_that_do_not_fit_the_task_are_refused(tmp_path, tokenizer):
         evaluate_model(tmp_path / "fits", task_cfg)
 
 
+@pytest.mark.slow
 def test_cli_prints_and_writes_metrics_and_reports_bad_data(tmp_path, tokenizer, capsys):
     from ernie_tiny_ds.cli import main
 

@@ -93,6 +93,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_control_plane_under_a_group_without_cpu_backend(tmp_path):
     import json
 
@@ -134,6 +135,7 @@ def _selector_worker(rank: int, store_path: str, out_dir: str, model_dir: str) -
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_best_checkpoint_selection_under_a_group_without_cpu_backend(tmp_path, tokenizer_dir, vocab_size):
     """The Selector (stage 4's and teacher finetuning's best checkpoint) gathers its scores and agrees on the
     best through the control plane, so it works under NCCL; its score is the exported model's own."""
@@ -215,6 +217,7 @@ time.sleep(600)  # where NCCL leaves a rank whose peer died: waiting, no error e
 """
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_where_nccl_leaves_it_is_ended_with_one_line(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", STUCK_RANK, str(tmp_path / ".ranks"), str(r)], env=env(),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -290,6 +293,7 @@ def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
 
 
+@pytest.mark.slow
 def test_bf16_teacher_with_fp32_and_bf16_student():
     from ernie_tiny_ds.config import LossConfig
     from ernie_tiny_ds.distill.models import FeatureCapture

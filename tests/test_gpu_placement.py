@@ -130,6 +130,7 @@ def _world(command: list[str]) -> dict:
     return json.loads(base64.urlsafe_b64decode(encoded))
 
 
+@pytest.mark.slow
 def test_slurm_gpu_binding_reaches_the_ranks(tmp_path, monkeypatch, capsys, tokenizer_dir, vocab_size):
     """Node 1 of 2, where Slurm bound GPUs 4 and 5: the job script's launch gives its ranks exactly those
     (deepspeed's runner would give them 0 and 1), and deepspeed's per-node launcher, run for real with a
@@ -158,6 +159,7 @@ def test_slurm_gpu_binding_reaches_the_ranks(tmp_path, monkeypatch, capsys, toke
     assert [(r["LOCAL_RANK"], r["WORLD_SIZE"], r["LOCAL_SIZE"]) for r in ranks] == [("0", "4", "2"), ("1", "4", "2")]
 
 
+@pytest.mark.slow
 def test_the_slurm_job_script_launches_with_the_step_s_gpus(tmp_path, capsys, monkeypatch, tokenizer_dir, vocab_size):
     """The rendered job script under stand-in srun/scontrol, with the CUDA_VISIBLE_DEVICES Slurm gives the
     step on node 0: the real `launch` (made a dry run) plans ranks on GPUs 2 and 3."""
@@ -247,6 +249,7 @@ def test_one_node_launch_without_a_port_picks_a_free_one(tmp_path, capsys, token
     _listening(port).close()  # it was free
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line_and_exit_code_2(tmp_path, tokenizer_dir, vocab_size):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
     port = free_port()

@@ -9,6 +9,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import pytest
 from distributed import REPO
 
 
@@ -28,6 +29,7 @@ def build(tmp_path: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_finds_its_configs_template_recipes_and_assets(tmp_path):
     wheel = build(tmp_path)
     site = tmp_path / "site"

@@ -154,6 +154,7 @@ def test_a_cli_call_leaves_no_trackers_behind_for_later_logs(tmp_path, offline_t
     assert mlflow_runs(offline_trackers["MLFLOW_TRACKING_URI"]) == []
 
 
+@pytest.mark.slow
 def test_distill_on_two_ranks_logs_once(tmp_path, tokenizer_dir, vocab_size, offline_trackers):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 3, "save_every": 3})
     env = offline_trackers  # in os.environ, which run_ranks passes on
