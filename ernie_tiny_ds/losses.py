@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ATTENTION_KINDS = ("kl", "mse")
 
@@ -143,8 +144,6 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
     else:
         # Each chunk's [B, H, C, L] maps are recomputed in backward instead of kept: peak memory
         # O(B*H*L*chunk) in training too, not O(B*H*L^2) summed over the chunks.
-        from torch.utils.checkpoint import checkpoint
-
         chunk = max(1, int(query_chunk))
         total = q_s.new_zeros((), dtype=torch.promote_types(q_s.dtype, torch.float32))
         for start in range(0, length, chunk):

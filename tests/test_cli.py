@@ -44,6 +44,26 @@ def test_a_command_imports_no_other_command_s_module():
     assert "deepspeed" not in result["modules"]  # imported where a group or an engine is made, never to parse
 
 
+# launch and submit parse the command they start (cli.parse_args) in a process that trains nothing
+TRAINING_COMMANDS_PARSED = """
+import json, sys
+from ernie_tiny_ds import cli
+for argv in (["distill", "--config", "r.yaml"], ["finetune-teacher", "--config", "r.yaml"],
+             ["pipeline", "--config", "r.yaml"], ["export", "--checkpoint", "c", "--output", "o"]):
+    cli.parse_args(argv)
+print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == "deepspeed")))
+"""
+
+
+def test_parsing_a_training_command_imports_no_deepspeed():
+    """The training commands' modules import the training stack at their top, but not DeepSpeed: its import
+    picks an accelerator and logs, which `launch` must not do while it checks the command's arguments."""
+    proc = subprocess.run([sys.executable, "-c", TRAINING_COMMANDS_PARSED], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
 def test_help_lists_every_command_with_its_help_line(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--help"])

@@ -72,16 +72,16 @@ def test_finetune_eval_every_defaults_to_train_eval_every_and_picks_what_ships(t
 
 
 def test_the_pipeline_hands_the_chosen_teacher_to_stages_2_to_4(tmp_path, monkeypatch):
-    from ernie_tiny_ds.workflows import finetune, pipeline
+    from ernie_tiny_ds.workflows import pipeline
 
     out = tmp_path / "out"
     output = fake_teacher(out / "teacher_finetuned")
     fake_teacher(best_dir(output), {"step": 2, "score": 0.5, "metric": "accuracy", "split": "dev"})
-    monkeypatch.setattr(finetune, "finetune_teacher", lambda recipe, path: path)
+    monkeypatch.setattr(pipeline, "finetune_teacher", lambda recipe, path: path)
     for ship, expected in (("best", best_dir(output)), ("last", output)):
         recipe = load_recipe(None, ["teacher.config={}", "finetune.eval_every=2", f"finetune.ship={ship}"])
         assert pipeline.ensure_finetuned_teacher(recipe, out, ["general_enhanced"], True) == (str(expected), False)
-    monkeypatch.setattr(finetune, "finetune_teacher", lambda recipe, path: None)  # a stop request
+    monkeypatch.setattr(pipeline, "finetune_teacher", lambda recipe, path: None)  # a stop request
     assert pipeline.ensure_finetuned_teacher(recipe, out, ["general_enhanced"], True) == (None, True)
 
 

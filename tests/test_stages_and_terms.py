@@ -84,8 +84,7 @@ def test_a_term_that_reads_logits_names_what_is_missing():
 
 
 def test_a_registered_stage_is_run_by_the_pipeline_in_order(tmp_path, monkeypatch):
-    from ernie_tiny_ds.runtime import process_group, selection
-    from ernie_tiny_ds.workflows import pipeline, report
+    from ernie_tiny_ds.workflows import pipeline
 
     toy = StageSpec("toy", "Toy Distillation", False, "general", ("hidden",))
     monkeypatch.setitem(STAGE_SPECS, "toy", toy)
@@ -98,10 +97,10 @@ def test_a_registered_stage_is_run_by_the_pipeline_in_order(tmp_path, monkeypatc
         return SimpleNamespace(complete=True)
 
     monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
-    monkeypatch.setattr(process_group, "init_distributed", lambda *args: (0, 1))
-    monkeypatch.setattr(selection, "shipped_student", lambda recipe, out: out / shipping_stage().name / "student")
+    monkeypatch.setattr(pipeline, "init_distributed", lambda *args: (0, 1))
+    monkeypatch.setattr(pipeline, "shipped_student", lambda recipe, out: out / shipping_stage().name / "student")
     reported = []
-    monkeypatch.setattr(report, "build_report", lambda recipe, out: reported.append(recipe.student.path))
+    monkeypatch.setattr(pipeline, "build_report", lambda recipe, out: reported.append(recipe.student.path))
     assert [name for name, _ in pipeline.pipeline_steps()][-2:] == ["task_specific", "toy"]
     assert pipeline.parse_stage("toy") == pipeline.parse_stage("5") == 5
     recipe = load_recipe(None, ["teacher.config={}", f"output_dir={tmp_path}", "teacher.finetuned_path=/teacher",

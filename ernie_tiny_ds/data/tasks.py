@@ -38,11 +38,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..assets import BUNDLED_TASKS, task_dir
 from ..config import TaskConfig
 from ..errors import ConfigError, DataError
 from .benchmarks import main_metric
 from .contract import check_state, loader_state
 from .stream import GROUP_BATCHES
+from .task_datasets import describe, get_split, open_dataset, raw_split, split_names
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
 LENGTH_CHUNK = 4096  # examples per tokenizer call when measuring lengths
@@ -86,8 +88,6 @@ class TaskData:
 # --------------------------------------------------------------------------- task config
 def resolve_task(cfg: TaskConfig) -> TaskConfig:
     """The task config with a bundled task's files and fields filled in, checked for completeness."""
-    from ..assets import BUNDLED_TASKS, task_dir
-
     # columns are names, or 0-based indices (as text) when the files have no header row
     resolved = dataclasses.replace(cfg, text_columns=[str(c) for c in cfg.text_columns], labels=list(cfg.labels),
                                    label_column=str(cfg.label_column))
@@ -370,8 +370,6 @@ def _hold_out(train: list[Example], fraction: float | None) -> tuple[list[Exampl
 def _dataset_splits(cfg: TaskConfig) -> tuple[TaskConfig, list, dict[str, list]]:
     """task.dataset's train and dev splits; the config completed from its features (columns, type,
     class names in the dataset's id order) and with `name: dataset[split]` where messages name a file."""
-    from .task_datasets import describe, get_split, open_dataset, raw_split, split_names
-
     dataset = open_dataset(cfg)
     train = get_split(dataset, cfg.train_split, "task.train_split")
     columns, kind, names = describe(train, cfg)
@@ -393,7 +391,6 @@ def load_split(cfg: TaskConfig, split: str) -> tuple[TaskData, list[Example]]:
     task = load_task(cfg)
     cfg = resolve_task(cfg)
     if cfg.dataset is not None:
-        from .task_datasets import get_split, open_dataset, raw_split
         resolved = dataclasses.replace(cfg, text_columns=task.text_columns, type=task.type, labels=task.label_names)
         data = get_split(open_dataset(cfg), split, "--split")
         raw = raw_split(data, split, resolved, task.text_columns, labelled=False)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import losses as losses_ref  # the torch reference (L means sequence length here)
 from ..config import LossConfig
+from ..errors import ConfigError
 from . import loss_terms
 from .models import FeatureCapture, Features
 
@@ -35,7 +37,6 @@ def projections_fingerprint(state: dict[str, torch.Tensor]) -> float:
 
 
 def read_projections(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     return load_file(str(path))
 
 
@@ -43,8 +44,6 @@ def projections_source(student_path: str | None, projections: str | None) -> Pat
     """Which projections a stage starts from: student.projections when set (the pipeline passes the
     previous stage's), else the file beside the folder of student.path (OUT/<stage>/student ->
     OUT/<stage>/projections.safetensors), else none."""
-    from ..errors import ConfigError
-
     if projections is not None:
         if not Path(projections).is_file():
             raise ConfigError(f"student.projections: file not found: {projections}")

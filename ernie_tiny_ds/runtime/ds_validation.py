@@ -9,6 +9,15 @@ import difflib
 import inspect
 from typing import Callable
 
+# DeepSpeed at the top: config/recipe.py imports this module only when there is a DeepSpeed setting to check
+import torch
+from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+from deepspeed.ops.lamb import FusedLamb
+from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
+from pydantic import ValidationError
+
 from ..config import Recipe
 from ..errors import ConfigError
 from .ds_config import build_ds_config
@@ -57,23 +66,16 @@ def _check_scalars(config: dict, where: Callable[[str], str]) -> None:
 def _optimizer_classes(name: str, params: dict) -> list | None:
     """The classes DeepSpeed may build for optimizer.type `name`; [] when it is an optimizer whose
     arguments are not checked here; None when it is no optimizer at all."""
-    import torch
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-
     lowered = name.lower()
     if lowered in ("adam", "adamw"):
         if params.get("torch_adam"):
             return [torch.optim.AdamW]
-        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
         return [FusedAdam, DeepSpeedCPUAdam]  # which one: the ZeRO offload decides
     if lowered == "lamb":
-        from deepspeed.ops.lamb import FusedLamb
         return [FusedLamb]
     if lowered == "lion":
-        from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
         return [FusedLion, DeepSpeedCPULion]
     if lowered == "adagrad":
-        from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
         return [torch.optim.Adagrad, DeepSpeedCPUAdagrad]
     if lowered in DEEPSPEED_OPTIMIZERS:
         return []  # muon and the mup optimizers: arguments of their own
@@ -82,8 +84,6 @@ def _optimizer_classes(name: str, params: dict) -> list | None:
 
 
 def _optimizer_names() -> list[str]:
-    import torch
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
     base = torch.optim.Optimizer
     torch_names = [name for name, cls in vars(torch.optim).items()
                    if isinstance(cls, type) and issubclass(cls, base) and cls is not base]
@@ -123,9 +123,6 @@ def _paths(node: dict, prefix: str = ""):
 
 
 def _check_with_deepspeed(config: dict, where: Callable[[str], str]) -> None:
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from pydantic import ValidationError
-
     try:
         DeepSpeedConfig(config)
     except ValidationError as exc:

@@ -1,6 +1,7 @@
 """One distillation stage: build the parts, resume, train (runtime/trainer.py), checkpoint, export."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
+from ..data.corpus import build_general_loader
+from ..data.tasks import build_task_loader
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 from ..distill.loss_terms import terms_need
 from ..distill.models import (
@@ -57,18 +60,14 @@ class StageResult:
 
 def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
     if spec.data == "general":
-        from ..data.corpus import build_general_loader
         return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed)
-    from ..data.tasks import build_task_loader
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
                              with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data)
 
 
 def engine_student_outputs(engine, student, batch: dict, stage: int) -> torch.Tensor:
     """The trained student's outputs on `batch`, dropout off (collective under ZeRO-3: params gathered)."""
-    import contextlib
-
-    import deepspeed
+    import deepspeed  # not at the top: the CLI's parsing imports this module (see process_group.init_distributed)
 
     gather = deepspeed.zero.GatheredParameters(list(student.parameters())) if stage == 3 else contextlib.nullcontext()
     engine.module.eval()

@@ -42,7 +42,7 @@ def read_best(folder: Path) -> dict | None:
 
 def full_state_dict(module: torch.nn.Module, zero: int, rank: int) -> dict[str, torch.Tensor] | None:
     """fp32 CPU weights of a trained module on rank 0 (collective: ZeRO-3 parameters are gathered)."""
-    import deepspeed
+    import deepspeed  # not at the top: the CLI's parsing imports this module (see process_group.init_distributed)
 
     gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if zero == 3 \
         else contextlib.nullcontext()

@@ -26,18 +26,39 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+import transformers
 
 from ..config import Recipe, load_recipe
 from ..data.tasks import TaskData, build_task_loader, load_task
+from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+from ..distill.models import base_model, load_teacher
+from ..distill.objective import ClassifierObjective
 from ..errors import ConfigError
-from ..files import atomic_write_text, remove_stale_temps, replace_dir, temp_dir_beside
+from ..files import (
+    atomic_write_text,
+    remove_stale_temps,
+    replace_dir,
+    temp_dir_beside,
+    weights_disk_full_is_one_line,
+)
 from ..outputs import claim_output, exclusive, output_dir_job, recipe_inputs, write_marker
-
-if TYPE_CHECKING:  # the training stack is imported where it runs (finetune_teacher)
-    from ..runtime.selection import Ranks
+from ..runtime import checkpoint, rank_registry, recipe_changes
+from ..runtime.checkpointer import Checkpointer, SaveSchedule
+from ..runtime.collectives import wait_for_rank0
+from ..runtime.ds_config import build_ds_config, zero_stage
+from ..runtime.engine_settings import EngineSettings
+from ..runtime.engines import build_training_engine
+from ..runtime.flops import finetune_step_flops, peak_flops
+from ..runtime.metrics import MetricsLogger
+from ..runtime.process_group import device, init_distributed
+from ..runtime.selection import EvalPlan, Ranks, Selector, choose, full_state_dict, pick, read_best
+from ..runtime.shared_folder import require_shared_folder
+from ..runtime.step import StepParts, train_step
+from ..runtime.stop import StopRequest
+from ..runtime.trainer import FailOnNonFinite, Trainer, on_device
+from .evaluate import evaluate_on_task
 
 DONE_FILE = "finetune_done.json"
 DEFAULT_DIR = "teacher_finetuned"
@@ -53,8 +74,6 @@ def best_dir(output: Path) -> Path:
 
 def last_and_best(teacher: Path) -> tuple[Path, Path]:
     """(last, best) folders of a finetuned teacher given either of them."""
-    from ..runtime.selection import read_best
-
     if teacher.name.endswith(BEST_SUFFIX) and read_best(teacher) is not None:
         return teacher.with_name(teacher.name[:-len(BEST_SUFFIX)]), teacher
     return teacher, best_dir(teacher)
@@ -67,22 +86,16 @@ def eval_every(recipe: Recipe) -> int | None:
 
 def ship_choice(recipe: Recipe) -> str:
     """finetune.ship, else best when finetuning evaluates, else last."""
-    from ..runtime.selection import choose
     return choose(recipe.finetune.ship, eval_every(recipe))
 
 
 def shipped_teacher(recipe: Recipe, output: Path) -> Path:
     """The finetuned teacher stages 2-4 distil from: the best when chosen and written, else the last."""
-    from ..runtime.selection import pick
     return pick(ship_choice(recipe), best_dir(output), output)
 
 
 def build_classifier(recipe: Recipe, task: TaskData):
     """The pretrained teacher encoder under a fresh task head (same weights on every rank)."""
-    import transformers
-
-    from ..distill.models import base_model, load_teacher
-
     if recipe.teacher.path is None and recipe.teacher.config is None:
         raise ConfigError("teacher.path: finetuning needs the pretrained teacher (teacher.path or teacher.config)")
     encoder = load_teacher(dataclasses.replace(recipe.teacher, finetuned_path=None), finetuned=False,
@@ -105,8 +118,6 @@ def build_classifier(recipe: Recipe, task: TaskData):
 def engine_settings(recipe: Recipe, total_steps: int):
     """What the engine trains the classifier with: the finetune section's batch, rate, warm-up and
     decay over `total_steps`; precision, betas, eps and clipping as the recipe's."""
-    from ..runtime.engine_settings import EngineSettings
-
     ft, o = recipe.finetune, recipe.optim
     if not 0 <= ft.warmup_ratio < 1:
         raise ConfigError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
@@ -145,11 +156,6 @@ def _reusable(output: Path, task: TaskData) -> bool:
 
 def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output: Path, summary: dict) -> dict:
     """Rank 0: write, score and rename the Hugging Face folder; returns the dev metrics ({} without dev)."""
-    import transformers
-
-    from ..files import weights_disk_full_is_one_line
-    from .evaluate import evaluate_on_task
-
     model = transformers.AutoModelForSequenceClassification.from_config(model_config, dtype=torch.float32)
     model.load_state_dict(state, strict=True)
     remove_stale_temps(output)  # what an interrupted write (a full disk) left beside it
@@ -172,12 +178,6 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
                      overwrite: bool = False) -> Path | None:
     """Collective: every rank calls it; returns the finetuned teacher folder, or None when a stop
     request ended the run at a checkpoint (the same call resumes it)."""
-    # imported here, not at the top: the training stack (transformers, deepspeed) is heavy, and the
-    # CLI's parsing imports this module
-    from ..runtime import checkpoint, rank_registry
-    from ..runtime.process_group import init_distributed
-    from ..runtime.shared_folder import require_shared_folder
-
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
     task = load_task(recipe.task)
     if not overwrite and _reusable(output, task):  # a file check every rank makes alike: no process group needed
@@ -209,14 +209,6 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
 
 def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: int, world: int):
     """The classifier under its DeepSpeed engine, with its tokenizer and loader: (FinetuneJob, CheckpointedRun)."""
-    from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
-    from ..distill.objective import ClassifierObjective
-    from ..runtime import checkpoint, recipe_changes
-    from ..runtime.ds_config import build_ds_config, zero_stage
-    from ..runtime.engines import build_training_engine
-    from ..runtime.process_group import device
-    from ..runtime.selection import Ranks
-
     ft = recipe.finetune
     # finetuning starts from the pretrained teacher
     tokenizer_dir = recipe_tokenizer_path(recipe, use_finetuned_teacher=False)
@@ -244,13 +236,6 @@ def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: 
 
 def _train(recipe: Recipe, job: FinetuneJob, run, selector, start: int):
     """Steps start+1..job.steps through the training loop; a non-finite loss ends the run."""
-    from ..runtime.checkpointer import Checkpointer, SaveSchedule
-    from ..runtime.flops import finetune_step_flops, peak_flops
-    from ..runtime.metrics import MetricsLogger
-    from ..runtime.step import StepParts, train_step
-    from ..runtime.stop import StopRequest
-    from ..runtime.trainer import FailOnNonFinite, Trainer, on_device
-
     rank, total = job.ranks.rank, job.steps
     # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
     peak = peak_flops(job.ranks.device, recipe.train.precision, recipe.train.peak_tflops) if rank == 0 else None
@@ -276,9 +261,6 @@ def _train(recipe: Recipe, job: FinetuneJob, run, selector, start: int):
 def _write_output(recipe: Recipe, job: FinetuneJob, selector, summary: dict) -> None:
     """Collective: gathers the classifier, rank 0 writes and scores the finetuned teacher, then drops the
     checkpoints it no longer needs."""
-    from ..runtime.collectives import wait_for_rank0  # heavy stack: see finetune_teacher
-    from ..runtime.selection import full_state_dict, read_best
-
     rank = job.ranks.rank
     state = full_state_dict(job.classifier, job.ranks.zero, rank)  # the classifier's own keys
     if rank == 0:
@@ -296,8 +278,6 @@ def _write_output(recipe: Recipe, job: FinetuneJob, selector, summary: dict) -> 
 
 def _selector(recipe: Recipe, job: FinetuneJob, resumed: bool):
     """The best-teacher selector when finetuning evaluates, else None; a fresh run forgets an earlier best."""
-    from ..runtime.selection import EvalPlan, Selector, read_best
-
     every = eval_every(recipe)
     if every is None:
         return None

@@ -86,7 +86,7 @@ class OrtModel:
     __call__(**inputs)."""
 
     def __init__(self, path: Path, config, threads: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # the optional onnx extra (require_onnx)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the same budget as PyTorch
@@ -175,7 +175,7 @@ def report_section(teacher_dir: str, student_dir: str, out: Path, seq_len: int, 
     teacher_onnx = export_onnx(teacher_dir, out / "onnx" / "teacher" / ONNX_FILE)
     quantised = None
     if int8:
-        from .onnx_int8 import quantize_int8
+        from .onnx_int8 import quantize_int8  # not at the top: onnx_int8 imports this module
         quantised = quantize_int8(Path(student_onnx["path"]), _load(student_dir))
     timing = compare_runtimes(teacher_dir, student_dir, Path(teacher_onnx["path"]), Path(student_onnx["path"]),
                               seq_len=seq_len, student_int8=quantised and Path(quantised["path"]))
@@ -217,13 +217,13 @@ def run(args) -> int:
     if args.teacher:
         claim_file(output.with_name("teacher.onnx"), "--output", models, home=args.model)
     if args.int8:
-        from .onnx_int8 import int8_path
+        from .onnx_int8 import int8_path  # not at the top: onnx_int8 imports this module
         claim_file(int8_path(output), "--output", models, home=args.model)
     result = export_onnx(args.model, output, opset=args.opset)
     print(written_line(result), flush=True)
     quantised = None
     if args.int8:
-        from .onnx_int8 import int8_written_line, quantize_int8
+        from .onnx_int8 import int8_written_line, quantize_int8  # onnx_int8 imports this module
         quantised = quantize_int8(output, _load(args.model))
         print(int8_written_line(quantised), flush=True)
     if args.teacher:

@@ -23,10 +23,18 @@ from typing import Callable
 from ..config import Recipe, load_recipe
 from ..distill.objective import PROJECTIONS_FILE
 from ..errors import ConfigError, UserError
+from ..files import atomic_write_text
+from ..outputs import output_dir_job
 from ..runtime import recipe_changes, stop
+from ..runtime.checkpoint import tag_for
 from ..runtime.collectives import wait_for_rank0
+from ..runtime.export import export_checkpoint, export_problem
 from ..runtime.loop import DONE_FILE, run_stage
+from ..runtime.process_group import init_distributed
+from ..runtime.selection import shipped_student
 from ..stages import STAGE_SPECS
+from .finetune import finetune_teacher, shipped_teacher
+from .report import build_report
 
 FINETUNE = "finetune"
 PIPELINE_DONE = "pipeline_done.json"
@@ -62,9 +70,6 @@ def check_finished_stage(recipe: Recipe, stage: str, done: dict, out: Path) -> N
 def ensure_export(out: Path, stage: str, done: dict, rank: int) -> None:
     """Rank 0 test-loads a finished stage's export (the next stage starts from it); one that does not
     load (a truncated model.safetensors) is rebuilt from the stage's final checkpoint. Collective."""
-    from ..runtime.checkpoint import tag_for
-    from ..runtime.export import export_checkpoint, export_problem
-
     student = out / stage / "student"
     if rank == 0:
         problem = export_problem(student) if student.is_dir() else "the folder is missing"
@@ -106,7 +111,6 @@ def ensure_finetuned_teacher(recipe: Recipe, out: Path, stages: list[str], allow
     if not allowed:
         raise ConfigError("teacher.finetuned_path: these stages need a finetuned teacher; set it, or include "
                           "stage 0 (finetune) in the range")
-    from .finetune import finetune_teacher, shipped_teacher
     path = finetune_teacher(recipe, out / "teacher_finetuned")
     if path is None:
         return None, True
@@ -176,8 +180,6 @@ def pipeline_steps() -> list[tuple[str, Callable[[PipelineRun, str], bool]]]:
 def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None) -> bool:
     """Runs the steps first..last of pipeline_steps() (0 = finetuning, default: to the last stage);
     True when the range finished, False when stopped."""
-    from ..runtime.process_group import init_distributed
-
     steps = pipeline_steps()
     last = len(steps) - 1 if last is None else last
     if first > last:
@@ -196,14 +198,11 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None) -> boo
     student = run.student
     shipping = [stage for stage in stages if STAGE_SPECS[stage].ships]
     if shipping:  # best or last (task.ship): the report scores it as the student, pipeline_done names it
-        from ..runtime.selection import shipped_student
         student = str(shipped_student(recipe, out))
         if rank == 0:
-            from .report import build_report
             build_report(with_paths(recipe, student, run.finetuned), out)
     wait_for_rank0()  # the report can outlast train.dist_timeout_s: the other ranks wait without it
     if rank == 0:
-        from ..files import atomic_write_text
         atomic_write_text(out / PIPELINE_DONE,
                           json.dumps({"range": [first, last], "stages": run.done, "student": student}))
         run.say(f"done ({', '.join(run.done) or 'nothing to run'}); student in {student}")
@@ -220,8 +219,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..outputs import output_dir_job
-
     recipe = load_recipe(args.config, args.overrides)
     with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
         run_pipeline(recipe, args.from_stage, args.to_stage)
