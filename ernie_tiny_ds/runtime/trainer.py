@@ -85,14 +85,6 @@ def on_device(batches: Iterable[dict[str, torch.Tensor]], dev: torch.device) -> 
         yield {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Loss terms averaged over ranks: the log shows one global loss (a control-plane collective)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    names = sorted(values)
-    sums = all_reduce_values([float(values[n].detach().float().reshape(())) for n in names], "sum")
-    return {n: v / world for n, v in zip(names, sums)}
-
-
 @dataclass
 class PendingStep:
     """An optimizer step not yet logged: its losses and tokens stay on the device until a logging step."""
