@@ -58,7 +58,7 @@ done
 
 # on/off rows (full size, `all`): item 1 off = the old zero soft-label loss on a regression head;
 # item 2 off = projections restarted at random every stage
-OUT="$OUT/item1-off" bench "${RECIPE[@]}" stages.task_specific.losses.soft_label_weight=0 \
+OUT="$OUT/item1-off" bench "${RECIPE[@]}" stages.task_specific.losses.weights.soft_label=0 \
   --tasks similarity --seeds "${SEEDS[@]}" --variants all
 OUT="$OUT/item2-off" bench "${RECIPE[@]}" losses.carry_projections=false \
   --tasks pair similarity --seeds "${SEEDS[@]}" --variants all

@@ -1,4 +1,5 @@
-"""Padding of general-corpus batches, before and after issue 15, and what it does to a distillation step.
+"""Padding of general-corpus batches (before and after issue 15) and of task batches (before and after
+issue 26), and what general-corpus padding does to a distillation step.
 
 Modes, all from the streaming loader (data/stream.py) over the same text:
   before    packing=document, no length grouping, every batch padded to max_seq_len (the old loader)
@@ -10,9 +11,17 @@ per CPU-second of a stage-1 distillation step (teacher forward with capture, stu
 backward through the real DistillationObjective, AdamW step) over --step-batches batches, the modes
 taking turns batch by batch so that a slow spell of a shared machine hits all three. CPU-seconds
 (time.process_time of this single-threaded process) rather than wall time, because the machine may
-be shared. Not a test.
+be shared. `unrounded` is the share the same batches would pad if widths were not rounded up to 8.
+
+Task part (--part tasks): for each bundled task, the padded share of one epoch of train batches over
+all ranks (what stages 3-4 and teacher finetuning read: data/tasks.TaskLoader) and of the dev batches
+(evaluation), `before` as the loader was (the epoch's plain permutation, widths rounded up to 8) and
+`after` from the loader as it is. Shapes: the demo (micro-batch 16, 2 ranks, task.max_seq_len 64,
+dev batches of 64) or --task-batch/--task-ranks/--task-len for ernie_tiny_en (32, 8, 128).
 
     python bench/padding.py                                   # bundled corpus, demo shapes (64 x 16)
+    python bench/padding.py --part tasks                      # task stages at the demo's shapes
+    python bench/padding.py --part tasks --task-batch 32 --task-ranks 8 --task-len 128   # ernie_tiny_en
     python bench/padding.py --seq-len 128 --batch-size 32     # ernie_tiny_en shapes
     python bench/padding.py --text /usr/share/doc
 """
@@ -62,6 +71,59 @@ def padded_share(bs) -> float:
     return 1 - sum(int(b["attention_mask"].sum()) for b in bs) / sum(b["attention_mask"].numel() for b in bs)
 
 
+def unrounded_share(bs) -> float:
+    """The padded share if each batch were exactly as wide as its longest row."""
+    content = sum(int(b["attention_mask"].sum()) for b in bs)
+    return 1 - content / sum(int(b["attention_mask"].sum(1).max()) * len(b["attention_mask"]) for b in bs)
+
+
+# --------------------------------------------------------------------------- task batches
+def share_of_widths(lengths, batches_of_indices) -> float:
+    """Padded share of batches (lists of example indices) padded as the old task loader did: the
+    longest row rounded up to 8 (capped at max_seq_len, which the lengths already respect)."""
+    content = sum(int(lengths[b].sum()) for b in batches_of_indices)
+    positions = sum(len(b) * -(-int(lengths[b].max()) // 8) * 8 for b in batches_of_indices)
+    return 1 - content / positions
+
+
+def task_shares(name: str, tokenizer, batch: int, ranks: int, max_len: int, dev_batch: int) -> dict:
+    import numpy as np
+
+    from ernie_tiny_ds.config import TaskConfig
+    from ernie_tiny_ds.data.tasks import TaskLoader, iter_dev_batches, load_task, token_lengths
+
+    task = load_task(TaskConfig(name=name, max_seq_len=max_len))
+    loaders = [TaskLoader(task, tokenizer, batch, rank, ranks, seed=1, with_labels=True) for rank in range(ranks)]
+    per_epoch = loaders[0].batches_per_epoch
+    after = [b for loader in loaders for b, _ in zip(iter(loader), range(per_epoch))]
+    lengths = loaders[0].lengths
+    order = np.random.default_rng([1, 0]).permutation(len(task.train))  # the old loader's epoch 0
+    slots = range(per_epoch * ranks)  # batch i of rank r is slot i * ranks + r
+    before = [order[slot * batch:(slot + 1) * batch] for slot in slots]
+    dev_lengths = token_lengths(task.dev, tokenizer, max_len)
+    dev_before = [np.arange(s, min(s + dev_batch, len(task.dev))) for s in range(0, len(task.dev), dev_batch)]
+    return {"train_examples": len(task.train), "mean_tokens": round(float(lengths.mean()), 1),
+            "train_before": round(share_of_widths(lengths, before), 4), "train_after": round(padded_share(after), 4),
+            "dev_before": round(share_of_widths(dev_lengths, dev_before), 4),
+            "dev_after": round(padded_share(list(iter_dev_batches(task, tokenizer, dev_batch))), 4)}
+
+
+def task_part(args, tokenizer) -> None:
+    from ernie_tiny_ds.assets import BUNDLED_TASKS
+
+    result = {"batch": args.task_batch, "ranks": args.task_ranks, "max_seq_len": args.task_len,
+              "dev_batch": args.dev_batch, "tasks": {}}
+    for name in BUNDLED_TASKS:
+        result["tasks"][name] = task_shares(name, tokenizer, args.task_batch, args.task_ranks, args.task_len,
+                                            args.dev_batch)
+    print(json.dumps(result, indent=1))
+    print(f"\ntask batches: micro-batch {args.task_batch} x {args.task_ranks} ranks, max_seq_len {args.task_len}, "
+          f"dev batches of {args.dev_batch}")
+    for name, r in result["tasks"].items():
+        print(f"{name:11} train padded {r['train_before']:6.1%} -> {r['train_after']:6.1%}   "
+              f"dev padded {r['dev_before']:6.1%} -> {r['dev_after']:6.1%}   ({r['mean_tokens']} tokens/example)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None, help="HF folder (default: the bundled MiniLM-L6-H384)")
@@ -73,12 +135,20 @@ def main() -> None:
     parser.add_argument("--pad-batches", type=int, default=200)
     parser.add_argument("--step-batches", type=int, default=12)
     parser.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--part", choices=["general", "tasks"], default="general")
+    parser.add_argument("--task-batch", type=int, default=16, help="tasks: micro-batch per rank")
+    parser.add_argument("--task-ranks", type=int, default=2)
+    parser.add_argument("--task-len", type=int, default=64, help="tasks: task.max_seq_len")
+    parser.add_argument("--dev-batch", type=int, default=64, help="tasks: evaluation batch size")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import transformers
 
     teacher_dir = args.teacher or default_teacher()
     tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+    if args.part == "tasks":
+        task_part(args, tokenizer)
+        return
     corpus = None
     if args.text is not None:  # prose documents, one per line, so the loader reads them as the corpus
         work = Path(tempfile.mkdtemp(prefix="padding-bench-"))
@@ -87,11 +157,12 @@ def main() -> None:
     cfg = DataConfig(corpus=corpus, max_seq_len=args.seq_len, shuffle_buffer=args.shuffle_buffer)
 
     result = {"text": args.text or "bundled corpus", "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "shuffle_buffer": args.shuffle_buffer, "padded_share": {}, "mean_width": {}}
+              "shuffle_buffer": args.shuffle_buffer, "padded_share": {}, "unrounded": {}, "mean_width": {}}
     data = {}
     for mode in MODES:
         bs = batches(cfg, tokenizer, mode, args.batch_size, max(args.pad_batches, args.step_batches + 2))
         result["padded_share"][mode] = round(padded_share(bs[:args.pad_batches]), 4)
+        result["unrounded"][mode] = round(unrounded_share(bs[:args.pad_batches]), 4)
         result["mean_width"][mode] = round(sum(b["input_ids"].shape[1] for b in bs) / len(bs), 1)
         data[mode] = bs
 
@@ -129,7 +200,8 @@ def main() -> None:
     print(f"\n{result['text']}: {args.batch_size} x {args.seq_len}, window {args.shuffle_buffer}, "
           f"teacher {args.teacher_dtype}")
     for m in MODES:
-        print(f"{m:9} padded {result['padded_share'][m]:6.1%}  mean width {result['mean_width'][m]:6.1f}  "
+        print(f"{m:9} padded {result['padded_share'][m]:6.1%} (unrounded {result['unrounded'][m]:6.1%})  "
+              f"mean width {result['mean_width'][m]:6.1f}  "
               f"{result['content_tokens_per_cpu_s'][m]:8,.0f} content tokens/CPU-s  "
               f"{result['step_cpu_s'][m]:.3f} CPU-s/step")
 

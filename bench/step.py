@@ -128,8 +128,8 @@ def content_tokens(batches: list[dict]) -> int:
 
 class Ours:
     def __init__(self, args, max_positions: int, corpus: str | None):
-        from ernie_tiny_ds.runtime.engine import init_distributed
         from ernie_tiny_ds.runtime.loop import build_parts
+        from ernie_tiny_ds.runtime.process_group import init_distributed
         from ernie_tiny_ds.stages import STAGE_SPECS
 
         self.recipe = recipe_for(args, max_positions, corpus)

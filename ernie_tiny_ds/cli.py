@@ -12,84 +12,13 @@ import os
 import sys
 
 from .errors import UserError
+from .runtime import rank_registry
 
-
-def _recipe(args):
-    from .config import load_recipe
-    return load_recipe(args.config, args.overrides)
-
-
-def _start_trackers(args) -> None:
-    """train.report_to: rank 0's metrics rows and the report also go to the recipe's trackers."""
-    if args.command in ("distill", "pipeline"):
-        from .runtime.trackers import activate
-        activate(_recipe(args))
-
-
-def cmd_distill(args) -> int:
-    from .outputs import output_dir_job
-    from .runtime.loop import run_stage
-    recipe = _recipe(args)
-    with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
-        run_stage(recipe, args.stage)
-    return 0
-
-
-def cmd_export(args) -> int:
-    from pathlib import Path
-
-    from .outputs import claim_output, exclusive
-    from .runtime.export import EXPORT, export_checkpoint
-    if args.onnx:  # before the export, not after it: a missing extra is one line and writes nothing
-        from .workflows.onnx_export import require_onnx
-        require_onnx()
-    output = claim_output(args.output, EXPORT, "--output", {"--checkpoint": args.checkpoint}, args.overwrite)
-    with exclusive(output.parent, output.name, "--output"):
-        out = export_checkpoint(args.checkpoint, output)
-    print(f"exported student to {out}")
-    if args.onnx:
-        from .workflows.onnx_export import ONNX_FILE, export_onnx, written_line
-        print(written_line(export_onnx(out, Path(out) / ONNX_FILE)), flush=True)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .config import STAGES
-
-    parser = argparse.ArgumentParser(prog="ernie-tiny-ds", description=__doc__.splitlines()[0])
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    # launch/submit check the sub-command they will start with this very parser
-    parser.set_defaults(build_parser=build_parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_recipe(p):
-        p.add_argument("--config", required=True, help="YAML recipe")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
-        return p
-
-    p = with_recipe(sub.add_parser("distill", help="run one distillation stage"))
-    p.add_argument("--stage", default="general", choices=STAGES)
-    p.set_defaults(func=cmd_distill)
-
-    p = sub.add_parser("export", help="ZeRO checkpoint -> Hugging Face folder")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or the folder holding `latest`")
-    p.add_argument("--output", required=True)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --output when it is an earlier export (nothing else is ever replaced)")
-    p.add_argument("--onnx", action="store_true",
-                   help="also write OUTPUT/model.onnx, checked against PyTorch (needs the onnx extra)")
-    p.set_defaults(func=cmd_export)
-
-    # Commands whose module declares its own arguments: add_arguments(parser) and run(args) -> int.
-    for name, module, help_text in COMMAND_MODULES:
-        mod = importlib.import_module(module, __package__)
-        p = sub.add_parser(name, help=help_text)
-        mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
-    return parser
-
-
-COMMAND_MODULES = (
+# Every command is a module with add_arguments(parser) and run(args) -> int, imported only when that command
+# is parsed: one command never pays for another's dependencies (training stack, ONNX, Hub client).
+COMMANDS = (
+    ("distill", ".workflows.distill", "run one distillation stage"),
+    ("export", ".workflows.export", "ZeRO checkpoint -> Hugging Face folder"),
     ("preprocess", ".data.preprocess", "tokenize a corpus into memory-mapped token shards"),
     ("finetune-teacher", ".workflows.finetune", "finetune the teacher on the task"),
     ("pipeline", ".workflows.pipeline", "run the four stages in order (and teacher finetuning)"),
@@ -103,13 +32,36 @@ COMMAND_MODULES = (
 )
 
 
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command is listed with its help line, and the one `argv` names gets its
+    arguments. Only the global --local_rank (an integer) may come before the command, so the first word
+    of `argv` that is a command's name is the command."""
+    names = [name for name, _, _ in COMMANDS]
+    chosen = next((word for word in argv if word in names), None)
+    parser = argparse.ArgumentParser(prog="ernie-tiny-ds", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # launch/submit check the sub-command they will start with this very parsing
+    parser.set_defaults(parse_args=parse_args)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            mod = importlib.import_module(module, __package__)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return build_parser(argv).parse_args(argv)
+
+
 def _shutdown() -> None:
     """Leave the process group in order: a barrier first, so no rank exits while another still talks."""
-    import torch.distributed as dist
-
-    from .runtime.rank_registry import stop_watch
-    stop_watch()  # from here on, ranks may leave at their own pace
-    if dist.is_available() and dist.is_initialized():
+    rank_registry.stop_watch()  # from here on, ranks may leave at their own pace
+    dist = sys.modules.get("torch.distributed")  # a command that never imported it has no process group
+    if dist is not None and dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
         finally:
@@ -117,31 +69,29 @@ def _shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        _start_trackers(args)
         code = args.func(args)
     except UserError as exc:
         rank = os.environ.get("RANK")  # set by the launcher, or by init_distributed during the call
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        from .runtime.rank_registry import report_and_exit
-        report_and_exit(f"{prefix}error: {exc}", code=2)  # other ranks may be blocked in a collective: do not wait
+        # other ranks may be blocked in a collective: do not wait
+        rank_registry.report_and_exit(f"{prefix}error: {exc}", code=2)
     except KeyboardInterrupt:  # Ctrl-C: one line saying where the job resumes, exit code 130
-        from .runtime.interrupt import exit_interrupted
+        from .runtime.interrupt import exit_interrupted  # it reads checkpoints (torch): not for every command
         exit_interrupted(args)
     except RuntimeError as exc:
         # another rank failed first (its own message says why); this one only saw its connection drop
-        from .data.corpus import describe_worker_failure
-        from .runtime.rank_registry import describe_peer_loss, report_and_exit
-        line = describe_peer_loss(exc)
+        from .data.corpus import describe_worker_failure  # the data stack (torch): not for every command
+        line = rank_registry.describe_peer_loss(exc)
         if line is None:  # a DataLoader worker's death can surface anywhere in the main thread
             worker = describe_worker_failure(exc, os.environ.get("RANK"))
             line = f"error: {worker}" if worker else None
         if line is None:
             raise
-        report_and_exit(line)
+        rank_registry.report_and_exit(line)
     _shutdown()
     return code
 

@@ -8,11 +8,14 @@ the destination's own folder, so the final rename stays on one filesystem.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator
+
+from .errors import UserError
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -167,3 +170,56 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# --------------------------------------------------------------------------- a full disk
+def is_disk_full(exc: BaseException, folder: Path, needed: int | None) -> bool:
+    """Whether `exc`, raised while writing under `folder`, means the disk (or the quota) is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save ("file write failed", a RuntimeError) and safetensors (its own error class, the OS's words
+    # inside) report a full disk without an errno: taken as one only where the disk has less room than needed
+    text = str(exc)
+    if isinstance(exc, Exception) and ("write failed" in text or "No space left" in text):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return False
+        return needed is None or free < needed
+    return False
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free:,} bytes free"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(folder: Path, needs: Callable[[], tuple[int | None, str]], advice: str,
+                          partial: Path | None = None) -> Iterator[None]:
+    """A full disk while writing under `folder`: one line (a UserError) naming the disk (the folder), its free
+    bytes and about how many the write needs, instead of a traceback. `needs()`, asked only after an error,
+    gives (bytes or None, the words saying so); `partial`, what the failed write leaves, is removed first."""
+    try:
+        yield
+    except Exception as exc:
+        needed, words = needs()
+        if not is_disk_full(exc, folder, needed):
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"no space left on the disk holding {folder} ({_free_space(folder)}): {words}; {advice}") \
+            from None
+
+
+def weights_disk_full_is_one_line(output: Path, model) -> contextlib.AbstractContextManager:
+    """disk_full_is_one_line for a model folder at `output`: its weights need about their size in memory
+    (the caller removes its temporary folder)."""
+    output = Path(output)
+
+    def needs() -> tuple[int, str]:
+        needed = sum(p.numel() * p.element_size() for p in model.parameters())
+        return needed, f"the weights of {output.name} need about {needed:,} bytes"
+    return disk_full_is_one_line(output.parent, needs, "free space there or write elsewhere")

@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from . import __version__
 from .errors import UserError
+from .files import atomic_write_text
+from .stages import STAGES
 
 MARKER = ".ernie-tiny-ds.json"
 LOCK_FILE = ".lock"
@@ -46,9 +49,6 @@ def marker_kind(folder: str | os.PathLike) -> str | None:
 
 
 def write_marker(folder: str | os.PathLike, kind: str) -> Path:
-    from . import __version__
-    from .files import atomic_write_text
-
     return atomic_write_text(Path(folder) / MARKER, json.dumps(
         {"kind": kind, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
@@ -177,8 +177,6 @@ def _contents(folder: Path) -> list[str]:
 def _legacy_layout(folder: Path) -> bool:
     """An output_dir written before markers existed: it holds a folder of this project's layout (a stage,
     the finetuned teacher or its checkpoints) or pipeline_done.json. It is adopted: marked on this run."""
-    from .stages import STAGES
-
     known = [*STAGES, "teacher_finetuned", "teacher_finetuned.checkpoints"]
     return (folder / "pipeline_done.json").is_file() or any((folder / name).is_dir() for name in known)
 

@@ -37,3 +37,40 @@ def wordpiece_dir(tmp_path_factory) -> str:
 def wordpiece(wordpiece_dir):
     from corpus_fixtures import load
     return load(wordpiece_dir)
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """`in_process(argv)` runs cli.main in this process and returns (exit code, stderr's non-blank lines):
+    the cheap way to check a one-line exit where no process group is needed. The one-line exit
+    (os._exit in production, which would end pytest) becomes SystemExit. A command that got as far
+    as its one-process group leaves it in place, whether it failed or not, for the next command in
+    this process: DeepSpeed keeps the groups it made, so once destroyed none could be made again."""
+    from ernie_tiny_ds import cli
+    from ernie_tiny_ds.runtime import rank_registry
+
+    def report(line, code=1):
+        print(line, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(rank_registry, "report_and_exit", report)
+    monkeypatch.setattr(cli, "_shutdown", lambda: rank_registry.stop_watch())  # the group stays (see above)
+    # a run without a launcher sets these for its one-process group: restored afterwards
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+    def run(argv: list[str]) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        return code, [line for line in err.splitlines() if line.strip()]
+    return run
+
+
+def pytest_configure(config):
+    import process_count
+    config.pluginmanager.register(process_count, "process_count")

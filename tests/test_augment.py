@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from ernie_tiny_ds.cli import build_parser
+from ernie_tiny_ds.cli import parse_args
 from ernie_tiny_ds.config import load_recipe
 from ernie_tiny_ds.data.tasks import build_task_loader, load_task
 from ernie_tiny_ds.errors import ConfigError
@@ -182,8 +182,7 @@ def test_cli_takes_the_recipe_and_overrides_like_the_other_commands(tmp_path, en
     config = tmp_path / "recipe.yaml"
     config.write_text(f"teacher: {{path: {english[0]}}}\ntask: {{train_file: train.tsv, "
                       f"text_columns: [premise, hypothesis], max_seq_len: 32}}\n")
-    args = build_parser().parse_args(["augment", "--config", str(config), "--output", str(tmp_path / "o.tsv"),
-                                      "augment.copies=2"])
+    args = parse_args(["augment", "--config", str(config), "--output", str(tmp_path / "o.tsv"), "augment.copies=2"])
     assert args.func(args) == 0
     assert len(tsv_rows(tmp_path / "o.tsv")) == 1 + 3 * 3
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -17,6 +19,7 @@ def test_no_bench_script_shadows_an_installed_or_standard_module():
     assert shadowing == [], f"rename these bench scripts, they hide modules of the same name: {shadowing}"
 
 
+@pytest.mark.slow
 def test_transformers_bert_imports_with_bench_first_on_the_path():
     # what every bench script that builds a teacher or student does, from the bench folder
     done = subprocess.run([sys.executable, "-c", "from transformers import BertModel; print('ok')"],

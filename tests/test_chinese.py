@@ -130,6 +130,7 @@ def load_recipe_text() -> str:
     return (Path(ernie_tiny_ds.__file__).parent / "recipes" / "ernie_tiny_zh.yaml").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_the_shipped_recipe_names_its_teacher_by_hub_id(tmp_path):
     recipe = load_recipe("ernie_tiny_zh", [f"task.train_file={tmp_path / 'train.tsv'}"])
     assert recipe.teacher.path == "nghuyong/ernie-3.0-base-zh" and recipe.release.language == ["zh"]

@@ -122,7 +122,7 @@ def test_bundled_recipes_load_by_name_and_are_valid(name, tmp_path):
 
 @pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_bundled_deepspeed_configs_get_the_fused_torch_adamw(zero, tmp_path):
-    from ernie_tiny_ds.runtime.engine import build_ds_config
+    from ernie_tiny_ds.runtime.ds_config import build_ds_config
     from ernie_tiny_ds.runtime.engine_settings import EngineSettings
 
     r = load_recipe(write(tmp_path, BASE), [f"deepspeed.config={zero}", "optim.lr=3e-4"])
@@ -138,7 +138,7 @@ def test_bundled_deepspeed_configs_get_the_fused_torch_adamw(zero, tmp_path):
 def test_weight_decay_skips_biases_and_layer_norms():
     import transformers
 
-    from ernie_tiny_ds.runtime.engine import parameter_groups
+    from ernie_tiny_ds.runtime.engines import parameter_groups
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32)

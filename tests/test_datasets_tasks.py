@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import transformers
-from distributed import run_cli
 
 from ernie_tiny_ds.config import TaskConfig
 from ernie_tiny_ds.data.tasks import load_split, load_task
@@ -133,15 +132,16 @@ def read_tsv(path):
     return lines[0], [line.split("\t") for line in lines[1:]]
 
 
-@pytest.mark.slow
-def test_predict_writes_glue_submission_files(tmp_path, tokenizer_dir, vocab_size):
+def test_predict_writes_glue_submission_files(tmp_path, tokenizer_dir, vocab_size, in_process):
+    # one process, no group: the command runs in this one
     model = tiny_classifier(tmp_path / "model", tokenizer_dir, vocab_size, 3)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"teacher": {"config": {}}, "task": {
         "dataset": mnli_like(tmp_path / "mnli"), "name": "mnli", "dev_split": "validation_matched",
         "test_split": ["test_matched", "test_mismatched"]}}))
-    proc = run_cli(["predict", "--model", str(model), "--config", str(recipe), "--output", str(tmp_path / "sub")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, err = in_process(["predict", "--model", str(model), "--config", str(recipe),
+                            "--output", str(tmp_path / "sub")])
+    assert code == 0, err
     for name, indices in (("MNLI-m.tsv", range(300, 305)), ("MNLI-mm.tsv", range(400, 404))):
         header, rows = read_tsv(tmp_path / "sub" / name)
         assert header == "index\tprediction"
@@ -154,13 +154,13 @@ def test_predict_writes_glue_submission_files(tmp_path, tokenizer_dir, vocab_siz
     (folder / "test.tsv").write_text("\n".join(line.split("\t", 1)[0] + "\t\t\t" + line.split("\t")[3]
                                                for line in COLA[:3]) + "\n")
     cola = tiny_classifier(tmp_path / "cola_model", tokenizer_dir, vocab_size, 2)
-    proc = run_cli(["predict", "--model", str(cola), "--task", "cola", "--output", str(tmp_path / "sub"),
-                    f"task.train_file={folder / 'train.tsv'}", f"task.test_file={folder / 'test.tsv'}",
-                    "task.header=false", "task.text_columns=[3]", "task.label_column=1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, err = in_process(["predict", "--model", str(cola), "--task", "cola", "--output", str(tmp_path / "sub"),
+                            f"task.train_file={folder / 'train.tsv'}", f"task.test_file={folder / 'test.tsv'}",
+                            "task.header=false", "task.text_columns=[3]", "task.label_column=1"])
+    assert code == 0, err
     header, rows = read_tsv(tmp_path / "sub" / "CoLA.tsv")
     assert [r[0] for r in rows] == ["0", "1", "2"] and {r[1] for r in rows} <= {"0", "1"}
-    proc = run_cli(["predict", "--model", str(cola), "--task", "cola", "--split", "test",
-                    f"task.train_file={folder / 'train.tsv'}", "task.header=false", "task.text_columns=[3]",
-                    "task.label_column=1"])
-    assert proc.returncode == 2 and "error: --split test: set task.test_file" in proc.stderr
+    code, err = in_process(["predict", "--model", str(cola), "--task", "cola", "--split", "test",
+                            f"task.train_file={folder / 'train.tsv'}", "task.header=false", "task.text_columns=[3]",
+                            "task.label_column=1"])
+    assert code == 2 and "error: --split test: set task.test_file" in "\n".join(err)

@@ -1,5 +1,12 @@
-"""General Distillation on 2 real ranks under the deepspeed launcher: ZeRO 1/2/3, resume, export."""
+"""General Distillation on 2 real ranks under the deepspeed launcher: ZeRO 1/2/3, resume, export.
+
+Starting two ranks costs far more than the steps they run, so each run below is made once per module
+and several tests check it: the ZeRO-2 and ZeRO-3 runs are also the uninterrupted runs the resumed
+ones must equal and (ZeRO-3) the run that is exported; the ZeRO-1 run is also the replicated run the
+sharded teacher must match.
+"""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,17 +15,51 @@ from transformers import AutoModel
 
 pytestmark = pytest.mark.slow
 
+STEPS, STOP = 12, 6
+# fp32 teacher where a run is compared across ZeRO stages: a bf16 one (auto on bf16-native CPUs) rounds
+# differently under ZeRO-3 (about 0.6 %)
+RUNS = {
+    "zero1": ["deepspeed.config=zero1", "teacher.dtype=fp32"],
+    "zero2": ["deepspeed.config=zero2"],
+    "zero3": ["deepspeed.config=zero3"],
+    "zero3_sharded_teacher": ["deepspeed.config=zero3_offload", "teacher.zero3=true", "teacher.dtype=fp32"],
+}
+
+
+class Run:
+    def __init__(self, folder: Path, outputs: list[str]):
+        self.stage = folder / "out/general"
+        self.outputs = outputs  # each launch's stdout, in order
+        self.metrics = read_metrics(self.stage / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def distill(tmp_path_factory, tokenizer_dir, vocab_size):
+    """`distill(name)`: stage 1 on 2 ranks with RUNS[name], STEPS steps, a checkpoint every STOP; with
+    `stop=True` stopped at STOP and then resumed by a second launch. Each run is made once."""
+    made = {}
+
+    def run(name: str, stop: bool = False) -> Run:
+        key = (name, stop)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{name}_resumed" if stop else name)
+            recipe = tiny_recipe(folder, tokenizer_dir, vocab_size, train={"max_steps": STEPS, "save_every": STOP})
+            args = ["distill", "--config", str(recipe), "--stage", "general", *RUNS[name]]
+            launches = [[*args, f"train.stop_at_step={STOP}"], args] if stop else [args]
+            made[key] = Run(folder, [run_ranks(a).stdout for a in launches])
+        return made[key]
+    return run
+
 
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
-def test_loss_falls_on_two_ranks(tmp_path, tokenizer_dir, vocab_size, zero):
+def test_loss_falls_on_two_ranks(distill, zero):
     # a fixed random teacher and a small corpus: twelve steps must bring the student closer
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 12, "save_every": 12})
-    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general", f"deepspeed.config={zero}"])
-    losses = [m["loss"] for m in read_metrics(tmp_path / "out/general/metrics.jsonl")]
+    run = distill(zero)
+    losses = [m["loss"] for m in run.metrics]
     assert len(losses) == 12
     assert losses[-1] < 0.8 * losses[0], losses
     held = {int(r): (int(a), int(b)) for r, a, b in
-            re.findall(r"\[rank (\d)\] .*this rank holds (\d+) of (\d+) student parameters", proc.stdout)}
+            re.findall(r"\[rank (\d)\] .*this rank holds (\d+) of (\d+) student parameters", run.outputs[0])}
     assert set(held) == {0, 1}
     for local, full in held.values():
         if zero == "zero3":  # each rank holds about half the student
@@ -28,28 +69,20 @@ def test_loss_falls_on_two_ranks(tmp_path, tokenizer_dir, vocab_size, zero):
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, vocab_size, zero):
+def test_resume_equals_uninterrupted_run(distill, zero):
     """N steps + restart + N steps ends exactly where 2N straight steps end (fp32)."""
-    common = ["distill", "--stage", "general", f"deepspeed.config={zero}", "train.max_steps=8", "train.save_every=4"]
-    straight = tiny_recipe(tmp_path / "a", tokenizer_dir, vocab_size)
-    run_ranks(common[:1] + ["--config", str(straight)] + common[1:])
-    resumed = tiny_recipe(tmp_path / "b", tokenizer_dir, vocab_size)
-    first = run_ranks(common[:1] + ["--config", str(resumed)] + common[1:] + ["train.stop_at_step=4"])
-    assert "stopped at step 4 of 8" in first.stdout
-    second = run_ranks(common[:1] + ["--config", str(resumed)] + common[1:])
-    assert "at step 4" in second.stdout and "resumed general" in second.stdout
-    a = read_metrics(tmp_path / "a/out/general/metrics.jsonl")
-    b = read_metrics(tmp_path / "b/out/general/metrics.jsonl")
-    assert [m["step"] for m in b] == list(range(1, 9))
-    for x, y in zip(a, b):
+    straight, resumed = distill(zero), distill(zero, stop=True)
+    first, second = resumed.outputs
+    assert f"stopped at step {STOP} of {STEPS}" in first
+    assert f"at step {STOP}" in second and "resumed general" in second
+    assert [m["step"] for m in resumed.metrics] == list(range(1, STEPS + 1))
+    for x, y in zip(straight.metrics, resumed.metrics, strict=True):
         for key in ("loss", "hidden", "attention", "embedding", "lr"):
             assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), (x["step"], key)
 
 
-def test_export_loads_with_automodel_and_reproduces_the_engine(tmp_path, tokenizer_dir, vocab_size):
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
-    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "deepspeed.config=zero3"])
-    stage = tmp_path / "out/general"
+def test_export_loads_with_automodel_and_reproduces_the_engine(distill, tmp_path, in_process):
+    stage = distill("zero3").stage
     model = AutoModel.from_pretrained(stage / "student").eval()
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
     assert not any("proj" in name for name in model.state_dict())
@@ -58,27 +91,21 @@ def test_export_loads_with_automodel_and_reproduces_the_engine(tmp_path, tokeniz
     with torch.no_grad():
         got = model(**probe["batch"]).last_hidden_state
     assert torch.allclose(got, probe["outputs"], atol=1e-5)
-    # and the stand-alone export command gives the same folder from the checkpoint
-    from distributed import run_cli
-    proc = run_cli(["export", "--checkpoint", str(stage / "checkpoints"), "--output", str(tmp_path / "again")])
-    assert proc.returncode == 0, proc.stderr
-    again = AutoModel.from_pretrained(tmp_path / "again").eval()
+    # and the stand-alone export command gives the same folder from the checkpoint (one process, no group)
+    again_dir = tmp_path / "again"
+    code, lines = in_process(["export", "--checkpoint", str(stage / "checkpoints"), "--output", str(again_dir)])
+    assert code == 0, lines
+    again = AutoModel.from_pretrained(again_dir).eval()
     with torch.no_grad():
         assert torch.equal(again(**probe["batch"]).last_hidden_state, got)
 
 
-def test_sharded_teacher_and_offloaded_student_match_replicated_zero1(tmp_path, tokenizer_dir, vocab_size):
+def test_sharded_teacher_and_offloaded_student_match_replicated_zero1(distill):
     """Two ZeRO-3 engines (frozen teacher inference + offloaded student) in one process: same losses as ZeRO-1."""
-    runs = {}
-    for name, extra in (("zero1", ["deepspeed.config=zero1"]),
-                        ("zero3", ["deepspeed.config=zero3_offload", "teacher.zero3=true"])):
-        recipe = tiny_recipe(tmp_path / name, tokenizer_dir, vocab_size)
-        # fp32 teacher: a bf16 one (auto on bf16-native CPUs) rounds differently under ZeRO-3 (about 0.6 %)
-        proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general", "teacher.dtype=fp32", *extra])
-        runs[name] = (proc, read_metrics(tmp_path / name / "out/general/metrics.jsonl"))
-    teacher_held = re.findall(r"and (\d+) of (\d+) teacher parameters", runs["zero3"][0].stdout)
+    replicated, sharded = distill("zero1"), distill("zero3_sharded_teacher")
+    teacher_held = re.findall(r"and (\d+) of (\d+) teacher parameters", sharded.outputs[0])
     assert len(teacher_held) == 2
     for local, full in teacher_held:
         assert 0.45 * int(full) <= int(local) <= 0.55 * int(full)
-    for a, b in zip(runs["zero1"][1], runs["zero3"][1], strict=True):
+    for a, b in zip(replicated.metrics, sharded.metrics, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

@@ -190,21 +190,26 @@ def one_checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
     return tmp / "out/general/checkpoints"
 
 
-def export(checkpoint_dir, output, *extra, cwd=None):
-    from distributed import REPO, run_cli
+@pytest.fixture
+def export(in_process, monkeypatch):
+    """`export(checkpoint_dir, output, *extra, cwd=None)`: the export command, in this process."""
+    def run(checkpoint_dir, output, *extra, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        return in_process(["export", "--checkpoint", str(checkpoint_dir), "--output", str(output), *extra])
+    return run
 
-    return run_cli(["export", "--checkpoint", str(checkpoint_dir), "--output", str(output), *extra], cwd=cwd or REPO)
 
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+def one_error_line(result) -> str:
+    code, lines = result
+    assert code == 2, lines
+    assert not any("Traceback" in line for line in lines)
+    (line,) = lines
     return line
 
 
-@pytest.mark.slow
-def test_export_refuses_a_folder_that_is_not_an_earlier_export(one_checkpoint, tmp_path):
+@pytest.mark.slow  # the shared checkpoint comes from a distill process
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(one_checkpoint, tmp_path, export):
     mine = tmp_path / "my_notes"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
@@ -214,13 +219,13 @@ def test_export_refuses_a_folder_that_is_not_an_earlier_export(one_checkpoint, t
                          r"yourself or name a new folder", line)
     assert (mine / "thesis.tex").read_text() == "years of work"
     # an earlier export is replaced with --overwrite only
-    assert export(one_checkpoint, tmp_path / "student").returncode == 0
+    assert export(one_checkpoint, tmp_path / "student")[0] == 0
     assert "pass --overwrite" in one_error_line(export(one_checkpoint, tmp_path / "student"))
-    assert export(one_checkpoint, tmp_path / "student", "--overwrite").returncode == 0
+    assert export(one_checkpoint, tmp_path / "student", "--overwrite")[0] == 0
 
 
-@pytest.mark.slow
-def test_export_output_dot_is_one_line_even_with_overwrite(one_checkpoint, tmp_path):
+@pytest.mark.slow  # the shared checkpoint comes from a distill process
+def test_export_output_dot_is_one_line_even_with_overwrite(one_checkpoint, tmp_path, export):
     (tmp_path / "keep.txt").write_text("x")
     for extra in ([], ["--overwrite"]):
         line = one_error_line(export(one_checkpoint, ".", *extra, cwd=tmp_path))
@@ -230,9 +235,10 @@ def test_export_output_dot_is_one_line_even_with_overwrite(one_checkpoint, tmp_p
     assert (tmp_path / "keep.txt").is_file() and (one_checkpoint / "latest").is_file()
 
 
-def test_finetune_teacher_refuses_an_output_that_is_not_a_finetuned_teacher(tmp_path, tokenizer_dir, vocab_size):
+def test_finetune_teacher_refuses_an_output_that_is_not_a_finetuned_teacher(tmp_path, tokenizer_dir, vocab_size,
+                                                                             in_process, monkeypatch):
     import yaml
-    from distributed import run_cli, tiny_teacher
+    from distributed import tiny_teacher
 
     mine = tmp_path / "results"
     mine.mkdir()
@@ -241,9 +247,10 @@ def test_finetune_teacher_refuses_an_output_that_is_not_a_finetuned_teacher(tmp_
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "data": {"tokenizer": tokenizer_dir},
                                       "teacher": {"config": tiny_teacher(vocab_size, layers=2)},
                                       "task": {"name": "sentiment", "max_seq_len": 32}}))
-    line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", str(mine)]))
+    line = one_error_line(in_process(["finetune-teacher", "--config", str(recipe), "--output", str(mine)]))
     assert re.search(r"error: --output .*results exists and was not written by ernie-tiny-ds", line)
-    line = one_error_line(run_cli(["finetune-teacher", "--config", str(recipe), "--output", "."], cwd=tmp_path))
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(in_process(["finetune-teacher", "--config", str(recipe), "--output", "."]))
     assert "refusing to replace the current folder" in line
     assert (mine / "table.csv").read_text() == "1,2"
 
@@ -335,6 +342,59 @@ def test_a_full_disk_during_an_export_is_one_line(tmp_path, monkeypatch):
     assert str(info.value).startswith(f"no space left on the disk holding {tmp_path} (")
     assert f"the weights of student need about {needed:,} bytes" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+# what safetensors raises when the OS says the disk is full: its own error class, no errno, the OS's words inside
+SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                    'message: "No space left on device" })')
+
+
+class SafetensorFull(Exception):
+    pass
+
+
+@pytest.mark.parametrize("writer", ["export", "checkpoint"])
+def test_a_full_disk_reported_without_an_errno_is_one_line_at_both_writers(tmp_path, monkeypatch, writer):
+    """Both writers share one check: an error that only says so (safetensors' for an export, torch.save's
+    RuntimeError for a checkpoint) is a full disk when the disk has less room than the write needs, and
+    passes through unchanged when there is room (then it is some other failure)."""
+    import transformers
+
+    from ernie_tiny_ds.runtime.export import save_model_folder
+
+    root = tmp_path / "checkpoints"
+    if writer == "checkpoint":
+        save(root, 1)
+
+    def write(error: Exception) -> None:
+        if writer == "export":
+            model = transformers.BertModel(transformers.BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16))
+
+            def full(*_args, **_kwargs):
+                raise error
+            monkeypatch.setattr(model, "save_pretrained", full)
+            save_model_folder(model, None, tmp_path / "student")
+            return
+
+        class FullDisk(FakeEngine):
+            def save_checkpoint(self, root, tag, client_state, save_latest):
+                raise error
+        save(root, 2, engine=FullDisk())
+
+    error = SafetensorFull(SAFETENSORS_FULL) if writer == "export" else RuntimeError("[enforce fail] file write failed")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=7))
+    with pytest.raises(UserError) as info:
+        write(error)
+    line = str(info.value)
+    disk = tmp_path if writer == "export" else root
+    assert "\n" not in line and line.startswith(f"no space left on the disk holding {disk} (7 bytes free)")
+    assert not list(tmp_path.glob("*.tmp*")) and not (root / "step_00000002.partial").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 50))
+    with pytest.raises(type(error)):  # room enough: not a full disk, the error is the writer's own
+        write(error)
 
 
 def test_stale_partial_folders_and_temporaries_are_removed_at_resume(tmp_path):

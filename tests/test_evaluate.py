@@ -8,8 +8,9 @@ import transformers
 from distributed import run_cli
 
 from ernie_tiny_ds.config import TaskConfig
+from ernie_tiny_ds.data.benchmarks import compute_metrics
 from ernie_tiny_ds.errors import ConfigError, UserError
-from ernie_tiny_ds.workflows.evaluate import compute_metrics, evaluate_model
+from ernie_tiny_ds.workflows.evaluate import evaluate_model
 from ernie_tiny_ds.workflows.speed import compare_inference, measure_inference
 
 
@@ -153,6 +154,7 @@ def test_models_that_do_not_fit_the_task_are_refused(tmp_path, tokenizer):
         evaluate_model(tmp_path / "fits", task_cfg)
 
 
+@pytest.mark.slow
 def test_cli_prints_and_writes_metrics_and_reports_bad_data(tmp_path, tokenizer, capsys):
     from ernie_tiny_ds.cli import main
 

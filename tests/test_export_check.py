@@ -148,6 +148,7 @@ def test_non_finite_or_misshapen_exports_fail(healthy):
         assert export_matches(rounded, export, overflowed, "bf16").allowed == 2 * torch.finfo(torch.bfloat16).eps
 
 
+@pytest.mark.slow
 def test_the_stage_check_records_its_bound_and_fails_in_one_line(healthy, tmp_path):
     """What finish_stage runs on rank 0: the export folder loaded fresh against the engine's outputs."""
     seed, model, batch, _ = healthy
@@ -176,6 +177,7 @@ def demo_batches(folder, tokenizer_dir: str, rows: int, length: int) -> list[dic
             for i in range(0, len(texts) - rows + 1, rows)]
 
 
+@pytest.mark.slow
 def test_a_demo_student_trained_in_bf16_for_a_full_stage_passes(tmp_path, tokenizer_dir, vocab_size):
     """The demo's student shape, stage length and rate, trained as DeepSpeed's bf16 engine trains: fp32
     master weights updated by AdamW, a bf16 copy that runs forward and backward. Batches are smaller

@@ -8,9 +8,7 @@ import time
 
 import pytest
 import yaml
-from distributed import REPO, deepspeed_cmd, env, read_metrics, run_cli, run_ranks, tiny_recipe
-
-pytestmark = pytest.mark.slow
+from distributed import REPO, deepspeed_cmd, env, read_metrics, run_ranks, tiny_recipe
 
 
 def _descendants(pid: int) -> list[int]:
@@ -39,6 +37,7 @@ DEAD_RANK_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", DEAD_RANK_CASES)
 def test_a_dead_rank_ends_the_job_quickly_and_names_it(command, tmp_path, tokenizer_dir, vocab_size):
     args, sections, progress_file, ranks_dir = DEAD_RANK_CASES[command]
@@ -75,21 +74,33 @@ def test_a_dead_rank_ends_the_job_quickly_and_names_it(command, tmp_path, tokeni
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, tokenizer_dir, vocab_size):
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 6, "save_every": 2,
-                                                                      "keep_checkpoints": 3})
+@pytest.fixture(scope="module")
+def resumed_past_a_damaged_checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
+    """Stage 1 on 2 ranks stopped at step 4, its newest checkpoint truncated, then run again to the end.
+    Its corpus holds an empty file beside a real one, which the run must skip."""
+    tmp_path = tmp_path_factory.mktemp("damaged")
+    folder = _corpus_with(tmp_path, "empty.txt", b"")
+    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: (
+        v["data"].update(corpus=str(folder)), v["train"].update(max_steps=6, save_every=2, keep_checkpoints=3)))
     run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.stop_at_step=4"])
     ckpts = tmp_path / "out/general/checkpoints"
-    assert (ckpts / "latest").read_text() == "step_00000004"
+    latest_before = (ckpts / "latest").read_text()
     victim = next((ckpts / "step_00000004").glob("zero_pp_rank_0_*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated, as by a crash
-    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"])
+    return tmp_path, latest_before, run_ranks(["distill", "--config", str(recipe), "--stage", "general"])
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(resumed_past_a_damaged_checkpoint):
+    tmp_path, latest_before, proc = resumed_past_a_damaged_checkpoint
+    assert latest_before == "step_00000004"
     assert "step_00000004 is damaged" in proc.stdout and "does not match" not in proc.stderr
     assert "resumed general from" in proc.stdout and "at step 2" in proc.stdout
     steps = [m["step"] for m in read_metrics(tmp_path / "out/general/metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_diverging_loss_is_skipped_then_stops_naming_term_and_step(tmp_path, tokenizer_dir, vocab_size):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 50, "max_nonfinite_steps": 2},
                          optim={"lr": 1e30, "grad_clip": 0.0})
@@ -133,28 +144,29 @@ BAD_INPUTS = {
 }
 
 
+# one process, no launcher, so each runs in-process: an uncaught exception (a traceback) fails the test
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, tokenizer_dir, vocab_size, case):
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, tokenizer_dir, vocab_size, case, in_process):
     change, message = BAD_INPUTS[case]
     recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, change)
-    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    code, lines = in_process(["distill", "--config", str(recipe), "--stage", "general"])
+    assert code == 2, lines
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), lines
+    assert not any("Traceback" in line for line in lines)
     assert not (tmp_path / "out/general/stage_done.json").exists()
 
 
-def test_a_malformed_task_row_names_file_and_line(tmp_path, tokenizer_dir, vocab_size):
+def test_a_malformed_task_row_names_file_and_line(tmp_path, tokenizer_dir, vocab_size, in_process):
     train = tmp_path / "train.tsv"
     train.write_text("sentence\tlabel\na fine day\tpos\nthis row\thas\tthree fields\n")
     recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v.update(
         task={"train_file": str(train), "text_columns": ["sentence"]}))
-    proc = run_cli(["finetune-teacher", "--config", str(recipe)])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"{train}:3" in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    code, lines = in_process(["finetune-teacher", "--config", str(recipe)])
+    assert code == 2, lines
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and f"{train}:3" in errors[0], lines
+    assert not any("Traceback" in line for line in lines)
     assert not (tmp_path / "out" / "teacher_finetuned").exists()
 
 
@@ -173,6 +185,7 @@ CORPUS_FAULTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CORPUS_FAULTS))
 def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab_size, case):
     name, content, message = CORPUS_FAULTS[case]
@@ -190,8 +203,7 @@ def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab
             or not any((tmp_path / "out/general/checkpoints").iterdir()))
 
 
-def test_an_empty_corpus_file_is_skipped_and_the_run_completes(tmp_path, tokenizer_dir, vocab_size):
-    folder = _corpus_with(tmp_path, "empty.txt", b"")
-    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
-    run_ranks(["distill", "--config", str(recipe), "--stage", "general"])
+@pytest.mark.slow
+def test_an_empty_corpus_file_is_skipped_and_the_run_completes(resumed_past_a_damaged_checkpoint):
+    tmp_path, _, _ = resumed_past_a_damaged_checkpoint
     assert (tmp_path / "out/general/stage_done.json").is_file()

@@ -13,6 +13,7 @@ Inputs are fresh random tensors on every run. Errors: |a - b| / |b| for values, 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -180,6 +181,41 @@ def test_capture_hooks_keep_sdpa_on_the_fused_backends():
     valid = mask.bool()
     assert rel(out.last_hidden_state.float()[valid], want[valid]) <= 3e-2
     del capture  # hooks stay on this model; nothing else runs it
+
+
+def test_the_ernie_tiny_student_keeps_a_fused_sdpa_backend():
+    """Head dim 26 (312 / 12): plain SDPA has no fused kernel for it with a padding mask, the student's
+    padded heads do. Only the memory-efficient and cuDNN kernels are allowed (flash refuses a mask, the
+    math fallback is the path the padding avoids), so a fallback would raise."""
+    import transformers
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ernie_tiny_ds.config import StudentConfig
+    from ernie_tiny_ds.distill.models import build_student
+
+    teacher = transformers.BertConfig(vocab_size=1000, hidden_size=768, num_attention_heads=12,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    student = build_student(StudentConfig(), teacher, seed=0).cuda().to(torch.bfloat16)
+    ids = torch.randint(5, 1000, (4, 96), device="cuda")
+    mask = padding_mask(4, 96)
+    fused = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused):
+        out = student(input_ids=ids, attention_mask=mask).last_hidden_state
+        out.float().pow(2).mean().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad.float()).all() for n, p in student.named_parameters() if ".query." in n)
+
+    # a config of its own: the attention implementation is stored on the config object
+    plain = transformers.AutoModel.from_config(copy.deepcopy(student.config), attn_implementation="sdpa")
+    plain = plain.cuda().to(torch.bfloat16)
+    plain.load_state_dict(student.state_dict())
+    with sdpa_kernel(fused), pytest.raises(RuntimeError):  # what the padding is for
+        plain(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        want = plain(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # the math path
+    valid = mask.bool()
+    assert rel(out.float()[valid], want[valid]) <= 2e-2
 
 
 # --------------------------------------------------------------------------- real training runs

@@ -36,6 +36,7 @@ def test_dry_run_passes_every_part(tmp_path):
         assert (out / f"4_stage_done_{stage}.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_spent_budget_keeps_what_ran_and_marks_the_rest_not_run(tmp_path):
     proc, summary, verdicts = _acceptance(tmp_path, budget_s=1, timeout=300)
     assert proc.returncode == 1, summary

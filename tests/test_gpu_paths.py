@@ -95,6 +95,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_control_plane_under_a_group_without_cpu_backend(tmp_path):
     import json
 
@@ -136,6 +137,7 @@ def _selector_worker(rank: int, store_path: str, out_dir: str, model_dir: str) -
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_best_checkpoint_selection_under_a_group_without_cpu_backend(tmp_path, tokenizer_dir, vocab_size):
     """The Selector (stage 4's and teacher finetuning's best checkpoint) gathers its scores and agrees on the
     best through the control plane, so it works under NCCL; its score is the exported model's own."""
@@ -181,29 +183,29 @@ def _fake_cuda(monkeypatch, count: int) -> None:
 @pytest.mark.parametrize("local_rank,count,expected", [(0, 8, 0), (5, 8, 5), (1, 1, 0), (3, 2, 1)])
 def test_local_rank_picks_the_cuda_device(monkeypatch, local_rank, count, expected):
     from ernie_tiny_ds.errors import ConfigError
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import engines, process_group
 
     _fake_cuda(monkeypatch, count)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    assert engine.device_index() == expected
-    assert engine.engine_args().device_rank == expected  # what DeepSpeed's engines are placed on
+    assert process_group.device_index() == expected
+    assert engines.engine_args().device_rank == expected  # what DeepSpeed's engines are placed on
     monkeypatch.setenv("LOCAL_SIZE", str(local_rank + 1))
-    assert engine.process_group_backend("gloo") == "gloo"
-    assert engine.process_group_backend("auto") is None  # DeepSpeed's choice: NCCL on CUDA
+    assert process_group.process_group_backend("gloo") == "gloo"
+    assert process_group.process_group_backend("auto") is None  # DeepSpeed's choice: NCCL on CUDA
     if local_rank + 1 > count:  # ranks share a GPU: NCCL would fail with "Duplicate GPU detected"
         with pytest.raises(ConfigError, match="train.dist_backend=gloo"):
-            engine.process_group_backend("nccl")
+            process_group.process_group_backend("nccl")
     else:
-        assert engine.process_group_backend("nccl") == "nccl"
+        assert process_group.process_group_backend("nccl") == "nccl"
 
 
 def test_nccl_without_cuda_is_one_clear_error(monkeypatch):
     from ernie_tiny_ds.errors import ConfigError
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import process_group
 
     _fake_cuda(monkeypatch, 0)
     with pytest.raises(ConfigError, match="'nccl' needs CUDA"):
-        engine.process_group_backend("nccl")
+        process_group.process_group_backend("nccl")
 
 
 # --------------------------------------------------------------------------- 3. dead rank under NCCL
@@ -217,6 +219,7 @@ time.sleep(600)  # where NCCL leaves a rank whose peer died: waiting, no error e
 """
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_where_nccl_leaves_it_is_ended_with_one_line(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", STUCK_RANK, str(tmp_path / ".ranks"), str(r)], env=env(),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -274,7 +277,7 @@ def _batch(n: int = 3, length: int = 16) -> dict:
 
 def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
     from ernie_tiny_ds.config import load_recipe
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import engines
     from ernie_tiny_ds.runtime.trainer import on_device
 
     recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", "teacher.dtype=bf16"])
@@ -285,13 +288,14 @@ def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
             moved.update(kwargs)
             return self
 
-    monkeypatch.setattr(engine, "device", lambda: torch.device("cpu"))
-    assert engine.prepare_teacher(Spy(), recipe, 4) is not None
+    monkeypatch.setattr(engines, "device", lambda: torch.device("cpu"))
+    assert engines.prepare_teacher(Spy(), recipe, 4) is not None
     assert moved == {"device": torch.device("cpu"), "dtype": torch.bfloat16}
     (batch,) = on_device([_batch()], torch.device("cpu"))
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
 
 
+@pytest.mark.slow
 def test_bf16_teacher_with_fp32_and_bf16_student():
     from ernie_tiny_ds.config import LossConfig
     from ernie_tiny_ds.distill.models import FeatureCapture

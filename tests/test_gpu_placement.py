@@ -35,24 +35,25 @@ def _node(monkeypatch, local_rank: int, local_size: int, visible: str | None) ->
 @pytest.mark.parametrize("local_rank, visible", [(5, "5"), (0, "0"), (7, "3")])
 def test_a_rank_bound_to_its_own_gpu_takes_nccl_on_index_0(monkeypatch, local_rank, visible):
     """Slurm's --gpus-per-task=1 / --gpu-bind: 8 ranks on the node, each shown only its own GPU."""
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import engines, process_group
 
     _fake_cuda(monkeypatch, 1)
     _node(monkeypatch, local_rank, 8, visible)
-    assert engine.process_group_backend("nccl") == "nccl"
-    assert engine.device_index() == 0 and engine.engine_args().device_rank == 0
+    assert process_group.process_group_backend("nccl") == "nccl"
+    assert process_group.device_index() == 0 and engines.engine_args().device_rank == 0
 
 
 @pytest.mark.parametrize("visible", [None, "0,1"])  # all GPUs of the node; the deepspeed launcher's shared list
 def test_ranks_that_surely_share_a_gpu_are_still_refused_nccl(monkeypatch, visible):
     from ernie_tiny_ds.errors import ConfigError
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import process_group
 
     _fake_cuda(monkeypatch, 1)
     _node(monkeypatch, 1, 2, visible)
     with pytest.raises(ConfigError, match="NCCL refuses two ranks on one GPU .*train.dist_backend=gloo"):
-        engine.process_group_backend("nccl")
-    assert engine.process_group_backend("gloo") == "gloo" and engine.device_index() == 0  # sharing: wrapped
+        process_group.process_group_backend("nccl")
+    assert process_group.process_group_backend("gloo") == "gloo"
+    assert process_group.device_index() == 0  # sharing: wrapped
 
 
 @pytest.mark.parametrize("local_rank, local_size, visible", [(5, 8, "5"), (1, 2, None)])
@@ -62,16 +63,16 @@ def test_the_process_group_is_bound_to_this_rank_s_own_device(monkeypatch, local
     group first, on device_index(), and binds NCCL only (gloo's group carries no device)."""
     from datetime import timedelta
 
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import process_group
 
     _fake_cuda(monkeypatch, 1)
     _node(monkeypatch, local_rank, local_size, visible)
-    args = engine.cuda_group_args("nccl", timedelta(seconds=7))
+    args = process_group.cuda_group_args("nccl", timedelta(seconds=7))
     if "device_id" in args:  # torch versions where DeepSpeed binds it too
         assert args["device_id"] == torch.device("cuda", 0)
     assert args["backend"] == "nccl" and args["timeout"] == timedelta(seconds=7)
-    assert engine.cuda_group_args(None, timedelta(seconds=7))["backend"] == "nccl"  # auto: the accelerator's own
-    assert "device_id" not in engine.cuda_group_args("gloo", timedelta(seconds=7))
+    assert process_group.cuda_group_args(None, timedelta(seconds=7))["backend"] == "nccl"  # auto: the accelerator's own
+    assert "device_id" not in process_group.cuda_group_args("gloo", timedelta(seconds=7))
 
 
 class _NcclRefused(Exception):
@@ -86,7 +87,7 @@ def test_nccl_s_own_duplicate_gpu_refusal_is_one_line(monkeypatch):
     import torch.distributed.distributed_c10d as c10d
 
     from ernie_tiny_ds.errors import ConfigError
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import process_group
 
     _fake_cuda(monkeypatch, 1)
     _node(monkeypatch, 1, 2, "0")  # torchrun with CUDA_VISIBLE_DEVICES=0 exported for both ranks
@@ -104,7 +105,7 @@ def test_nccl_s_own_duplicate_gpu_refusal_is_one_line(monkeypatch):
     # on CUDA the trainer makes the group itself (cuda_group_args), where NCCL binds the device and refuses
     monkeypatch.setattr(dist, "init_process_group", refuse)
     with pytest.raises(ConfigError) as caught:
-        engine.init_distributed(60, "nccl")
+        process_group.init_distributed(60, "nccl")
     message = str(caught.value)
     assert message.startswith("train.dist_backend: NCCL refuses two ranks on one GPU (ncclInvalidUsage: Duplicate "
                               "GPU detected : rank 1 and rank 0 both on CUDA device 1a000)")
@@ -112,7 +113,7 @@ def test_nccl_s_own_duplicate_gpu_refusal_is_one_line(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: (_ for _ in ()).throw(_NcclRefused()))
     with pytest.raises(_NcclRefused):  # any other failure passes through unchanged
-        engine.init_distributed(60, "nccl")
+        process_group.init_distributed(60, "nccl")
 
 
 # --------------------------------------------------------------------------- launch under Slurm's GPU binding
@@ -129,6 +130,7 @@ def _world(command: list[str]) -> dict:
     return json.loads(base64.urlsafe_b64decode(encoded))
 
 
+@pytest.mark.slow
 def test_slurm_gpu_binding_reaches_the_ranks(tmp_path, monkeypatch, capsys, tokenizer_dir, vocab_size):
     """Node 1 of 2, where Slurm bound GPUs 4 and 5: the job script's launch gives its ranks exactly those
     (deepspeed's runner would give them 0 and 1), and deepspeed's per-node launcher, run for real with a
@@ -157,6 +159,7 @@ def test_slurm_gpu_binding_reaches_the_ranks(tmp_path, monkeypatch, capsys, toke
     assert [(r["LOCAL_RANK"], r["WORLD_SIZE"], r["LOCAL_SIZE"]) for r in ranks] == [("0", "4", "2"), ("1", "4", "2")]
 
 
+@pytest.mark.slow
 def test_the_slurm_job_script_launches_with_the_step_s_gpus(tmp_path, capsys, monkeypatch, tokenizer_dir, vocab_size):
     """The rendered job script under stand-in srun/scontrol, with the CUDA_VISIBLE_DEVICES Slurm gives the
     step on node 0: the real `launch` (made a dry run) plans ranks on GPUs 2 and 3."""
@@ -246,6 +249,7 @@ def test_one_node_launch_without_a_port_picks_a_free_one(tmp_path, capsys, token
     _listening(port).close()  # it was free
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line_and_exit_code_2(tmp_path, tokenizer_dir, vocab_size):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
     port = free_port()

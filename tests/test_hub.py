@@ -96,6 +96,7 @@ def test_recipe_keys_take_hub_ids(hub, tmp_path, vocab_size):
         recipe_tokenizer_path(bad)
 
 
+@pytest.mark.slow
 def test_distill_resolves_hub_ids_offline(hub, tmp_path, tokenizer_dir, vocab_size):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 2, "save_every": 2})
     args = ["distill", "--config", str(recipe), "--stage", "general", "teacher.config=null",

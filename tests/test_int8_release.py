@@ -15,7 +15,6 @@ import transformers
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from distributed import run_cli  # noqa: E402
 
 from ernie_tiny_ds import files  # noqa: E402
 from ernie_tiny_ds.config import load_recipe  # noqa: E402
@@ -119,6 +118,7 @@ def test_int8_graph_is_written_atomically(student, monkeypatch):
     assert target.read_bytes()[:64] != b"the previous int8 graph"[:64] and not list(student.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_onnx_command_int8_in_process(tmp_path, tokenizer_dir, vocab_size, capsys):
     from ernie_tiny_ds.cli import main
 
@@ -132,19 +132,14 @@ def test_onnx_command_int8_in_process(tmp_path, tokenizer_dir, vocab_size, capsy
     assert (tmp_path / "graphs" / "tiny.int8.onnx").is_file()
 
 
-def test_without_onnxruntime_int8_is_one_line_and_exit_2(tmp_path, tokenizer_dir, vocab_size, monkeypatch):
+def test_without_onnxruntime_int8_is_one_line_and_exit_2(tmp_path, tokenizer_dir, vocab_size, monkeypatch,
+                                                         in_process):
     folder = save_classifier(tmp_path / "student", tokenizer_dir, vocab_size, layers=1, hidden=32)
-    shadow = tmp_path / "no_onnxruntime" / "onnxruntime"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('onnxruntime is not installed')\n")
-    repo = Path(__file__).resolve().parent.parent
-    proc = run_cli(["onnx", "--model", str(folder), "--int8"],
-                   extra_env={"PYTHONPATH": os.pathsep.join([str(shadow.parent), str(repo)])})
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == ["error: ONNX export needs onnxruntime: pip install "
-                                                "'ernie-tiny-ds[onnx]'"]
-    assert not list(folder.glob("*.onnx"))
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the same for a direct call
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    code, lines = in_process(["onnx", "--model", str(folder), "--int8"])
+    assert code == 2, lines
+    assert lines == ["error: ONNX export needs onnxruntime: pip install 'ernie-tiny-ds[onnx]'"]
+    assert not list(folder.glob("*.onnx"))  # the same for a direct call
     with pytest.raises(UserError, match="needs onnxruntime"):
         quantize_int8(folder / "model.onnx", None)
 
@@ -177,6 +172,7 @@ def dev_accuracy_by_hand(graph: Path, folder: Path) -> float:
     return correct / len(texts)
 
 
+@pytest.mark.slow
 def test_report_scores_and_times_the_int8_student_beside_fp32(tmp_path, tokenizer_dir, vocab_size):
     from ernie_tiny_ds.workflows.report import build_report
 

@@ -214,6 +214,7 @@ def test_dispatch_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch
         dispatch.soft_label(logits, logits, 1.0, backend="triton")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU-only error path")
 def test_dispatch_triton_when_interpreter_was_set_too_late():
     # kernels decorated before TRITON_INTERPRET was set are compiled code: dispatch must say so, not crash later
@@ -294,6 +295,7 @@ print("compiled")
 '''
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_cuda_sm90_without_a_gpu(tmp_path):
     """The compiled (non-interpreted) path: every kernel lowers to an H100 cubin with the bundled
     toolchain at its default tiling, without register spills; bf16 scores use tensor cores (mma),

@@ -18,16 +18,16 @@ HOSTILE = "we ird $HOME `touch pwned`; 'q\" %j"
 
 def in_process(args: list[str], capsys) -> str:
     """Run a sub-command in this process (no interpreter start-up) and return what it printed."""
-    from ernie_tiny_ds.cli import build_parser
-    parsed = build_parser().parse_args(args)
+    from ernie_tiny_ds.cli import parse_args
+    parsed = parse_args(args)
     assert parsed.func(parsed) == 0
     return capsys.readouterr().out
 
 
 def user_error(args: list[str]) -> str:
-    from ernie_tiny_ds.cli import build_parser
+    from ernie_tiny_ds.cli import parse_args
     from ernie_tiny_ds.errors import UserError
-    parsed = build_parser().parse_args(args)
+    parsed = parse_args(args)
     with pytest.raises(UserError) as caught:
         parsed.func(parsed)
     return str(caught.value)
@@ -120,13 +120,14 @@ def test_launch_bad_input_is_a_clear_error(args, message):
     assert message in user_error(["launch", "--dry-run", *args])
 
 
-def test_hostfile_errors_name_the_line_and_the_cli_exits_2(tmp_path):
+def test_hostfile_errors_name_the_line_and_the_cli_exits_2(tmp_path, request):
+    cli_main = request.getfixturevalue("in_process")  # conftest's: cli.main in this process, exit code and stderr
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b slots two\n")
-    proc = run_cli(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c", "--output",
-                    "o"])
-    assert proc.returncode == 2, proc.stdout
-    assert proc.stderr == f"error: {hostfile} line 3: expected 'HOST slots=N', got 'node-b slots two'\n"
+    code, lines = cli_main(["launch", "--hostfile", str(hostfile), "--dry-run", "--", "export", "--checkpoint", "c",
+                            "--output", "o"])
+    assert code == 2, lines
+    assert lines == [f"error: {hostfile} line 3: expected 'HOST slots=N', got 'node-b slots two'"]
 
 
 def test_ssh_launch_refuses_what_the_remote_shell_would_run(tmp_path, hostile):
@@ -139,6 +140,7 @@ def test_ssh_launch_refuses_what_the_remote_shell_would_run(tmp_path, hostile):
     assert "--no-ssh" in message  # the way out
 
 
+@pytest.mark.slow
 def test_ssh_launch_exports_the_env_file_to_every_node(tmp_path):
     """The real deepspeed runner in ssh mode, with pdsh and ssh stood in for: each "remote" shell gets the exact
     line the runner hands pdsh, in an empty environment; it runs the exports and `cd`, and records the rest."""

@@ -176,6 +176,7 @@ class HubStub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+@pytest.mark.slow
 def test_push_uploads_the_release_with_huggingface_hub(tmp_path, tokenizer_dir, vocab_size):
     folder = export_student(tmp_path / "student", tokenizer_dir, vocab_size, head=True)
     (folder / "README.md").write_text("---\nlibrary_name: transformers\nlicense: apache-2.0\n---\n# tiny\n")

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from distributed import REPO, deepspeed_cmd, env, tiny_recipe, tiny_teacher, write_corpus
 
-from ernie_tiny_ds import cli, outputs
-from ernie_tiny_ds.runtime import checkpoint, rank_registry
+from ernie_tiny_ds import outputs
+from ernie_tiny_ds.runtime import checkpoint
 
 
 # --------------------------------------------------------------------------- helpers
@@ -35,28 +35,6 @@ def tree_digest(path: Path) -> str:
         elif item.is_file():
             digest.update(item.read_bytes())
     return digest.hexdigest()
-
-
-@pytest.fixture
-def in_process(monkeypatch, capsys):
-    """cli.main in this process: the one-line exit (os._exit in production) becomes SystemExit."""
-    def report(line, code=1):
-        print(line, file=sys.stderr, flush=True)
-        raise SystemExit(code)
-
-    monkeypatch.setattr(rank_registry, "report_and_exit", report)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-
-    def run(argv: list[str]) -> tuple[int, list[str]]:
-        capsys.readouterr()
-        try:
-            code = cli.main(argv)
-        except SystemExit as exc:
-            code = exc.code
-        err = capsys.readouterr().err
-        return code, [line for line in err.splitlines() if line.strip()]
-    return run
 
 
 def foreign_model(folder: Path, vocab_size: int, tokenizer_dir: str) -> Path:
@@ -288,6 +266,7 @@ HOLDER = ("import sys, time; from ernie_tiny_ds.outputs import exclusive\n"
           "with exclusive(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n")
 
 
+@pytest.mark.slow
 def test_one_job_per_output_dir_and_a_dead_holders_lock_never_blocks(tmp_path, tokenizer_dir, vocab_size,
                                                                        in_process):
     """A killed holder's lock file does not block a 2-rank distill; while that distill holds the

@@ -9,6 +9,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import pytest
 from distributed import REPO
 
 
@@ -28,6 +29,7 @@ def build(tmp_path: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_finds_its_configs_template_recipes_and_assets(tmp_path):
     wheel = build(tmp_path)
     site = tmp_path / "site"
@@ -39,15 +41,15 @@ def test_an_installed_wheel_finds_its_configs_template_recipes_and_assets(tmp_pa
         import ernie_tiny_ds
         from ernie_tiny_ds import assets
         from ernie_tiny_ds.launch import slurm
-        from ernie_tiny_ds.runtime import engine
+        from ernie_tiny_ds.runtime import ds_config
         from ernie_tiny_ds.config import load_recipe
         site = Path({str(site)!r})
         assert Path(ernie_tiny_ds.__file__).is_relative_to(site), ernie_tiny_ds.__file__
-        configs = {{name: engine.read_ds_config(name) for name in {sorted(expected)!r}}}
+        configs = {{name: ds_config.read_ds_config(name) for name in {sorted(expected)!r}}}
         demo = Path(ernie_tiny_ds.__file__).parent / "recipes" / "demo.yaml"
         recipe = load_recipe(demo, ["teacher.path=" + str(site)])  # any folder: only the recipe is checked
         print(json.dumps({{"configs": configs, "template": slurm.DEFAULT_TEMPLATE.read_text(),
-                           "paths": [str(engine.DS_CONFIG_DIR), str(slurm.DEFAULT_TEMPLATE), str(assets.ASSETS_DIR)],
+                           "paths": [str(ds_config.DS_CONFIG_DIR), str(slurm.DEFAULT_TEMPLATE), str(assets.ASSETS_DIR)],
                            "corpus": len(list(assets.DEFAULT_CORPUS_DIR.glob("*.txt"))),
                            "tokenizer": (assets.DEFAULT_TOKENIZER / "tokenizer.json").is_file(),
                            "tasks": [(assets.task_dir(t) / "train.tsv").is_file() for t in assets.BUNDLED_TASKS],

@@ -63,6 +63,7 @@ def _all_sequences(folder: Path) -> list[list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_cli_prints_and_stores_the_right_counts(shards, corpus, wordpiece):
     out, done = shards
     folder, docs = corpus
@@ -77,6 +78,7 @@ def test_cli_prints_and_stores_the_right_counts(shards, corpus, wordpiece):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary folder left behind"
 
 
+@pytest.mark.slow
 def test_shards_hold_the_streaming_loaders_sequences(shards, corpus, wordpiece):
     cfg = DataConfig(corpus=str(corpus[0]), max_seq_len=SEQ, shuffle_buffer=8)
     stream = SequenceStream(corpus_sources(cfg, ReadStats()), cfg, wordpiece, Consumer(0, 1, 0, 1), seed=0)
@@ -93,6 +95,7 @@ def _shard_cfg(folder: Path) -> DataConfig:
     return DataConfig(corpus=str(folder), source="shards", max_seq_len=SEQ)
 
 
+@pytest.mark.slow
 def test_two_ranks_read_every_sequence_once_per_epoch(shards, corpus, wordpiece):
     per_epoch, orders = [Counter(), Counter()], []
     for rank in (0, 1):
@@ -111,6 +114,7 @@ def test_two_ranks_read_every_sequence_once_per_epoch(shards, corpus, wordpiece)
     assert orders[0][0] != orders[0][1]  # a new order each epoch
 
 
+@pytest.mark.slow
 def test_shard_reader_resumes_exactly(shards, wordpiece):
     def loader():
         return build_general_loader(_shard_cfg(shards[0]), wordpiece, 4, 1, 2, seed=8)
@@ -133,6 +137,7 @@ def test_shard_reader_resumes_exactly(shards, wordpiece):
             assert all(torch.equal(expected[k], got[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
+@pytest.mark.slow
 def test_shard_order_is_the_same_whatever_block_of_it_is_computed_at_once(shards, wordpiece, monkeypatch):
     def first_two_epochs(block: int, rank: int) -> list[np.ndarray]:
         monkeypatch.setattr(indexed, "ORDER_BLOCK", block)
@@ -153,6 +158,7 @@ def test_shard_order_is_the_same_whatever_block_of_it_is_computed_at_once(shards
         assert np.array_equal(np.sort(both), np.arange(n))
 
 
+@pytest.mark.slow
 def test_shard_reader_refuses_a_position_saved_under_another_order(shards, wordpiece):
     loader = build_general_loader(_shard_cfg(shards[0]), wordpiece, 4, 0, 2, seed=8)
     state = loader.state_dict()
@@ -161,6 +167,7 @@ def test_shard_reader_refuses_a_position_saved_under_another_order(shards, wordp
         loader.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_shards_refuse_a_foreign_tokenizer_a_shorter_length_and_truncation(shards, tmp_path, wordpiece):
     from corpus_fixtures import train_sentencepiece
     other = load(train_sentencepiece(tmp_path / "sp"))
@@ -204,11 +211,12 @@ def test_existing_output_needs_overwrite(corpus, wordpiece, wordpiece_dir, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, wordpiece_dir):
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, wordpiece_dir, in_process):
     pattern = str(tmp_path / "missing" / "*.txt")
-    done = _cli("--input", pattern, "--tokenizer", wordpiece_dir, "--output", str(tmp_path / "o"))
-    assert done.returncode == 2
-    assert done.stderr.strip() == f"error: data.corpus: {pattern!r} matches no file"
+    code, lines = in_process(["preprocess", "--input", pattern, "--tokenizer", wordpiece_dir,
+                              "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert lines == [f"error: data.corpus: {pattern!r} matches no file"]
 
 
 def test_one_file_is_shared_by_all_workers(corpus, wordpiece, wordpiece_dir, tmp_path):
@@ -222,6 +230,7 @@ def test_one_file_is_shared_by_all_workers(corpus, wordpiece, wordpiece_dir, tmp
     assert decoded_counts(wordpiece, _all_sequences(tmp_path / "out")) == sentence_counts(corpus[1])
 
 
+@pytest.mark.slow
 def test_killed_preprocess_leaves_nothing_that_looks_complete(corpus, wordpiece, wordpiece_dir, tmp_path):
     import signal
     import time

@@ -67,6 +67,7 @@ def billion_laughs(levels: int = 9) -> str:
     return "deepspeed:\n  overrides:\n" + "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_an_alias_bomb_under_deepspeed_overrides_fails_fast_in_one_line(tmp_path):
     bomb = billion_laughs()
     assert len(bomb.encode()) < 600

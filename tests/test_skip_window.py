@@ -10,7 +10,7 @@ from distributed import REPO, env
 
 SCRIPT = r"""
 import torch
-from ernie_tiny_ds.runtime.engine import init_distributed
+from ernie_tiny_ds.runtime.process_group import init_distributed
 from ernie_tiny_ds.runtime.step import StepParts, Window, train_step
 
 init_distributed(600)

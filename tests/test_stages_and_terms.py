@@ -84,7 +84,7 @@ def test_a_term_that_reads_logits_names_what_is_missing():
 
 
 def test_a_registered_stage_is_run_by_the_pipeline_in_order(tmp_path, monkeypatch):
-    from ernie_tiny_ds.runtime import engine, selection
+    from ernie_tiny_ds.runtime import process_group, selection
     from ernie_tiny_ds.workflows import pipeline, report
 
     toy = StageSpec("toy", "Toy Distillation", False, "general", ("hidden",))
@@ -98,7 +98,7 @@ def test_a_registered_stage_is_run_by_the_pipeline_in_order(tmp_path, monkeypatc
         return SimpleNamespace(complete=True)
 
     monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
-    monkeypatch.setattr(engine, "init_distributed", lambda *args: (0, 1))
+    monkeypatch.setattr(process_group, "init_distributed", lambda *args: (0, 1))
     monkeypatch.setattr(selection, "shipped_student", lambda recipe, out: out / shipping_stage().name / "student")
     reported = []
     monkeypatch.setattr(report, "build_report", lambda recipe, out: reported.append(recipe.student.path))

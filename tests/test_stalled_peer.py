@@ -87,7 +87,7 @@ def test_init_distributed_sets_gloo_interface_and_timeouts_before_any_group(monk
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    from ernie_tiny_ds.runtime import engine
+    from ernie_tiny_ds.runtime import process_group
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "NCCL_SOCKET_IFNAME": "lo"}.items():
@@ -104,6 +104,6 @@ def test_init_distributed_sets_gloo_interface_and_timeouts_before_any_group(monk
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(deepspeed, "init_distributed", fake_init)
     with pytest.raises(_Reached):
-        engine.init_distributed(37)
+        process_group.init_distributed(37)
     assert seen["gloo"] == "lo"
     assert seen["timeout"].total_seconds() == 37 and seen["later"].total_seconds() == 37

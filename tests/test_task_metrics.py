@@ -6,10 +6,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from ernie_tiny_ds.config import TaskConfig, load_recipe
-from ernie_tiny_ds.data.benchmarks import main_metric
+from ernie_tiny_ds.data.benchmarks import compute_metrics, main_metric
 from ernie_tiny_ds.data.tasks import load_task
 from ernie_tiny_ds.errors import ConfigError
-from ernie_tiny_ds.workflows.evaluate import compute_metrics
 
 
 @pytest.mark.parametrize("k, seed", [(2, 0), (2, 1), (3, 2), (5, 3)])

@@ -1,12 +1,15 @@
 """Task data: file formats, label mapping, bad-input messages, rank shards and exact resume."""
 import io
 import json
+import random
+import types
 
+import numpy as np
 import pytest
 import torch
 
 from ernie_tiny_ds.config import TaskConfig
-from ernie_tiny_ds.data.tasks import TaskLoader, encode_batch, iter_dev_batches, load_task
+from ernie_tiny_ds.data.tasks import TaskLoader, encode_batch, iter_dev_batches, load_task, token_lengths
 from ernie_tiny_ds.errors import ConfigError, DataError
 
 PAIRS = [("a man eats bread.", "a person eats.", "entailment"),
@@ -39,6 +42,19 @@ def pair_task(tmp_path, suffix=".tsv", **extra):
     train = write_rows(tmp_path / f"train{suffix}", ["premise", "hypothesis", "label"], PAIRS * 2)
     dev = write_rows(tmp_path / f"dev{suffix}", ["premise", "hypothesis", "label"], PAIRS[::-1])
     return TaskConfig(name="nli", train_file=train, dev_file=dev, text_columns=["premise", "hypothesis"], **extra)
+
+
+def spread_task(tmp_path, n, seed=0):
+    """Regression task, target = the example's index, sentences of 1 to 40 words (a realistic spread)."""
+    rng = random.Random(seed)
+    words = "river town story old green harbor ships open north people walk bread city".split()
+    rows = [(" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))), str(i)) for i in range(n)]
+    train = write_rows(tmp_path / "spread.tsv", ["sentence", "label"], rows)
+    return TaskConfig(train_file=train, text_columns=["sentence"], type="regression", max_seq_len=64)
+
+
+def padded_share(batches) -> float:
+    return 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
 
 
 def index_task(tmp_path, n):
@@ -147,20 +163,43 @@ def test_pairs_encode_like_the_tokenizer_with_segment_ids(tmp_path, tokenizer):
     batch = encode_batch(task.train[:3], tokenizer, 12, task.type, with_labels=True)
     ref = tokenizer([p[0] for p in PAIRS], [p[1] for p in PAIRS], truncation=True, max_length=12,
                     padding="max_length", return_tensors="pt")
-    assert batch["input_ids"].shape == (3, 12)  # longest is truncated to 12, rounding to 16 is capped
+    assert batch["input_ids"].shape == (3, 12)  # longest is truncated to 12
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(batch[key], ref[key]), key
     assert batch["token_type_ids"].sum() > 0 and batch["labels"].tolist() == [1, 0, 2]
-    wide = encode_batch(task.train[:1], tokenizer, 128, task.type, with_labels=False)
-    length = len(tokenizer(PAIRS[0][0], PAIRS[0][1])["input_ids"])
-    assert wide["input_ids"].shape[1] == -(-length // 8) * 8 and "labels" not in wide
-    assert wide["attention_mask"].sum() == length
+    wide = encode_batch(task.train[:2], tokenizer, 128, task.type, with_labels=False)
+    lengths = [len(tokenizer(*PAIRS[i][:2])["input_ids"]) for i in range(2)]
+    assert wide["input_ids"].shape[1] == max(lengths) and "labels" not in wide  # no rounding up
+    assert wide["attention_mask"].sum(1).tolist() == lengths
 
 
-def test_dev_batches_come_in_file_order(tmp_path, tokenizer):
-    task = load_task(pair_task(tmp_path))
-    labels = torch.cat([b["labels"] for b in iter_dev_batches(task, tokenizer, batch_size=2)])
-    assert labels.tolist() == [e.label for e in task.dev]
+def test_dev_batches_are_cut_by_length_and_keep_their_labels(tmp_path, tokenizer):
+    """Dev batches come sorted by length; each row's label travels with it, so metrics are unchanged."""
+    task = load_task(spread_task(tmp_path, 300))
+    task.dev = task.train
+    batches = list(iter_dev_batches(task, tokenizer, batch_size=8))
+    rows = [(int(n), int(label)) for b in batches for n, label in zip(b["attention_mask"].sum(1), b["labels"])]
+    lengths = token_lengths(task.dev, tokenizer, task.max_seq_len)
+    assert sorted(label for _, label in rows) == list(range(300))  # every example once
+    assert all(n == lengths[label] for n, label in rows)  # the label is the row's own
+    assert [n for n, _ in rows] == sorted(lengths.tolist())
+    assert all(len(b["labels"]) <= 8 and padded_share([b]) <= 0.05 for b in batches)
+    assert len(batches) <= 300 // 8 + len(set(lengths.tolist()))  # cut at length steps, not row by row
+
+
+def test_predictions_come_back_in_example_order(tmp_path, tokenizer):
+    """predict batches by length and puts every output back at its example's place."""
+    from ernie_tiny_ds.workflows.predict import predict_outputs
+
+    class LengthModel(torch.nn.Module):  # a model whose output is the row's token count
+        config = types.SimpleNamespace(num_labels=1)
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return types.SimpleNamespace(logits=attention_mask.sum(1, keepdim=True).float())
+
+    task = load_task(spread_task(tmp_path, 50))
+    outputs = predict_outputs(LengthModel(), tokenizer, task, task.train, batch_size=8)
+    assert outputs[:, 0].tolist() == token_lengths(task.train, tokenizer, task.max_seq_len).tolist()
 
 
 def labels_of(loader, n):
@@ -197,6 +236,52 @@ def test_resume_continues_with_the_next_batch(tmp_path, tokenizer):
     wrong = TaskLoader(task, tokenizer, 4, 0, 1, seed=0, with_labels=True)
     with pytest.raises(DataError, match="saved with world_size=2, this run has world_size=1"):
         wrong.load_state_dict(first.state_dict())
+
+
+def test_train_batches_are_length_grouped_once_per_epoch_per_rank_and_resume_exactly(tmp_path, tokenizer):
+    task = load_task(spread_task(tmp_path, 403))  # 403 = 12 global batches of 2 x 16, and a tail of 19
+
+    def epochs(rank, seed=5, count=24):
+        it = iter(TaskLoader(task, tokenizer, 16, rank, 2, seed=seed, with_labels=True))
+        return [next(it) for _ in range(count)]
+
+    ranks = [epochs(0), epochs(1)]
+    assert padded_share(ranks[0] + ranks[1]) < 0.05  # plain shuffle order: about half of every batch
+    for epoch in (slice(0, 12), slice(12, 24)):
+        seen = [[int(i) for b in r[epoch] for i in b["labels"]] for r in ranks]
+        assert len(set(seen[0])) == len(seen[0]) == len(set(seen[1])) == 192  # once per epoch
+        assert not set(seen[0]) & set(seen[1])  # rank-disjoint
+    labels = [[b["labels"].tolist() for b in r] for r in ranks]
+    assert labels[0][:12] != labels[0][12:] and set(map(tuple, labels[0][:12])) != set(map(tuple, labels[0][12:]))
+    assert [b["labels"].tolist() for b in epochs(0)] == labels[0]  # deterministic by seed
+    assert [b["labels"].tolist() for b in epochs(0, seed=6)] != labels[0]
+
+    first = TaskLoader(task, tokenizer, 16, 1, 2, seed=5, with_labels=True)
+    it = iter(first)
+    for _ in range(7):  # the middle of the first epoch
+        next(it)
+    second = TaskLoader(task, tokenizer, 16, 1, 2, seed=5, with_labels=True)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = iter(second)
+    for want in ranks[1][7:]:
+        got = next(rest)
+        assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_a_position_saved_before_length_grouping_finishes_its_epoch_in_the_old_order(tmp_path, tokenizer):
+    task = load_task(index_task(tmp_path, 40))
+    loader = TaskLoader(task, tokenizer, 4, 0, 2, seed=1, with_labels=True)
+    old_state = {k: v for k, v in loader.state_dict().items() if k != "order"}
+    old_state["batches_in_epoch"] = 2
+    loader.load_state_dict(old_state)
+    plain = np.random.default_rng([1, 0]).permutation(40)  # the old order: the bare permutation
+    got = labels_of(loader, 3)
+    assert got == [sorted_as(plain[(b * 2) * 4:(b * 2) * 4 + 4]) for b in (2, 3, 4)]
+    assert loader.epoch_order(1).tolist() != np.random.default_rng([1, 1]).permutation(40).tolist()
+
+
+def sorted_as(indices) -> list[int]:
+    return [int(i) for i in indices]
 
 
 def test_too_few_examples_for_one_global_batch(tmp_path, tokenizer):

@@ -1,69 +1,31 @@
-"""teacher.dtype: auto is the training precision; with engine.AUTO_BF16_TEACHER on (off since the demo's
-retained share moved 5.8 points, BENCHMARKS.md §6) it is bf16 where the hardware computes bf16 natively."""
+"""teacher.dtype: auto is the training precision on every device; an explicit dtype is what the teacher runs in."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from ernie_tiny_ds.config import load_recipe
-from ernie_tiny_ds.runtime import engine
+from ernie_tiny_ds.runtime import engines
 
-FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbugs\t\t:\n"
-
-
-@pytest.mark.parametrize("extra,native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
-                                          ("avx512_vnni", False), ("", False)])
-def test_cpu_flags_decide(tmp_path, extra, native):
-    info = tmp_path / "cpuinfo"
-    info.write_text(FLAGS.format(extra=extra))
-    assert engine.cpu_computes_bf16(str(info)) is native
-
-
-def test_without_cpuinfo_torch_is_asked(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert engine.cpu_computes_bf16(str(tmp_path / "missing")) is True
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert engine.cpu_computes_bf16(str(tmp_path / "missing")) is False
-
-
-@pytest.mark.parametrize("capability,native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_cuda_needs_compute_capability_8(monkeypatch, capability, native):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
-    assert engine.native_bf16(torch.device("cuda", 0)) is native
+EXPECTED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # written out, not engines.DTYPES
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_auto_is_the_training_precision_by_default(monkeypatch, precision):
+def test_auto_is_the_training_precision(precision):
     recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", f"train.precision={precision}"])
-    assert recipe.teacher.dtype == "auto" and engine.AUTO_BF16_TEACHER is False
-    monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: True)
-    assert engine.teacher_dtype(recipe, torch.device("cpu")) == engine.DTYPES[precision]
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_auto_bf16_is_bf16_on_native_hardware_else_the_training_precision(monkeypatch, precision):
-    recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", f"train.precision={precision}"])
-    monkeypatch.setattr(engine, "AUTO_BF16_TEACHER", True)
-    monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: True)
-    assert engine.teacher_dtype(recipe, torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: False)
-    assert engine.teacher_dtype(recipe, torch.device("cpu")) == engine.DTYPES[precision]
+    assert recipe.teacher.dtype == "auto"
+    assert engines.teacher_dtype(recipe) == EXPECTED[precision]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_an_explicit_teacher_dtype_wins(monkeypatch, dtype):
-    recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", f"teacher.dtype={dtype}"])
-    for native in (True, False):
-        monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: native)
-        assert engine.teacher_dtype(recipe, torch.device("cpu")) == engine.DTYPES[dtype]
+def test_an_explicit_teacher_dtype_wins(dtype):
+    recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", f"teacher.dtype={dtype}", "train.precision=fp32"])
+    assert engines.teacher_dtype(recipe) == EXPECTED[dtype]
 
 
 def test_prepare_teacher_casts_only_the_teacher(monkeypatch):
-    recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", "train.precision=fp32"])
-    monkeypatch.setattr(engine, "device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(engine, "AUTO_BF16_TEACHER", True)
-    monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: True)
+    recipe = load_recipe(None, ["teacher.config={hidden_size: 32}", "train.precision=fp32", "teacher.dtype=bf16"])
+    monkeypatch.setattr(engines, "device", lambda: torch.device("cpu"))
     teacher, student = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    assert engine.prepare_teacher(teacher, recipe, 2).weight.dtype == torch.bfloat16
+    assert engines.prepare_teacher(teacher, recipe, 2).weight.dtype == torch.bfloat16
     assert student.weight.dtype == torch.float32

@@ -3,6 +3,7 @@ and MLflow (a file:// store in tmp), from rank 0 only. Nothing leaves the machin
 import glob
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,9 @@ from distributed import read_metrics, run_ranks, tiny_recipe  # noqa: E402
 
 from ernie_tiny_ds.config import load_recipe  # noqa: E402
 from ernie_tiny_ds.errors import UserError  # noqa: E402
-from ernie_tiny_ds.runtime import metrics  # noqa: E402
+from ernie_tiny_ds.runtime import rank_registry  # noqa: E402
 from ernie_tiny_ds.runtime.metrics import MetricsLogger  # noqa: E402
-from ernie_tiny_ds.runtime.trackers import activate  # noqa: E402
+from ernie_tiny_ds.runtime.trackers import recipe_trackers  # noqa: E402
 
 
 def local_only(tmp_path) -> dict:
@@ -31,8 +32,7 @@ def offline_trackers(tmp_path, monkeypatch):
     (tmp_path / "wandb").mkdir()
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    yield env
-    metrics.TRACKERS[:] = []
+    return env
 
 
 def wandb_runs(wandb_dir: Path) -> list[dict]:
@@ -83,9 +83,9 @@ def test_rows_and_report_reach_wandb_and_mlflow_from_rank_0_only(tmp_path, offli
     out = tmp_path / "out"
     recipe = load_recipe(None, ["teacher.config={}", f"output_dir={out}", "train.report_to=[tensorboard,wandb,mlflow]",
                                 "train.tracker_project=ernie-test"])
-    trackers = activate(recipe)
+    trackers = recipe_trackers(recipe)
     for rank in (1, 0):  # rank 1 first: it must open nothing
-        log = MetricsLogger(out / "general", rank, 3, 0, "General", progress_bar=False, log_every=1)
+        log = MetricsLogger(out / "general", rank, 3, 0, "General", progress_bar=False, log_every=1, trackers=trackers)
         for step in (1, 2, 3):
             log.step(step, {"loss": 1.0 / step, "hidden": 0.5 / step, "lr": 0.01}, tokens=64)
         log.close()
@@ -121,15 +121,40 @@ def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_open(tmp_path
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     recipe = load_recipe(None, ["teacher.config={}", f"output_dir={tmp_path / 'out'}",
                                 "train.report_to=[wandb,mlflow]"])
-    activate(recipe)
     with pytest.raises(UserError, match=r"train.report_to: mlflow could not start a run at file://.*"
                                         r"MLFLOW_ALLOW_FILE_STORE=true") as err:
-        MetricsLogger(tmp_path / "out" / "general", 0, 3, 0, "General", progress_bar=False)
+        MetricsLogger(tmp_path / "out" / "general", 0, 3, 0, "General", progress_bar=False,
+                      trackers=recipe_trackers(recipe))
     assert "\n" not in str(err.value)
     import wandb
     assert wandb.run is None  # the W&B run opened first was finished
 
 
+def test_a_cli_call_leaves_no_trackers_behind_for_later_logs(tmp_path, offline_trackers, monkeypatch, capsys):
+    """The trackers belong to the run whose recipe names them: a `distill` that stops with one line (its
+    output_dir is a file) must not make a later log in the same process open W&B or MLflow runs."""
+    from ernie_tiny_ds.cli import main
+
+    def report(line, code=1):  # the one-line exit (os._exit in production) as SystemExit, in this process
+        print(line, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(rank_registry, "report_and_exit", report)
+    (tmp_path / "a_file").write_text("not a folder")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"teacher: {{config: {{}}}}\noutput_dir: {tmp_path / 'a_file'}\n"
+                      "train: {report_to: [wandb, mlflow], tracker_project: leaked}\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "--config", str(recipe)])
+    assert stop.value.code == 2 and "output_dir" in capsys.readouterr().err
+    log = MetricsLogger(tmp_path / "other" / "general", 0, 1, 0, "General", progress_bar=False)
+    log.step(1, {"loss": 1.0}, tokens=8)
+    log.close()
+    assert wandb_runs(tmp_path / "wandb") == []
+    assert mlflow_runs(offline_trackers["MLFLOW_TRACKING_URI"]) == []
+
+
+@pytest.mark.slow
 def test_distill_on_two_ranks_logs_once(tmp_path, tokenizer_dir, vocab_size, offline_trackers):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 3, "save_every": 3})
     env = offline_trackers  # in os.environ, which run_ranks passes on

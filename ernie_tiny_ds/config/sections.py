@@ -30,7 +30,7 @@ class TeacherConfig(Section):
     finetuned_revision: Optional[str] = None  # the same for teacher.finetuned_path
     config: Optional[dict] = None         # inline model config, randomly initialised (tests)
     zero3: bool = False                   # shard the frozen teacher with a ZeRO-3 inference engine
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: train.precision (see engine.AUTO_BF16_TEACHER)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: train.precision
     trust_remote_code: bool = False
 
     def check(self) -> None:

@@ -9,6 +9,7 @@ computes them (the evaluate command, the report and stage 4's best-checkpoint se
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -96,8 +97,6 @@ def _base_metrics(task_type: str, logits: np.ndarray, labels: np.ndarray) -> dic
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if task_type == "regression":
-        import warnings
-
         from scipy.stats import pearsonr, spearmanr
 
         predictions = logits.reshape(len(labels))

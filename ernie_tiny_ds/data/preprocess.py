@@ -31,6 +31,7 @@ from .packing import FullPacker, TokenEncoder, pack_pieces
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import Position, next_group, owned_pieces
+from .tokenizer import load_tokenizer
 
 PREPROCESSED = "preprocessed_corpus"  # the marker kind of a shard folder
 
@@ -186,7 +187,6 @@ def preprocess(cfg: DataConfig, tokenizer, tokenizer_path: str, output: Path, wo
 
 
 def run(args: argparse.Namespace) -> int:
-    from .tokenizer import load_tokenizer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = replace(DataConfig(), corpus=args.input, format=args.format, text_field=args.text_field,
                   document_separator=args.document_separator, on_binary_file=args.on_binary_file,

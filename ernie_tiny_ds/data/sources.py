@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Optional
 
+from ..assets import DEFAULT_CORPUS_GLOB
 from ..errors import DataError
 
 SNIFF_BYTES = 8192
@@ -369,7 +370,6 @@ def corpus_sources(data_cfg, stats: ReadStats) -> list[str]:
     """The ordered list of sources of data.corpus (files, or one dataset name for format=datasets)."""
     pattern = data_cfg.corpus
     if pattern is None:
-        from ..assets import DEFAULT_CORPUS_GLOB
         pattern = str(DEFAULT_CORPUS_GLOB)
     if data_cfg.format == "datasets":
         return [pattern]

@@ -9,9 +9,12 @@ the buffer and RNG state are rebuilt from it on resume instead of being stored.
 
 Length grouping: the shuffled window is sorted by length in chunks of GROUP_BATCHES batches, cut
 into batches, and the batch order shuffled again, so a batch holds sequences of similar length and
-pads little (collate pads to the batch's longest, rounded up to 8). The order is still a pure
-function of the window and the batch size, so resume stays exact and every sequence of a window
-is handed out once. With data.packing: full, sequences fill across documents (packing.FullPacker).
+pads little (collate pads to the batch's longest, rounded up to 8). A window is rarely a whole
+number of batches, so its first rows complete the batch the window before left open, and its grouped
+batches start on batch boundaries (without that, every batch of the window straddled two length
+groups). The order is a pure function of the window, the batch size and that count of open rows
+(kept in the state), so resume stays exact and every sequence of a window is handed out once.
+With data.packing: full, sequences fill across documents (packing.FullPacker).
 """
 from __future__ import annotations
 
@@ -72,21 +75,24 @@ def next_group(pieces: Iterator[tuple[str, Position]]) -> list[tuple[str, Positi
     return group
 
 
-def grouped_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+def grouped_order(lengths: list[int], batch_size: int, rng: random.Random, filled: int = 0) -> list[int]:
     """A shuffled order of range(len(lengths)) in which each run of `batch_size` holds similar lengths:
     shuffle, sort chunks of GROUP_BATCHES batches by length (stable: equal lengths stay shuffled), cut
-    into batches, shuffle the whole batches. A short last batch stays last (it continues into the next
-    window), so it never splits a grouped batch."""
+    into batches, shuffle the whole batches. `filled` rows of the batch being handed out came from the
+    window before: the first batch_size - filled rows of the shuffle complete that batch, so the
+    grouped batches after them start on batch boundaries. A short last batch stays last (it
+    continues into the next window), so it never splits a grouped batch."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if batch_size <= 1:
         return order
+    head, order = order[:-filled % batch_size], order[-filled % batch_size:]
     chunk = batch_size * GROUP_BATCHES
     order = [i for c in range(0, len(order), chunk) for i in sorted(order[c:c + chunk], key=lengths.__getitem__)]
     full = len(order) - len(order) % batch_size
     batches = [order[b:b + batch_size] for b in range(0, full, batch_size)]
     rng.shuffle(batches)
-    return [i for batch in batches for i in batch] + order[full:]
+    return head + [i for batch in batches for i in batch] + order[full:]
 
 
 class SequenceStream:
@@ -104,6 +110,7 @@ class SequenceStream:
         self._window: list[list[int]] = []
         self._order: list[int] = []
         self._emitted = 0
+        self._filled_at_start = 0                 # rows of the open batch handed out before this window
         self._cursor = Position()                 # after the window's last piece
         self._pieces: Optional[Iterator[tuple[str, Position]]] = None
 
@@ -134,7 +141,7 @@ class SequenceStream:
         return sequences, end
 
     def _next_window(self) -> None:
-        start = self._cursor
+        start, filled = self._cursor, self._filled()
         sequences, end = self._read_window(start)
         if not sequences:  # epoch over: the next one starts at its first file
             if start.file == 0 and start.offset == 0 and start.piece == 0:
@@ -145,20 +152,25 @@ class SequenceStream:
             sequences, end = self._read_window(start)
             if not sequences:
                 raise DataError(f"data.corpus: {self.consumer} got no document in epoch {start.epoch}")
-        self._set_window(start, sequences, end)
+        self._set_window(start, sequences, end, filled)
 
-    def _set_window(self, start: Position, sequences: list[list[int]], end: Position) -> None:
+    def _set_window(self, start: Position, sequences: list[list[int]], end: Position, filled: int) -> None:
         rng = random.Random(f"window:{self.seed}:{self.consumer.index}:{start.epoch}:{start.file}:"
                             f"{start.offset}:{start.piece}")
-        order = grouped_order([len(s) for s in sequences], self.batch_size, rng)
+        order = grouped_order([len(s) for s in sequences], self.batch_size, rng, filled)
         self._window_start, self._window, self._order, self._emitted = start, sequences, order, 0
+        self._filled_at_start = filled
         self._cursor = end
+
+    def _filled(self) -> int:
+        """Rows of the batch being handed out that are already out."""
+        return (self._filled_at_start + self._emitted) % max(self.batch_size, 1)
 
     # --- handing out ---------------------------------------------------------------------------
     def next_sequence(self) -> list[int]:
         if not self._window:  # a new stream, or one restored by load_state_dict: build its window
             emitted, self._pieces = self._emitted, None
-            self._set_window(self._window_start, *self._read_window(self._window_start))
+            self._set_window(self._window_start, *self._read_window(self._window_start), self._filled_at_start)
             self._emitted = emitted
         while self._emitted >= len(self._window):
             self._next_window()
@@ -178,9 +190,12 @@ class SequenceStream:
         return self._window_start.epoch
 
     def state_dict(self) -> dict:
-        return {"window_start": asdict(self._window_start), "emitted": self._emitted}
+        return {"window_start": asdict(self._window_start), "emitted": self._emitted,
+                "filled_at_start": self._filled_at_start}
 
     def load_state_dict(self, state: dict) -> None:
         self._window_start = Position(**state["window_start"])
         self._emitted = int(state["emitted"])
+        # a position saved before windows were aligned to batches: its window was ordered as with 0
+        self._filled_at_start = int(state.get("filled_at_start", 0))
         self._window, self._order, self._pieces = [], [], None  # rebuilt from window_start on first use

@@ -14,9 +14,13 @@ name class "1"); an empty label is an error naming the file and line. Regression
 The train loader follows the loader contract of data/corpus.py (endless batches, disjoint rank
 shards, exact resume). Each epoch is a new seeded permutation; every rank takes the same number
 of batches per epoch (the tail that does not fill one batch on every rank waits for the next
-epoch's shuffle). Batches are padded to their longest sequence rounded up to a multiple of 8
-(capped at task.max_seq_len): short task sentences do not pay for max_seq_len, and few distinct
-shapes keep compiled kernels cached.
+epoch's shuffle). The epoch's examples are length-grouped as the general stages group theirs
+(data/stream.py): chunks of GROUP_BATCHES global batches are sorted by token length, cut into global
+batches (one micro-batch per rank, neighbours in length) and the batches shuffled, so the order
+stays a pure function of (seed, epoch) and resume stays exact. Dev and prediction batches are cut
+from the examples sorted by length. Every batch is padded to its longest sequence exactly: task
+sentences are short (the bundled sentiment task averages 12 tokens), and rounding widths up to 8,
+as the general stages do, would pad a quarter of such a batch.
 """
 from __future__ import annotations
 
@@ -38,9 +42,12 @@ from ..config import TaskConfig
 from ..errors import ConfigError, DataError
 from .benchmarks import main_metric
 from .contract import check_state, loader_state
+from .stream import GROUP_BATCHES
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
-PAD_MULTIPLE = 8
+LENGTH_CHUNK = 4096  # examples per tokenizer call when measuring lengths
+ORDER = "length_grouped"  # the train order a saved position refers to
+MAX_SORTED_PADDING = 0.05  # dev and prediction batches: the padded share a batch may reach
 
 
 @dataclass
@@ -401,15 +408,28 @@ def load_split(cfg: TaskConfig, split: str) -> tuple[TaskData, list[Example]]:
 
 
 # --------------------------------------------------------------------------- batches
-def encode_batch(examples: Sequence[Example], tokenizer, max_seq_len: int, task_type: str,
-                 with_labels: bool) -> dict[str, torch.Tensor]:
-    """[CLS] a [SEP] (b [SEP]) with token_type_ids, truncated longest-first, padded (see module doc)."""
+def _tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int, **kwargs):
+    """[CLS] a [SEP] (b [SEP]) with token_type_ids, truncated longest-first."""
     first = [e.texts[0] for e in examples]
     second = [e.texts[1] for e in examples] if len(examples[0].texts) == 2 else None
-    enc = tokenizer(first, second, truncation=True, max_length=max_seq_len, return_token_type_ids=True,
-                    return_attention_mask=False)
-    longest = max(len(ids) for ids in enc["input_ids"])
-    width = min(max_seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return tokenizer(first, second, truncation=True, max_length=max_seq_len, return_attention_mask=False, **kwargs)
+
+
+def token_lengths(examples: Sequence[Example], tokenizer, max_seq_len: int) -> np.ndarray:
+    """The length of each example as encode_batch makes it (special tokens in, truncated)."""
+    lengths = np.zeros(len(examples), dtype=np.int64)
+    for start in range(0, len(examples), LENGTH_CHUNK):
+        part = examples[start:start + LENGTH_CHUNK]
+        ids = _tokenize(part, tokenizer, max_seq_len, return_token_type_ids=False)["input_ids"]
+        lengths[start:start + len(part)] = [len(row) for row in ids]
+    return lengths
+
+
+def encode_batch(examples: Sequence[Example], tokenizer, max_seq_len: int, task_type: str,
+                 with_labels: bool) -> dict[str, torch.Tensor]:
+    """Token ids, padded to the batch's longest example (see module doc), with token_type_ids."""
+    enc = _tokenize(examples, tokenizer, max_seq_len, return_token_type_ids=True)
+    width = max(len(ids) for ids in enc["input_ids"])
     input_ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     token_type_ids = torch.zeros_like(input_ids)
@@ -424,15 +444,50 @@ def encode_batch(examples: Sequence[Example], tokenizer, max_seq_len: int, task_
     return batch
 
 
+def length_sorted_batches(task: TaskData, tokenizer, examples: Sequence[Example], batch_size: int,
+                          with_labels: bool) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(positions in `examples`, batch) for batches of at most `batch_size` cut from `examples` sorted by
+    length; whoever needs the examples' own order puts each output back at its positions."""
+    lengths = token_lengths(examples, tokenizer, task.max_seq_len)
+    order = np.argsort(lengths, kind="stable")
+    for positions in _cut_sorted(order, lengths, batch_size):
+        yield positions, encode_batch([examples[i] for i in positions], tokenizer, task.max_seq_len, task.type,
+                                      with_labels)
+
+
+def _cut_sorted(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of `order` (ascending lengths): a batch ends when full, or when the next example would
+    make it pad more than MAX_SORTED_PADDING (short sentences: one token more is a large share)."""
+    start, content = 0, 0
+    for end, index in enumerate(order):
+        rows, width = end - start + 1, int(lengths[index])  # the batch with this example: its widest row
+        if rows > batch_size or width * rows - (content + width) > MAX_SORTED_PADDING * width * rows:
+            yield order[start:end]
+            start, content = end, 0
+        content += int(lengths[index])
+    if start < len(order):
+        yield order[start:]
+
+
 def iter_dev_batches(task: TaskData, tokenizer, batch_size: int,
                      examples: Sequence[Example] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """The dev split (or `examples`: another dev split) in file order, labels included; the last batch
-    may be smaller."""
+    """The dev split (or `examples`: another dev split), labels included, in length order: metrics pair
+    each output with the label that came in its batch, so they do not depend on the order."""
     examples = task.dev if examples is None else examples
     if not examples:
         raise ConfigError(f"task.dev_file: task {task.name!r} has no dev split to evaluate on")
-    for start in range(0, len(examples), batch_size):
-        yield encode_batch(examples[start:start + batch_size], tokenizer, task.max_seq_len, task.type, True)
+    for _, batch in length_sorted_batches(task, tokenizer, examples, batch_size, with_labels=True):
+        yield batch
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, unit: int, rng: np.random.Generator) -> np.ndarray:
+    """`order` (a multiple of `unit` long) with each run of `unit` holding similar lengths: sort chunks of
+    GROUP_BATCHES runs by length (stable: equal lengths stay shuffled), then shuffle the runs."""
+    chunk = unit * GROUP_BATCHES
+    chunks = np.split(order, range(chunk, len(order), chunk))
+    parts = [part[np.argsort(lengths[part], kind="stable")] for part in chunks]
+    runs = np.concatenate(parts).reshape(-1, unit)
+    return runs[rng.permutation(len(runs))].reshape(-1)
 
 
 class TaskLoader:
@@ -451,12 +506,20 @@ class TaskLoader:
         if self.batches_per_epoch == 0:
             raise DataError(f"{task.train_file}: {len(task.train)} examples do not fill one batch of {batch_size} "
                             f"on each of {world_size} rank(s); use a smaller micro_batch_size or more data")
+        self.lengths = token_lengths(task.train, tokenizer, task.max_seq_len)
         self._epoch = 0
         self._batches_in_epoch = 0
+        self._unsorted_epoch: int | None = None  # resumed from a position saved before length grouping
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of train examples for `epoch` (same on every rank)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.task.train))
+        """The train examples of `epoch` in batch order (same on every rank): a seeded permutation, its
+        tail that fills no global batch dropped, the rest length-grouped by global batch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.task.train))
+        if epoch == self._unsorted_epoch:  # finish that epoch in the order its first batches came in
+            return order
+        unit = self.batch_size * self.world_size
+        return length_grouped(order[:self.batches_per_epoch * unit], self.lengths, unit, rng)
 
     def _indices(self, order: np.ndarray, batch: int) -> np.ndarray:
         start = (batch * self.world_size + self.rank) * self.batch_size
@@ -476,13 +539,14 @@ class TaskLoader:
     def state_dict(self) -> dict:
         return loader_state("task", epoch=self._epoch, batches_in_epoch=self._batches_in_epoch, rank=self.rank,
                             world_size=self.world_size, batch_size=self.batch_size, seed=self.seed,
-                            num_examples=len(self.task.train))
+                            num_examples=len(self.task.train), order=ORDER)
 
     def load_state_dict(self, state: dict) -> None:
         check_state(state, "task", world_size=self.world_size, batch_size=self.batch_size,
                     num_examples=len(self.task.train), seed=self.seed)
         self._epoch = int(state["epoch"])
         self._batches_in_epoch = int(state["batches_in_epoch"])
+        self._unsorted_epoch = self._epoch if state.get("order") != ORDER else None
 
 
 def build_task_loader(task_cfg: TaskConfig, tokenizer, batch_size: int, rank: int, world: int, seed: int,

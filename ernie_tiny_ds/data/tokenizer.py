@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..assets import DEFAULT_TOKENIZER
 from ..errors import ConfigError
 from .hub import resolve as resolve_hub
 
@@ -24,7 +25,6 @@ def recipe_tokenizer_path(recipe, use_finetuned_teacher: bool = True) -> str:
                 raise ConfigError(f"{key}: {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
                                   f"set data.tokenizer to the teacher's tokenizer (a folder or Hub ID)")
             return folder
-    from ..assets import DEFAULT_TOKENIZER
     return str(DEFAULT_TOKENIZER)
 
 

@@ -14,7 +14,10 @@ from typing import Iterator
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from torch.nn import functional as F
+from transformers import AttentionInterface, AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import StudentConfig, TeacherConfig
 from ..data.hub import resolve as resolve_hub
@@ -127,6 +130,54 @@ def encoder_up_to(model: nn.Module, deepest_layer: int) -> nn.Module:
     return body
 
 
+# --------------------------------------------------------------------------- student attention
+FUSED_HEAD_MULTIPLE = 8  # SDPA's memory-efficient and cuDNN kernels need head dims that are a multiple of 8
+STUDENT_ATTENTION = "sdpa_fused_head"  # the student's attention function in transformers' AttentionInterface
+
+
+def padded_head_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
+    """SDPA with the head dim zero-padded up to a multiple of 8, the output sliced back.
+
+    Zero columns add nothing to q.k nor to the weighted sum of v, so the result is the plain one as long
+    as the softmax scale stays 1/sqrt(unpadded head dim): it is passed explicitly for that reason."""
+    head = query.shape[-1]
+    extra = -head % FUSED_HEAD_MULTIPLE
+    if scaling is None:
+        scaling = head ** -0.5
+    if extra == 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    padded = [F.pad(t, (0, extra)) for t in (query, key, value)]
+    output, weights = sdpa_attention_forward(module, *padded, attention_mask, scaling=scaling, **kwargs)
+    return output[..., :head], weights  # [B, L, H, padded head]: the caller reshapes (and copies) it
+
+
+def pads_heads_on(device: torch.device) -> bool:
+    """Only CUDA's fused kernels need the padding; the CPU's SDPA takes any head dim, and padding 26 to 32
+    made its attention slower there (BENCHMARKS §4, bench/student_attention.py)."""
+    return device.type == "cuda"
+
+
+def student_sdpa(module: nn.Module, query: torch.Tensor, *args, **kwargs):
+    """The student's attention: SDPA, with padded heads where a fused kernel needs them."""
+    if pads_heads_on(query.device):
+        return padded_head_sdpa(module, query, *args, **kwargs)
+    return sdpa_attention_forward(module, query, *args, **kwargs)
+
+
+# Registered by name: the name lives on the in-memory config only (save_pretrained does not write it), so
+# saved and exported students stay plain models that load with attn_implementation="sdpa" anywhere.
+# The mask needs its own entry: transformers builds no mask at all for a name it has no mask function for,
+# and the student would attend to padding.
+AttentionInterface.register(STUDENT_ATTENTION, student_sdpa)
+AttentionMaskInterface.register(STUDENT_ATTENTION, sdpa_mask)
+
+
+def use_student_attention(model: PreTrainedModel) -> PreTrainedModel:
+    model.set_attn_implementation(STUDENT_ATTENTION)
+    return model
+
+
 # --------------------------------------------------------------------------- student
 def student_config_from(cfg: StudentConfig, teacher_config: PretrainedConfig) -> PretrainedConfig:
     """The student's config: the teacher's (same vocabulary, type, positions) with student sizes."""
@@ -152,7 +203,13 @@ def keep_task_labels(config: PretrainedConfig, teacher_config: PretrainedConfig)
 
 def build_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: int,
                   num_labels: int | None = None) -> PreTrainedModel:
-    """Fresh (seeded, identical on every rank) or loaded student; with a task head when num_labels is set."""
+    """Fresh (seeded, identical on every rank) or loaded student; with a task head when num_labels is set.
+    Its attention runs student_sdpa (fused GPU kernels for any head dim); weights and config stay plain."""
+    return use_student_attention(_new_or_loaded_student(cfg, teacher_config, seed, num_labels))
+
+
+def _new_or_loaded_student(cfg: StudentConfig, teacher_config: PretrainedConfig, seed: int,
+                           num_labels: int | None) -> PreTrainedModel:
     common = dict(attn_implementation="sdpa")
     if cfg.path is not None:
         cfg = copy.copy(cfg)

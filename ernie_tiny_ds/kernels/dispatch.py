@@ -10,8 +10,8 @@ backend "torch":  attention transfer in torch with a closed-form backward
                   in ``ernie_tiny_ds.losses``, which defines what every path must return.
 
 The argument checks of the kernels and the torch path live in ``checks.py``, once
-(``check_*_inputs``, re-exported here); each path calls them at its entry, so a call is checked
-exactly once whichever path runs it.
+(``check_*_inputs``); each path calls them at its entry, so a call is checked exactly once
+whichever path runs it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import os
 import torch
 
 from .. import losses as _ref
-from .checks import KERNEL_DTYPES, check_attention_inputs, check_soft_label_inputs  # noqa: F401 (public here too)
+from .attention_transfer_torch import attention_transfer_torch
+from .checks import KERNEL_DTYPES
 
 BACKENDS = ("auto", "triton", "torch")
 _TRUE = ("1", "true", "yes", "on", "y")  # what triton's knobs accept as true
@@ -77,7 +78,6 @@ def attention_transfer(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
     if select_backend(backend, q_s, k_s, q_t, k_t) == "triton":
         from . import attention_transfer as fused
         return fused(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads)
-    from .attention_transfer_torch import attention_transfer_torch
     return attention_transfer_torch(q_s, k_s, q_t, k_t, attention_mask, kind=kind, relation_heads=relation_heads,
                                     query_chunk=query_chunk)
 

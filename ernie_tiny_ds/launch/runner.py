@@ -95,9 +95,9 @@ def strip_separator(command: list[str]) -> list[str]:
     return command[1:] if command[:1] == ["--"] else command
 
 
-def parse_subcommand(command: list[str], build_parser) -> argparse.Namespace:
+def parse_subcommand(command: list[str], parse_args) -> argparse.Namespace:
     """Check the sub-command here, before any node starts; its argparse message becomes our error.
-    `build_parser` is the CLI's own (handed down by the CLI, which sits above this layer)."""
+    `parse_args` is the CLI's own (handed down by the CLI, which sits above this layer)."""
     if not command:
         raise UserError("no sub-command to run: add it after '--', e.g. -- distill --config recipe.yaml")
     if command[0] in NOT_LAUNCHABLE:
@@ -105,7 +105,7 @@ def parse_subcommand(command: list[str], build_parser) -> argparse.Namespace:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return build_parser().parse_args(command)
+            return parse_args(command)
     except SystemExit:
         lines = [line for line in captured.getvalue().splitlines() if line.strip()]
         detail = lines[-1].split("error: ", 1)[-1] if lines else "not a valid sub-command"
@@ -323,7 +323,7 @@ def node_world(args: argparse.Namespace, hosts: list[Host], num_nodes: int, visi
 
 def plan_launch(args: argparse.Namespace, base_env: dict[str, str] | None = None) -> LaunchPlan:
     command = strip_separator(list(args.command))
-    parse_subcommand(command, args.build_parser)
+    parse_subcommand(command, args.parse_args)
     hosts = read_hostfile(args.hostfile) if args.hostfile else []
     num_nodes = _check_arguments(args, hosts)
     uses_ssh = num_nodes > 1 and not args.no_ssh

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import load_recipe
 from ..errors import UserError
 from .runner import parse_subcommand, strip_separator
 from .slurm import DEFAULT_TEMPLATE, LOG_NAME, SlurmJob, partition_has_gpus, render, sbatch_command, submit, validate
@@ -44,7 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def recipe_output_dir(sub: argparse.Namespace) -> Path | None:
     if getattr(sub, "config", None) is None:
         return None
-    from ..config import load_recipe
     return Path(load_recipe(sub.config, getattr(sub, "overrides", None)).output_dir).absolute()
 
 
@@ -57,7 +57,7 @@ def wants_gpus(choice: str, partition: str | None) -> bool:
 
 def build_job(args: argparse.Namespace) -> SlurmJob:
     command = strip_separator(list(args.command))
-    sub = parse_subcommand(command, args.build_parser)
+    sub = parse_subcommand(command, args.parse_args)
     output_dir = recipe_output_dir(sub)
     if args.log_dir is None and output_dir is None:
         raise UserError(f"'{command[0]}' has no recipe output_dir to keep the job logs in: give --log-dir")

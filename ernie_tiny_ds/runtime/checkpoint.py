@@ -17,7 +17,6 @@ ones that are not safe to change.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -31,7 +30,14 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, UserError
-from ..files import atomic_torch_save, atomic_write_text, fsync_dir, fsync_tree, remove_stale_temps
+from ..files import (
+    atomic_torch_save,
+    atomic_write_text,
+    disk_full_is_one_line,
+    fsync_dir,
+    fsync_tree,
+    remove_stale_temps,
+)
 from ..outputs import under_lock
 from . import recipe_changes, safe_load
 from .collectives import all_gather_objects, broadcast_object
@@ -144,13 +150,13 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files=None, k
         # symlink or folder planted at the name makes this fail) for DeepSpeed to write into
         os.mkdir(partial)
     _barrier()
-    with _disk_full_is_one_line(root, partial):
+    with _checkpoint_disk_full(root, partial):
         engine.save_checkpoint(str(root), tag=tag + PARTIAL, client_state={"step": step}, save_latest=False)
         state_file = partial / f"trainer_state_rank{rank}.pt"
         atomic_torch_save(trainer_state, state_file)
     _barrier()
     if rank == 0:
-        with _disk_full_is_one_line(root, partial):
+        with _checkpoint_disk_full(root, partial):
             if extra_files is not None:
                 extra_files(partial)  # student config + tokenizer, so one folder is enough to export
             if recipe is not None:
@@ -189,45 +195,16 @@ def checkpoint_bytes(folder: Path) -> int | None:
         return None
 
 
-def _is_disk_full(exc: BaseException, root: Path, needed: int | None) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save reports a failed write as a RuntimeError ("file write failed"), without the errno
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("write failed" in text or "No space left" in text):
-        try:
-            free = shutil.disk_usage(root).free
-        except OSError:
-            return False
-        return needed is None or free < needed
-    return False
-
-
-class _disk_full_is_one_line:
-    """A full disk during a save: the partial folder is removed and the error names the disk (the
-    folder) and about how many bytes a checkpoint needs, from the newest complete one's manifest."""
-
-    def __init__(self, root: Path, partial: Path):
-        self.root, self.partial = root, partial
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, _tb):
-        if exc is None:
-            return False
-        tags = complete_tags(self.root)
-        needed = checkpoint_bytes(self.root / tags[-1]) if tags else None
-        if not _is_disk_full(exc, self.root, needed):
-            return False
-        shutil.rmtree(self.partial, ignore_errors=True)
-        try:
-            free = f"{shutil.disk_usage(self.root).free:,} bytes free"
-        except OSError:
-            free = "free space unknown"
-        need = f"about {needed:,} bytes (the size of {tags[-1]})" if needed else "more space than is left"
-        raise UserError(f"no space left on the disk holding {self.root} ({free}): a checkpoint needs {need}; "
-                        "free space there, lower train.keep_checkpoints, or move output_dir to a larger disk") from None
+def _checkpoint_disk_full(root: Path, partial: Path):
+    """A full disk during a save: the partial folder is removed and the line says about how many bytes a
+    checkpoint needs, from the newest complete one's manifest."""
+    def needs() -> tuple[int | None, str]:
+        tags = complete_tags(root)
+        needed = checkpoint_bytes(root / tags[-1]) if tags else None
+        size = f"about {needed:,} bytes (the size of {tags[-1]})" if needed else "more space than is left"
+        return needed, f"a checkpoint needs {size}"
+    return disk_full_is_one_line(root, needs, "free space there, lower train.keep_checkpoints, or move output_dir "
+                                 "to a larger disk", partial=partial)
 
 
 def _step(tag: str) -> int:

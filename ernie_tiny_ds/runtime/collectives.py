@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 _CPU_CAPABLE = ("gloo", "mpi", "ucc")  # backends that take CPU tensors when named without a device
 _control: dict[int, Any] = {}          # id(default group) -> its control group (None: the default one)
@@ -62,8 +63,6 @@ def bound_later_groups(timeout: timedelta) -> None:
     gloo and 10 under NCCL, so a stalled (not dead) peer would hold the other ranks that long
     whatever train.dist_timeout_s says. torch reads that default from these two module values at
     each new_group() call; torch has no public setter for them."""
-    import torch.distributed.distributed_c10d as c10d
-
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if isinstance(getattr(c10d, name, None), timedelta):  # None where torch was built without NCCL
             setattr(c10d, name, timeout)

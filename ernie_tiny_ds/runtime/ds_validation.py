@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..config import Recipe
 from ..errors import ConfigError
-from .engine import build_ds_config
+from .ds_config import build_ds_config
 from .engine_settings import EngineSettings
 
 # what DeepSpeed itself takes out of optimizer.params before it builds the optimizer

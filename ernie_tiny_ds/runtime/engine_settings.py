@@ -1,6 +1,6 @@
 """What the DeepSpeed engine trains with: the batch per rank, the precision, the optimizer and its
 schedule. A distillation stage takes them from its recipe (train + optim); teacher finetuning from
-the recipe's finetune section. runtime/engine.py builds the DeepSpeed JSON and the engine from them.
+the recipe's finetune section. runtime/ds_config.py builds the DeepSpeed JSON from them, runtime/engines.py the engine.
 """
 from __future__ import annotations
 

@@ -5,16 +5,24 @@ the student only. ZeRO shards are consolidated to fp32 on the CPU, so any stage 
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save
 
+from ..distill.objective import projection_state
 from ..errors import UserError
-from ..files import plain_file_modes, remove_stale_temps, replace_dir, temp_dir_beside, write_atomic
+from ..files import (
+    plain_file_modes,
+    remove_stale_temps,
+    replace_dir,
+    temp_dir_beside,
+    weights_disk_full_is_one_line,
+    write_atomic,
+)
 from ..outputs import write_marker
 from . import safe_load
 from .checkpoint import LATEST, verify
@@ -74,34 +82,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
 
 def save_projections(full: dict[str, torch.Tensor], path: Path) -> Path:
     """The projection weights of a consolidated state, written durably (temp file, fsync, rename)."""
-    from safetensors.torch import save
-
-    from ..distill.objective import projection_state
     tensors = {k: v.detach().float().contiguous() for k, v in projection_state(full).items()}
     return write_atomic(path, lambda handle: handle.write(save(tensors)))
-
-
-class disk_full_is_one_line:
-    """A full disk while writing a model folder: one line naming the disk (the folder) and about how
-    many bytes the weights need, instead of a traceback (the caller removes its temporary folder)."""
-
-    def __init__(self, output: Path, model):
-        self.output, self.model = Path(output), model
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, _tb):
-        if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
-            return False
-        needed = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        try:
-            free = f"{shutil.disk_usage(self.output.parent).free:,} bytes free"
-        except OSError:
-            free = "free space unknown"
-        raise UserError(f"no space left on the disk holding {self.output.parent} ({free}): the weights of "
-                        f"{self.output.name} need about {needed:,} bytes; free space there or write "
-                        "elsewhere") from None
 
 
 def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer=None) -> Path:
@@ -109,7 +91,7 @@ def save_model_folder(model, tokenizer_dir: Path | None, output: Path, tokenizer
     remove_stale_temps(output)  # what an interrupted export (a full disk) left beside it
     tmp = temp_dir_beside(output)
     try:
-        with disk_full_is_one_line(output, model):
+        with weights_disk_full_is_one_line(output, model):
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is None and tokenizer_dir is not None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..config import load_recipe
+from . import rank_registry
 from .checkpoint import LATEST
 
 EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
@@ -17,8 +19,6 @@ CHECKPOINTING = ("distill", "pipeline", "finetune-teacher")
 
 def _checkpoint_roots(args) -> list[Path]:
     """Where this command keeps checkpoints: OUT/<stage>/checkpoints, finetuning's OUTPUT.checkpoints."""
-    from ..config import load_recipe
-
     out = Path(load_recipe(args.config, args.overrides).output_dir)
     roots = [*out.glob(f"*/checkpoints/{LATEST}"), *out.glob(f"*.checkpoints/{LATEST}")]
     if getattr(args, "output", None):
@@ -44,8 +44,6 @@ def interrupted_line(args) -> str:
 
 def exit_interrupted(args) -> None:
     """Rank 0 (or a run without a launcher) prints the line; every rank ends at once with EXIT_CODE."""
-    from .rank_registry import report_and_exit
-
     if os.environ.get("RANK") in (None, "0"):
-        report_and_exit(interrupted_line(args), code=EXIT_CODE)
+        rank_registry.report_and_exit(interrupted_line(args), code=EXIT_CODE)
     os._exit(EXIT_CODE)

@@ -28,16 +28,19 @@ from ..stages import STAGE_SPECS
 from . import checkpoint, rank_registry, recipe_changes
 from .checkpointer import Checkpointer, SaveSchedule
 from .collectives import wait_for_rank0
-from .engine import build_ds_config, build_training_engine, device, init_distributed, prepare_teacher, zero_stage
+from .ds_config import build_ds_config, zero_stage
 from .engine_settings import EngineSettings
+from .engines import build_training_engine, prepare_teacher
 from .export import STUDENT_DIR, export_checkpoint, model_outputs
 from .export_check import check_export
 from .flops import distill_step_flops, peak_flops
 from .metrics import MetricsLogger
+from .process_group import device, init_distributed
 from .selection import Ranks, best_checkpoint_hook
 from .shared_folder import require_shared_folder
 from .step import train_step
 from .stop import StopRequest
+from .trackers import recipe_trackers
 from .trainer import SkipNonFinite, Trainer, on_device
 
 DONE_FILE = "stage_done.json"
@@ -162,7 +165,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
 
     peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None  # only rank 0 logs
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every,
-                           peak_flops=peak)
+                           peak_flops=peak, trackers=recipe_trackers(r))
     trainer = Trainer(lambda batch, window: train_step(parts, batch, window=window), checkpointer, logger,
                       SkipNonFinite(r.train.max_nonfinite_steps, stage),
                       flops=lambda rows, length: distill_step_flops(parts, rows, length),

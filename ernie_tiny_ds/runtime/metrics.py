@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..files import atomic_write_text
 
 # row fields that are not loss terms (the report plots the others as losses)
@@ -22,15 +24,10 @@ RATE_FIELDS = ("step", "lr", "tokens_per_s", "step_time_s", "elapsed_s", "tflops
                "padding")
 
 
-# train.report_to: runtime/trackers.activate puts the recipe's trackers here; rank 0's logger opens
-# one run per stage through them and forwards every row it writes to metrics.jsonl
-TRACKERS: list = []
-
-
 class MetricsLogger:
     def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, title: str,
                  progress_bar: bool = True, log_every: int = 10, peak_flops: float | None = None,
-                 tracked: bool = True):
+                 trackers=None):
         self.active = rank == 0
         self.log_every = log_every
         self.title, self.total_steps = title, total_steps
@@ -42,8 +39,9 @@ class MetricsLogger:
         if not self.active:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        # tracked=False: a log with no stage of its own (teacher finetuning's, beside its checkpoints)
-        self._runs = [trackers.open(title, out_dir, start_step) for trackers in TRACKERS] if tracked else []
+        # train.report_to (runtime/trackers.py): one run per stage, every row of metrics.jsonl goes to it too;
+        # none for a log with no stage of its own (teacher finetuning's, beside its checkpoints)
+        self._runs = [trackers.open(title, out_dir, start_step)] if trackers is not None else []
         self._start = self._last_time = time.perf_counter()  # a tracker's start-up is no step's time
         # a resumed run appends; lines past the checkpoint were never part of the resumed run
         self._lines = self._truncate(out_dir / "metrics.jsonl", start_step)
@@ -53,7 +51,6 @@ class MetricsLogger:
         except ImportError:
             self._tb = None
         if progress_bar:
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc=title, dynamic_ncols=True)
 
     @staticmethod

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from torch.utils.cpp_extension import get_default_build_root
+
 # a cold build of the largest op here takes about 45 s on an idle 2-core VM and a few minutes when
 # the machine is crowded; a lock three times older than the worst of those is no build's
 STALE_AFTER_S = 15 * 60
@@ -25,7 +27,6 @@ def extensions_root() -> Path:
     py<version>_<cuda> below it, which the glob covers)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    from torch.utils.cpp_extension import get_default_build_root
 
     return Path(get_default_build_root())
 

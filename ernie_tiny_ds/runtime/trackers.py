@@ -15,9 +15,11 @@ MLFLOW_TRACKING_URI (e.g. file:///path/mlruns for a local store).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+from ..config import to_dict
 from ..config.dotted import flatten
 from ..errors import UserError
 
@@ -36,7 +38,6 @@ class _WandbRun:
         except ImportError:
             raise UserError("train.report_to: wandb needs the wandb package: pip install 'ernie-tiny-ds[trackers]'") \
                 from None
-        import os
         folder.mkdir(parents=True, exist_ok=True)
         try:
             # WANDB_DIR wins when set; else the run's files stay beside the stage's outputs
@@ -81,7 +82,6 @@ class _MlflowRun:
             for i in range(0, len(items), 100):  # at most 100 params per batch
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
         except Exception as exc:  # MlflowException, connection errors
-            import os
             where = self.client.tracking_uri if self.client is not None else (
                 os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default store")
             text = " ".join(str(exc).split())
@@ -153,7 +153,6 @@ class Trackers:
         out = Path(recipe.output_dir)
         self.project = recipe.train.tracker_project or out.resolve().name
         self.group = str(out.resolve())
-        from ..config import to_dict
         self.config = to_dict(recipe)
 
     def open(self, title: str, out_dir: Path, start_step: int) -> StageRuns:
@@ -188,12 +187,7 @@ class Trackers:
                 run.close()
 
 
-def activate(recipe) -> Trackers | None:
-    """Register the recipe's trackers with MetricsLogger (rank 0 of every stage logs through them)."""
-    from . import metrics
-    metrics.TRACKERS[:] = []
-    if not recipe.train.report_to:
-        return None
-    trackers = Trackers(recipe)
-    metrics.TRACKERS.append(trackers)
-    return trackers
+def recipe_trackers(recipe) -> Trackers | None:
+    """The trackers train.report_to names (None when it names none): a stage passes them to its
+    MetricsLogger, the report logs through them. Nothing opens a run until one of those asks."""
+    return Trackers(recipe) if recipe.train.report_to else None

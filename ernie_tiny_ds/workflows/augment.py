@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForMaskedLM
+from transformers.utils import logging as hf_logging
 
 from ..config import Recipe, load_recipe, to_dict
 from ..data.hub import resolve as resolve_hub
@@ -74,9 +76,6 @@ class MaskedLM:
 
 def _load_masked_lm(folder: str, key: str, trust_remote_code: bool) -> tuple[torch.nn.Module | None, list[str]]:
     """(model, the head weights the checkpoint lacks); a lacking head would be random: unusable."""
-    from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report of a headless checkpoint is what we check below
     try:

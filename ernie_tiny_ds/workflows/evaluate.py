@@ -17,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 from ..config import TaskConfig, apply_overrides, load_recipe, load_section
-from ..data.benchmarks import compute_metrics  # noqa: F401  (its public home was here)
+from ..data.benchmarks import compute_metrics
 from ..data.constant_predictions import KEY as CONSTANT
 from ..data.constant_predictions import constant_prediction
 from ..data.tasks import TaskData, iter_dev_batches, load_task
+from ..data.tokenizer import check_vocab_matches, load_tokenizer
 from ..errors import ConfigError, UserError
+from ..files import atomic_write_text
+from ..outputs import claim_file, task_inputs
 
 _GENERIC_LABEL = re.compile(r"LABEL_\d+")
 
@@ -79,10 +83,6 @@ def check_model_fits_task(config, task: TaskData, where: str) -> None:
 
 def load_classifier(model_dir: str | os.PathLike, task: TaskData):
     """(model, tokenizer) of an exported folder, checked against the task; never runs remote code."""
-    import transformers
-
-    from ..data.tokenizer import check_vocab_matches, load_tokenizer
-
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise UserError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
@@ -127,7 +127,6 @@ def run(args) -> int:
         raise ConfigError(f"--batch-size must be > 0, got {args.batch_size}")
     task_cfg = task_from_args(args)
     if args.output:  # before the evaluation: a wrong --output costs nothing
-        from ..outputs import claim_file, task_inputs
         claim_file(args.output, "--output", {"--model": args.model, **task_inputs(task_cfg)})
     metrics = {"model": str(args.model), "task": task_cfg.name or task_cfg.train_file,
                **evaluate_model(args.model, task_cfg, args.batch_size)}
@@ -136,7 +135,6 @@ def run(args) -> int:
     if CONSTANT in metrics:
         print(f"warning: {metrics[CONSTANT]}", file=sys.stderr, flush=True)
     if args.output:
-        from ..files import atomic_write_text
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.output), text + "\n")
     return 0

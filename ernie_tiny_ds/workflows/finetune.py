@@ -147,7 +147,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
     """Rank 0: write, score and rename the Hugging Face folder; returns the dev metrics ({} without dev)."""
     import transformers
 
-    from ..runtime.export import disk_full_is_one_line
+    from ..files import weights_disk_full_is_one_line
     from .evaluate import evaluate_on_task
 
     model = transformers.AutoModelForSequenceClassification.from_config(model_config, dtype=torch.float32)
@@ -155,7 +155,7 @@ def save_finetuned(model_config, state: dict, tokenizer, task: TaskData, output:
     remove_stale_temps(output)  # what an interrupted write (a full disk) left beside it
     tmp = temp_dir_beside(output)
     try:
-        with disk_full_is_one_line(output, model):
+        with weights_disk_full_is_one_line(output, model):
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp)  # score what was written
@@ -175,7 +175,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     # imported here, not at the top: the training stack (transformers, deepspeed) is heavy, and the
     # CLI's parsing imports this module
     from ..runtime import checkpoint, rank_registry
-    from ..runtime.engine import init_distributed
+    from ..runtime.process_group import init_distributed
     from ..runtime.shared_folder import require_shared_folder
 
     output = Path(output_dir) if output_dir is not None else Path(recipe.output_dir) / DEFAULT_DIR
@@ -212,7 +212,9 @@ def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: 
     from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
     from ..distill.objective import ClassifierObjective
     from ..runtime import checkpoint, recipe_changes
-    from ..runtime.engine import build_ds_config, build_training_engine, device, zero_stage
+    from ..runtime.ds_config import build_ds_config, zero_stage
+    from ..runtime.engines import build_training_engine
+    from ..runtime.process_group import device
     from ..runtime.selection import Ranks
 
     ft = recipe.finetune
@@ -253,7 +255,7 @@ def _train(recipe: Recipe, job: FinetuneJob, run, selector, start: int):
     # the training log (rates and MFU, as in the stages) beside the checkpoints, a line every tenth of the run
     peak = peak_flops(job.ranks.device, recipe.train.precision, recipe.train.peak_tflops) if rank == 0 else None
     logger = MetricsLogger(job.ckpt_root, rank, total, start, "finetune", progress_bar=False,
-                           log_every=max(1, total // 10), peak_flops=peak, tracked=False)
+                           log_every=max(1, total // 10), peak_flops=peak)
     # no save at the last step: the finished output replaces the checkpoints
     schedule = SaveSchedule(recipe.train.save_every, total, recipe.train.keep_checkpoints, save_last=False)
     checkpointer = Checkpointer(run, schedule, StopRequest(recipe.output_dir))

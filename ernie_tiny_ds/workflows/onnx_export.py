@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import UserError
 from ..files import replaced_atomically
 from ..outputs import claim_file
+from ..runtime.export import load_exported
 from .speed import _inputs, _threads, timed_in_turns
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -68,7 +69,6 @@ class _Outputs(nn.Module):
 def _load(model) -> nn.Module:
     if isinstance(model, nn.Module):
         return model.eval()
-    from ..runtime.export import load_exported
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise UserError(f"--model: {folder} is not an exported Hugging Face model folder (no config.json)")

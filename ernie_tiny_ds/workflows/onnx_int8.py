@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from ..config import TaskConfig
+from ..data.tasks import load_task
 from ..files import replaced_atomically
+from .evaluate import evaluate_on_task, load_classifier
 from .onnx_export import OrtModel, check_against_pytorch, require_onnx
 
 INT8_SUFFIX = ".int8.onnx"
@@ -88,9 +90,6 @@ class OrtClassifier(OrtModel):
 def score_on_dev(graph: Path, model_dir: str | Path, task_cfg: TaskConfig, batch_size: int = 64) -> dict:
     """The task's dev metrics of an ONNX classifier graph, from the same batches and metric code that
     score the PyTorch model in `model_dir` (its tokenizer and config; checked against the task)."""
-    from ..data.tasks import load_task
-    from .evaluate import evaluate_on_task, load_classifier
-
     task = load_task(task_cfg)
     model, tokenizer = load_classifier(model_dir, task)
     return {**evaluate_on_task(OrtClassifier(graph, model.config), tokenizer, task, batch_size),

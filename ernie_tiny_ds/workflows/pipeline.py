@@ -176,7 +176,7 @@ def pipeline_steps() -> list[tuple[str, Callable[[PipelineRun, str], bool]]]:
 def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None) -> bool:
     """Runs the steps first..last of pipeline_steps() (0 = finetuning, default: to the last stage);
     True when the range finished, False when stopped."""
-    from ..runtime.engine import init_distributed
+    from ..runtime.process_group import init_distributed
 
     steps = pipeline_steps()
     last = len(steps) - 1 if last is None else last

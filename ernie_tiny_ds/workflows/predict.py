@@ -16,7 +16,7 @@ import torch
 
 from ..data.benchmarks import submission_file, submits_class_ids
 from ..data.task_datasets import split_names
-from ..data.tasks import encode_batch, load_split
+from ..data.tasks import length_sorted_batches, load_split
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..outputs import claim_output, marker_kind, task_inputs, write_marker
@@ -26,13 +26,12 @@ PREDICTIONS = "predictions"  # the marker kind of a folder of submission files
 
 
 def predict_outputs(model, tokenizer, task, examples, batch_size: int) -> np.ndarray:
-    """[N, num_labels] outputs of the model on `examples` (in order), dropout off."""
-    outputs = []
+    """[N, num_labels] outputs of the model on `examples` (in order), dropout off; batched by length."""
+    outputs = torch.zeros(len(examples), model.config.num_labels)
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = encode_batch(examples[start:start + batch_size], tokenizer, task.max_seq_len, task.type, False)
-            outputs.append(model(**batch).logits.float())
-    return torch.cat(outputs).numpy()
+        for positions, batch in length_sorted_batches(task, tokenizer, examples, batch_size, with_labels=False):
+            outputs[torch.from_numpy(positions)] = model(**batch).logits.float()
+    return outputs.numpy()
 
 
 def submission_text(task, examples, outputs: np.ndarray) -> str:

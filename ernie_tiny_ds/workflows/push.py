@@ -4,9 +4,14 @@ HF_ENDPOINT: a private Hub mirror). The token comes from HF_TOKEN or `huggingfac
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+from ..data.hub import looks_like_hub_id
 from ..errors import UserError
 from .model_card import CARD, check_loadable
 
@@ -14,12 +19,6 @@ from .model_card import CARD, check_loadable
 def push(folder: str | os.PathLike, repo_id: str, endpoint: str | None = None, private: bool = False,
          revision: str | None = None, message: str | None = None, token: str | None = None) -> str:
     """Create the repository if needed and upload the folder in one commit; returns the commit URL."""
-    # imported here: only `push` needs the client's HTTP stack
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    from ..data.hub import looks_like_hub_id
-
     folder = Path(folder)
     check_loadable(folder)
     if not looks_like_hub_id(repo_id):
@@ -45,8 +44,6 @@ def push(folder: str | os.PathLike, repo_id: str, endpoint: str | None = None, p
 def _network_errors() -> tuple[type, ...]:
     """What the Hub client raises when the endpoint cannot be reached. Its HTTP library changed across
     huggingface_hub releases (requests, httpx, httpx2), and none of their transport errors is an OSError."""
-    import importlib
-
     errors: list[type] = [OSError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
                          ("requests.exceptions", "RequestException")):

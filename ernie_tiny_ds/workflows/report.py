@@ -102,8 +102,9 @@ def build_report(recipe: Recipe, out: Path) -> dict:
     atomic_write_text(out / "report.md", render_markdown(report))
     from .model_card import write_cards
     write_cards(report, recipe, out)  # README.md in every stage's student folder: the export is a release
-    from ..runtime.metrics import TRACKERS
-    for trackers in TRACKERS:  # train.report_to (the report runs on rank 0 only)
+    from ..runtime.trackers import recipe_trackers
+    trackers = recipe_trackers(recipe)
+    if trackers is not None:  # train.report_to (the report runs on rank 0 only)
         trackers.log_report(report, out, [out / "report.json", out / "report.md"])
     for who in ("teacher", "student"):
         if CONSTANT in report[who]["metrics"]:

@@ -17,6 +17,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..distill.models import count_parameters
+from ..runtime.export import load_exported
+
 THROUGHPUT_BATCH = 32
 
 
@@ -34,7 +37,6 @@ def _threads(count: int | None) -> Iterator[int]:
 def _load(model: str | os.PathLike | nn.Module) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    from ..runtime.export import load_exported
     return load_exported(model)
 
 
@@ -88,8 +90,6 @@ def measure_models(models: list, seq_len: int = 128, repeats: int = 10, warmup: 
     """Per model {latency_ms_batch1, latency_ms_batch32, throughput_batch32 (sequences/s), params, seq_len,
     threads, repeats},
     all measured in turns under one thread count and device."""
-    from ..distill.models import count_parameters
-
     modules = [_load(m) for m in models]
     for module in modules:
         _check_settings(module, seq_len, repeats, warmup)

@@ -1,0 +1,21 @@
+"""`ernie-tiny-ds distill`: one distillation stage of a recipe (`pipeline` runs them all in order)."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import STAGES, load_recipe
+from ..outputs import output_dir_job
+from ..runtime.loop import run_stage
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    parser.add_argument("--stage", default="general", choices=STAGES)
+
+
+def run(args) -> int:
+    recipe = load_recipe(args.config, args.overrides)
+    with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
+        run_stage(recipe, args.stage)
+    return 0
