@@ -56,6 +56,7 @@ def world_of_one(monkeypatch):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 5 s: sixteen micro-batches of two models
 def test_each_optimizer_step_reads_the_device_once_and_reduces_only_on_checking_steps(tmp_path, monkeypatch,
                                                                                       world_of_one):
     counter = Counter()
