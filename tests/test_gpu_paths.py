@@ -65,7 +65,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
     from ernie_tiny_ds.runtime.step import all_ranks_finite
     from ernie_tiny_ds.runtime.stop import StopRequest
-    from ernie_tiny_ds.runtime.trainer import global_mean
+    from ernie_tiny_ds.runtime.trainer import PendingStep, reduce_pending
 
     dist.init_process_group("cuda:gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     results = {}
@@ -75,7 +75,9 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     except RuntimeError as exc:
         results["plain_cpu_all_reduce"] = str(exc)
     results["separate_group"] = control_group() is not None
-    results["mean"] = global_mean({"loss": torch.tensor(1.0 + 2 * rank), "hidden": torch.tensor(float(rank))})
+    kept = PendingStep(1, ["hidden", "loss"], torch.tensor([float(rank), 1.0 + 2 * rank, 10.0 + rank]),
+                       positions=20 + rank, flops=0.0, lr=0.1, skipped=0, at=0.0)
+    ((_, results["mean"], *results["tokens_positions"]),) = reduce_pending([kept])  # what the loop logs
     results["finite_all"] = all_ranks_finite(torch.tensor(0.5))
     results["finite_one_nan"] = all_ranks_finite(torch.tensor(float("nan") if rank == 1 else 0.5))
     stop = StopRequest(Path(out_dir) / f"nowhere{rank}")
@@ -104,7 +106,7 @@ def test_control_plane_under_a_group_without_cpu_backend(tmp_path):
         # the situation is the real one: a CPU tensor on the default group is refused, as under NCCL
         assert "No backend type associated with device type cpu" in got["plain_cpu_all_reduce"]
         assert got["separate_group"] is True
-        assert got["mean"] == {"hidden": 0.5, "loss": 2.0}
+        assert got["mean"] == {"hidden": 0.5, "loss": 2.0} and got["tokens_positions"] == [21.0, 41.0]
         assert got["finite_all"] is True and got["finite_one_nan"] is False
         assert got["stop_none"] is False and got["stop_one"] is True
         assert got["broadcast"] == {"from": 0}

@@ -77,7 +77,7 @@ def test_a_non_finite_step_is_skipped_before_backward():
     engine = FakeEngine(Objective(scale=float("nan")))
     result = train_step(StepParts(engine), batch_of(2, 5))
     assert engine.calls == ["forward"]
-    assert not result.finite and not result.boundary and not torch.isfinite(result.terms["term"])
+    assert not result.finite and result.boundary and not torch.isfinite(result.terms["term"])
 
 
 def test_mid_accumulation_step_reports_no_boundary():

@@ -32,7 +32,7 @@ class TorchEngine:
     def __init__(self, module, grad_accum=1, poisoned=()):
         self.module, self.grad_accum, self.poisoned = module, grad_accum, set(poisoned)
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-        self.micro = self.forwards = 0
+        self.micro_steps = self.forwards = self.backwards = 0
 
     def __call__(self, *args):
         self.forwards += 1
@@ -45,14 +45,15 @@ class TorchEngine:
         return [self.optimizer.param_groups[0]["lr"]]
 
     def is_gradient_accumulation_boundary(self):
-        return (self.micro + 1) % self.grad_accum == 0
+        return (self.micro_steps + 1) % self.grad_accum == 0
 
     def backward(self, loss):
+        self.backwards += 1
         (loss / self.grad_accum).backward()
 
     def step(self):
-        self.micro += 1
-        if self.micro % self.grad_accum == 0:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum == 0:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -63,13 +64,13 @@ class TorchEngine:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "micro": self.micro, **client_state}, folder / "mp_rank_00_model_states.pt")
+                    "micro": self.micro_steps, **client_state}, folder / "mp_rank_00_model_states.pt")
 
     def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
         state = torch.load(Path(root) / tag / "mp_rank_00_model_states.pt", weights_only=False)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.micro = state["micro"]
+        self.micro_steps = state["micro"]
         return str(root), state
 
 
@@ -110,12 +111,12 @@ def stage_job(poisoned=(), grad_accum=2):
     teacher = bert(4, 32, seed=1).eval()
     objective = DistillationObjective(bert(2, 16, seed=2), 32, [2, 4], LossConfig(), terms=LATENT_TERMS)
     parts = StepParts(TorchEngine(objective, grad_accum, poisoned), teacher, FeatureCapture(teacher, layers=[2, 4]))
-    return parts, (lambda batch: train_step(parts, batch))
+    return parts, (lambda batch, window: train_step(parts, batch, window=window))
 
 
 def finetune_job(poisoned=()):
     parts = StepParts(TorchEngine(ClassifierObjective(bert(2, 16, seed=3, classifier=True)), 1, poisoned))
-    return parts, (lambda batch: train_step(parts, batch))
+    return parts, (lambda batch, window: train_step(parts, batch, window=window))
 
 
 def fit(tmp_path, parts, step_fn, nonfinite, last_step=6, stop_at=None, seed=7):
@@ -138,11 +139,13 @@ def rows(folder):
 
 
 def test_one_loop_runs_a_stage_and_finetuning_and_a_stopped_run_resumes_exactly(tmp_path):
-    # the stage: micro-batches 2 of 12 are non-finite and skipped (with accumulation over 2)
+    # the stage: micro-batch 3 is non-finite, so the optimizer step of micro-batches 3-4 is skipped
+    # (with accumulation over 2): 3's NaN gradients are dropped, 4 never reaches backward
     parts, step_fn = stage_job(poisoned={3})
     result, seen = fit(tmp_path / "stage", parts, step_fn, SkipNonFinite(limit=2, what="general"))
     assert result.step == 6 and not result.stopped and seen == [1, 2, 3, 4, 5, 6]
-    assert parts.engine.forwards == 13 and parts.engine.micro == 12  # the skipped one never reached backward
+    assert parts.engine.forwards == 14 and parts.engine.backwards == 13 and parts.engine.micro_steps == 14
+    assert all(torch.isfinite(p).all() for p in parts.engine.module.parameters())  # no step took a NaN
     logged = rows(tmp_path / "stage")
     assert [r["step"] for r in logged] == seen
     assert {"loss", "embedding", "hidden", "attention", "lr", "padding"} <= set(logged[-1])
@@ -175,12 +178,15 @@ def test_a_non_finite_loss_is_skipped_up_to_a_limit_in_a_stage_and_fatal_in_fine
     with pytest.raises(NonFiniteLoss, match=r"^2 consecutive non-finite losses \(term: embedding, hidden, "
                                             r"attention\) at step 1 of general; lower optim.lr"):
         fit(tmp_path / "stage", parts, step_fn, SkipNonFinite(limit=2, what="general"))
-    assert parts.engine.micro == 1  # the first micro-batch trained; the two after it never reached backward
+    # both optimizer steps tried held a NaN: the optimizer never stepped (micro-batches 1 and 3 reached
+    # backward before their step's boundary found the NaN; their gradients were dropped)
+    assert not parts.engine.optimizer.state and parts.engine.backwards == 2
+    assert all(p.grad is None for p in parts.engine.module.parameters())
 
     parts, step_fn = finetune_job(poisoned={3})
     with pytest.raises(NonFiniteLoss, match="^finetune: non-finite loss at step 3; lower finetune.lr or check"):
         fit(tmp_path / "finetune", parts, step_fn, FailOnNonFinite("finetune", "lower finetune.lr or check the data"))
-    assert parts.engine.micro == 2 and [r["step"] for r in rows(tmp_path / "finetune")] == [1, 2]
+    assert parts.engine.micro_steps == 2 and [r["step"] for r in rows(tmp_path / "finetune")] == [1, 2]
 
 
 

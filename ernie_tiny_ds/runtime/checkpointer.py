@@ -1,9 +1,11 @@
 """When a training loop saves, and the save itself (runtime.checkpoint.save).
 
-After each optimizer step the loop asks `after_step(step)`: it saves every `every` steps, at the
-last step (unless the run's output replaces its checkpoints: teacher finetuning), and when the
-run ends early (a stop request: STOP file or SIGUSR1, or `stop_at_step`); it answers whether the
-loop must stop. Collective: every rank calls it at the same step.
+After each optimizer step the loop asks `after_step(step, check_stop)`: it saves every `every`
+steps, at the last step (unless the run's output replaces its checkpoints: teacher finetuning), and
+when the run ends early (a stop request: STOP file or SIGUSR1, or `stop_at_step`); it answers
+whether the loop must stop. The ranks agree on a stop request only where the loop says to check
+(a collective: the loop checks every train.log_every steps and at each save). Collective: every
+rank calls it at the same step.
 """
 from __future__ import annotations
 
@@ -37,9 +39,13 @@ class Checkpointer:
             return self.schedule.save_last
         return step % self.schedule.every == 0
 
-    def after_step(self, step: int) -> bool:
+    def saves_at(self, step: int) -> bool:
+        """Whether `step` saves whatever a stop request says."""
+        return self.due(step) or step == self.schedule.stop_at_step
+
+    def after_step(self, step: int, check_stop: bool = True) -> bool:
         """Save if this step is due (or the run stops here); True when the loop must stop."""
-        self.requested = self.stop_request.requested()
+        self.requested = check_stop and self.stop_request.requested()
         stopping = self.requested or step == self.schedule.stop_at_step
         if stopping or self.due(step):
             self.save(step)

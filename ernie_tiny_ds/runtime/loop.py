@@ -165,7 +165,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     peak = peak_flops(dev, r.train.precision, r.train.peak_tflops) if rank == 0 else None  # only rank 0 logs
     logger = MetricsLogger(out_dir, rank, r.train.max_steps, step, spec.title, r.train.progress_bar, r.train.log_every,
                            peak_flops=peak, trackers=recipe_trackers(r))
-    trainer = Trainer(lambda batch: train_step(parts, batch), checkpointer, logger,
+    trainer = Trainer(lambda batch, window: train_step(parts, batch, window=window), checkpointer, logger,
                       SkipNonFinite(r.train.max_nonfinite_steps, stage),
                       flops=lambda rows, length: distill_step_flops(parts, rows, length),
                       hooks=[selector] if selector is not None else [])

@@ -2,9 +2,9 @@
 
 Every row (and every printed line) carries the step, the loss terms, lr and the rates:
   tokens_per_s   non-padding tokens of all ranks per second of this step
-  step_time_s    wall time of this step: from the previous row to this one. The loop logs after it
-                 read the loss on the host (a device sync), so in steady state the interval holds
-                 exactly one step's device work.
+  step_time_s    wall time of this step: from the previous step's end to this one's, as the loop
+                 clocked them (each step waits once for the device, in its finite check, so in
+                 steady state the interval holds one step's device work)
   elapsed_s      wall time since this run's loop started
   tflops, mfu    this rank's matrix-product FLOP/s (runtime/flops.py) and its share of the device's peak
   padding        share of padded positions in this rank's micro-batches of the step, when the loop gives it
@@ -67,12 +67,14 @@ class MetricsLogger:
         atomic_write_text(path, "".join(k + "\n" for k in kept))
         return open(path, "a", encoding="utf-8")
 
-    def step(self, step: int, values: dict[str, float], tokens: int, flops: float | None = None) -> None:
-        """One optimizer step: `values` the loss terms and lr, `tokens` of all ranks, `flops` of this rank.
-        Call it after the loss was read on the host, so the step's time is complete."""
+    def step(self, step: int, values: dict[str, float], tokens: int, flops: float | None = None,
+             at: float | None = None) -> None:
+        """One optimizer step: `values` the loss terms and lr, `tokens` of all ranks, `flops` of this rank,
+        `at` the perf_counter time the step ended (default: now; the loop logs several steps at once).
+        Rows reach metrics.jsonl on flush()."""
         if not self.active:
             return
-        now = time.perf_counter()
+        now = time.perf_counter() if at is None else at
         seconds = max(now - self._last_time, 1e-9)
         self._last_time = now
         record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()},
@@ -83,7 +85,6 @@ class MetricsLogger:
             if self.peak_flops:
                 record["mfu"] = float(f"{flops / seconds / self.peak_flops:.4g}")
         self._lines.write(json.dumps(record) + "\n")
-        self._lines.flush()
         for run in self._runs:
             run.log(step, record)
         if self._tb is not None:
@@ -118,6 +119,11 @@ class MetricsLogger:
         if "skipped_nonfinite" in record:
             parts.append(f"{record['skipped_nonfinite']} skipped (non-finite)")
         return " | ".join(parts)
+
+    def flush(self) -> None:
+        """The rows so far on disk (the loop calls it on each logging step, before a checkpoint)."""
+        if self.active:
+            self._lines.flush()
 
     def message(self, text: str) -> None:
         if self.active:

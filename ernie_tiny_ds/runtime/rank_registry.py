@@ -11,6 +11,13 @@ died), a watch thread sees the peer's process gone and ends this rank with the s
 
 A stalled peer (stopped, or stuck) is alive: only train.dist_timeout_s ends the collective that
 waits for it. `describe_peer_loss` then names the peers of this host whose process is stopped.
+
+The watch reads each peer's file once (the folder may sit on a shared filesystem, where N ranks
+re-reading N files every second add up): a rank's pid does not change while the job runs. After that
+each tick only looks at this host's /proc. A file is read again while it is missing (its rank has
+not registered yet), names a process that is gone, or names one that started after the file was
+written (a file left from an earlier run whose pid a new process took): such a file may be
+rewritten by its rank at any moment.
 """
 from __future__ import annotations
 
@@ -30,12 +37,14 @@ _rank = 0
 _watch_stop = threading.Event()
 _watch: threading.Thread | None = None
 _report_lock = threading.Lock()  # one line per rank, from the watch or from the failed collective
+_known: dict[int, dict] = {}      # rank -> its file's record, as the watch last read it
 
 
 def register(folder: Path, rank: int, world: int, watch: bool = True) -> None:
     """Record this rank's pid under `folder`; with `watch`, also start the peer watch (multi-rank jobs)."""
     global _folder, _world, _rank
     _folder, _world, _rank = Path(folder), world, rank
+    _known.clear()
     _folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(_folder / f"rank{rank}.json",
                       json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}))
@@ -53,7 +62,7 @@ def start_watch(interval_s: float = 1.0) -> None:
 
     def loop() -> None:
         while not _watch_stop.wait(interval_s):
-            gone = gone_ranks(_rank, wait_s=0.0)
+            gone = watched_gone_ranks(_rank)
             if gone and not _watch_stop.is_set():
                 report_and_exit(f"[rank {_rank}] error: {', '.join(gone)} left the job (its process ended while "
                                 "this rank was still working); see its own message, if any")
@@ -78,17 +87,62 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in (None, "Z")  # a killed child stays a zombie until the launcher reaps it
 
 
+def _record(rank: int) -> dict | None:
+    """What rank `rank` recorded about itself; None before it has."""
+    path = _folder / f"rank{rank}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _written_by_its_process(rank: int, info: dict) -> bool:
+    """Whether rank `rank`'s file was written by the process it names (not by an earlier run whose pid
+    a newer process reuses): that process started before the file was written."""
+    if info["host"] != socket.gethostname():
+        return True  # another host's pid: never looked at
+    started = _started_at(int(info["pid"]))
+    try:
+        written = (_folder / f"rank{rank}.json").stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return started is not None and started <= written + 1.0  # + the clock's tick and the mtime's granularity
+
+
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc; None when there is no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(float(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime"))
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
+
+
 def _host_peers(me: int):
     """(rank, pid) of every other rank that recorded itself on this host (other hosts' pids mean nothing here)."""
     if _folder is None:
         return
     for rank in range(_world):
-        path = _folder / f"rank{rank}.json"
-        if rank == me or not path.is_file():
-            continue
-        info = json.loads(path.read_text())
-        if info["host"] == socket.gethostname():
+        info = None if rank == me else _record(rank)
+        if info is not None and info["host"] == socket.gethostname():
             yield rank, int(info["pid"])
+
+
+def watched_gone_ranks(me: int) -> list[str]:
+    """gone_ranks for the watch's tick: each file read once while its process lives (see the module's note)."""
+    if _folder is None:
+        return []
+    here, gone = socket.gethostname(), []
+    for rank in (r for r in range(_world) if r != me):
+        info = _known.get(rank)
+        if info is None or (info["host"] == here and not _alive(int(info["pid"]))):
+            _known.pop(rank, None)
+            info = _record(rank)  # not read yet, or its newest version before naming a dead process
+            if info is None:
+                continue
+            if _written_by_its_process(rank, info):
+                _known[rank] = info
+        if info["host"] == here and not _alive(int(info["pid"])):
+            gone.append(f"rank {rank} (pid {info['pid']})")
+    return gone
 
 
 def gone_ranks(me: int, wait_s: float = 2.0) -> list[str]:

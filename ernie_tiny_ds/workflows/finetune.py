@@ -245,7 +245,7 @@ def _train(recipe: Recipe, job: FinetuneJob, run, selector, start: int):
     schedule = SaveSchedule(recipe.train.save_every, total, recipe.train.keep_checkpoints, save_last=False)
     checkpointer = Checkpointer(run, schedule, StopRequest(recipe.output_dir))
     parts = StepParts(run.engine)  # grad_accum is 1: every step is an optimizer step
-    trainer = Trainer(lambda batch: train_step(parts, batch), checkpointer, logger,
+    trainer = Trainer(lambda batch, window: train_step(parts, batch, window=window), checkpointer, logger,
                       FailOnNonFinite("finetune", "lower finetune.lr or check the task data"),
                       flops=lambda rows, length: finetune_step_flops(job.classifier, rows, length),
                       hooks=[selector] if selector is not None else [])  # finetune.eval_every: score, keep the best
