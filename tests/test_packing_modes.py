@@ -1,4 +1,4 @@
-"""General-corpus batches: length grouping, padding to the longest row rounded up to 8, and
+"""General-corpus batches: length grouping, padding to the longest row (rounded up to 8 for CUDA), and
 data.packing: full (sequences filled across documents) -- with every sentence still once per epoch and
 exact resume."""
 from __future__ import annotations
@@ -159,25 +159,44 @@ def test_full_packing_and_grouping_pad_less(wordpiece, tmp_path):
     full = take(build_general_loader(config(tmp_path / "corpus", packing="full"), wordpiece, 4, 0, 1, seed=1), 30)
     assert padded_share(grouped) < 0.5 * padded_share(before)
     assert padded_share(full) < padded_share(before) and padded_share(full) < 0.2
-    for batch in grouped + full:
-        width = batch["input_ids"].shape[1]
-        assert width % 8 == 0 and width - 8 < int(batch["attention_mask"].sum(1).max()) <= width
+    for batch in grouped + full:  # bound for the CPU (the default): exactly as wide as the longest row
+        assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
 
 
-@pytest.mark.parametrize("packing,workers", [("document", 0), ("full", 0), ("full", 2)])
-def test_restart_continues_with_the_same_batches(wordpiece, tmp_path, packing, workers):
+@pytest.mark.parametrize("packing,workers", [("document", 0), ("full", 2)])
+def test_batch_widths_round_up_to_8_only_for_cuda(wordpiece, tmp_path, packing, workers):
+    """Rounding to 8 pays on CUDA (tensor cores) and is pure padding on a CPU; the sequences are the same."""
+    write_id_corpus(tmp_path / "corpus", documents=200, files=1)
+    cfg = config(tmp_path / "corpus", packing=packing, num_workers=workers)
+    on = {dev: take(build_general_loader(cfg, wordpiece, 4, 0, 1, seed=1, device=dev), 30)
+          for dev in ("cpu", torch.device("cuda", 0))}
+    assert batch_sequences_of(on["cpu"]) == batch_sequences_of(on[torch.device("cuda", 0)])
+    widths = {dev: [(b["input_ids"].shape[1], int(b["attention_mask"].sum(1).max())) for b in batches]
+              for dev, batches in on.items()}
+    assert all(width == longest for width, longest in widths["cpu"])
+    assert all(width % 8 == 0 and width - 8 < longest <= width for width, longest in widths[torch.device("cuda", 0)])
+    assert sum(w for w, _ in widths["cpu"]) < sum(w for w, _ in widths[torch.device("cuda", 0)])
+    assert padded_share(on["cpu"]) < padded_share(on[torch.device("cuda", 0)])
+
+
+def batch_sequences_of(batches) -> list:
+    return [batch_sequences(b) for b in batches]
+
+
+@pytest.mark.parametrize("packing,workers,device", [("document", 0, "cpu"), ("full", 0, "cpu"), ("full", 2, "cuda")])
+def test_restart_continues_with_the_same_batches(wordpiece, tmp_path, packing, workers, device):
     write_id_corpus(tmp_path / "corpus", documents=30, files=1, seed=3)
     cfg = config(tmp_path / "corpus", packing=packing, num_workers=workers, shuffle_buffer=8)
     total = 24  # several windows and more than one epoch per rank
-    straight = take(build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11), total)
+    straight = take(build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11, device=device), total)
     for stop in (5, 17):
-        first = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11)
+        first = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11, device=device)
         it = iter(first)
         for _ in range(stop):
             next(it)
         state = roundtrip(first.state_dict())
         it.close()
-        resumed = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11)
+        resumed = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11, device=device)
         resumed.load_state_dict(state)
         for expected, got in zip(straight[stop:], take(resumed, total - stop), strict=True):
             for key in ("input_ids", "attention_mask", "token_type_ids"):

@@ -133,6 +133,18 @@ def test_shard_reader_resumes_exactly(shards, wordpiece):
             assert all(torch.equal(expected[k], got[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
+def test_shard_batch_widths_round_up_to_8_only_for_cuda(shards, wordpiece):
+    def first_batches(device) -> list[dict]:
+        it = iter(build_general_loader(_shard_cfg(shards[0]), wordpiece, 3, 0, 1, seed=2, device=device))
+        return [next(it) for _ in range(20)]
+
+    cpu, cuda = first_batches("cpu"), first_batches(torch.device("cuda"))
+    assert [batch_sequences(b) for b in cpu] == [batch_sequences(b) for b in cuda]
+    longest = [int(b["attention_mask"].sum(1).max()) for b in cpu]
+    assert [b["input_ids"].shape[1] for b in cpu] == longest
+    assert [b["input_ids"].shape[1] for b in cuda] == [min(SEQ, -(-n // 8) * 8) for n in longest] != longest
+
+
 def test_shard_order_is_the_same_whatever_block_of_it_is_computed_at_once(shards, wordpiece, monkeypatch):
     def first_two_epochs(block: int, rank: int) -> list[np.ndarray]:
         monkeypatch.setattr(indexed, "ORDER_BLOCK", block)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 PIECE_CHARS = 32_768
-PAD_MULTIPLE = 8  # batch widths: tensor-core / SIMD friendly, and few distinct shapes
+PAD_MULTIPLE = 8  # batch widths on CUDA: tensor cores want multiples of 8, and few distinct shapes
 _SENTENCE_FINAL = set(".!?\u3002\uff01\uff1f")
 
 
@@ -146,6 +146,14 @@ class FullPacker:
         out = [[self.cls] + self._current + [self.sep]] if self._current else []
         self._current = []
         return out
+
+
+def pad_multiple_for(device) -> int:
+    """What general-corpus batch widths round up to for batches bound for `device`: PAD_MULTIPLE on
+    CUDA, where tensor-core matmuls and fused attention want it and a shape seen before avoids a new
+    kernel choice; 1 elsewhere, since a CPU does the same work per column and every padded one is waste
+    (the rounding alone was ~5 points of padding at the demo's shapes, BENCHMARKS.md §6)."""
+    return PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
 
 
 def batch_width(longest: int, max_seq_len: int, multiple: int | None = PAD_MULTIPLE) -> int:
