@@ -12,6 +12,7 @@ so a 10 MB line is tokenized piece by piece instead of in one call; each piece p
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -46,7 +47,6 @@ class TokenEncoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.sentence_ends = sentence_final_ids(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None
         if backend is not None and hasattr(backend, "encode_batch_fast"):
@@ -55,6 +55,11 @@ class TokenEncoder:
             self._backend.no_truncation()
             self._backend.no_padding()
 
+    @functools.cached_property
+    def sentence_ends(self) -> frozenset[int]:
+        """Built on first use: a scan of the vocabulary that counting tokens (lengths) does not need."""
+        return sentence_final_ids(self.tokenizer)
+
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
@@ -62,6 +67,12 @@ class TokenEncoder:
             return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                                   return_token_type_ids=False, verbose=False)["input_ids"]
         return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        """The number of content tokens of each text (no ids turned into Python lists)."""
+        if self._backend is None:
+            return [len(ids) for ids in self(texts)]
+        return [len(e) for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def sentence_final_ids(tokenizer) -> frozenset[int]:
