@@ -164,7 +164,9 @@ def main() -> None:
     for mode in MODES:
         bs = batches(cfg, tokenizer, mode, args.batch_size, max(args.pad_batches, args.step_batches + 2))
         result["padded_share"][mode] = round(padded_share(bs[:args.pad_batches]), 4)
-        result["cuda"][mode] = round(cuda_share(bs[:args.pad_batches], args.seq_len), 4)
+        # `before` pads every batch to max_seq_len on any device
+        result["cuda"][mode] = result["padded_share"][mode] if mode == "before" else \
+            round(cuda_share(bs[:args.pad_batches], args.seq_len), 4)
         result["mean_width"][mode] = round(sum(b["input_ids"].shape[1] for b in bs) / len(bs), 1)
         data[mode] = bs
 
