@@ -40,7 +40,9 @@ def sentencepiece(tmp_path_factory):
 
 
 def config(corpus, **kw) -> DataConfig:
-    return dataclasses.replace(DataConfig(corpus=str(corpus), max_seq_len=32, shuffle_buffer=8), **kw)
+    # packing=document: these tests read each document back from its own sequences
+    return dataclasses.replace(DataConfig(corpus=str(corpus), max_seq_len=32, shuffle_buffer=8, packing="document"),
+                               **kw)
 
 
 def epochs(stream: SequenceStream, count: int, cap: int = 100_000) -> list[list[list[int]]]:

@@ -26,7 +26,8 @@ _DOC_ID = re.compile(r"\bdoc(\d+)\b")
 
 
 def config(corpus, **kw) -> DataConfig:
-    return dataclasses.replace(DataConfig(corpus=str(corpus), max_seq_len=32, shuffle_buffer=24), **kw)
+    return dataclasses.replace(DataConfig(corpus=str(corpus), max_seq_len=32, shuffle_buffer=24, packing="document"),
+                               **kw)
 
 
 def padded_share(batches) -> float:
@@ -226,7 +227,7 @@ def test_preprocess_full_packing_keeps_every_sentence_once(wordpiece, wordpiece_
     tokens = sum(len(wordpiece(t, add_special_tokens=False)["input_ids"]) for t in docs.values())
     assert meta["tokens"] == tokens and all(len(s) <= 32 for s in sequences)
     mixed = [s for s in sequences if s[1:-1].count(wordpiece.sep_token_id)]
-    by_document = preprocess(DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32), wordpiece,
+    by_document = preprocess(DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32, packing="document"), wordpiece,
                              wordpiece_dir, tmp_path / "doc", workers=2, progress=False)
     assert mixed and len(sequences) < 0.9 * by_document["sequences"]  # documents share sequences
 
@@ -244,3 +245,12 @@ def test_padding_share_is_logged_as_a_rate_not_a_loss(tmp_path, capsys):
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "padding" in RATE_FIELDS and row["padding"] == pytest.approx(26 / 48, abs=1e-4)
     assert "54.2% padding" in capsys.readouterr().out
+
+
+def test_default_general_batches_pad_at_most_5_percent_at_the_demo_shapes(tokenizer_dir):
+    """The default packing (full) on the bundled corpus, 16 x 64 in windows of 256 as the demo reads it."""
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
+
+    cfg = DataConfig(max_seq_len=64, shuffle_buffer=256)
+    batches = take(build_general_loader(cfg, load_tokenizer(tokenizer_dir), 16, 0, 2, seed=1), 60)
+    assert cfg.packing == "full" and padded_share(batches) <= 0.05, padded_share(batches)
