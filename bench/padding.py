@@ -3,15 +3,16 @@ issue 26), and what general-corpus padding does to a distillation step.
 
 Modes, all from the streaming loader (data/stream.py) over the same text:
   before    packing=document, no length grouping, every batch padded to max_seq_len (the old loader)
-  document  packing=document, length-grouped windows, padded to the longest row rounded up to 8
-  full      packing=full (sequences filled across documents, [SEP] between), grouped, rounded up to 8
+  document  packing=document, length-grouped windows, padded to the longest row (as for the CPU)
+  full      packing=full (sequences filled across documents, [SEP] between), grouped, as for the CPU
 
 For each: the share of padded positions over --pad-batches batches, then content tokens (non-padding)
 per CPU-second of a stage-1 distillation step (teacher forward with capture, student forward and
 backward through the real DistillationObjective, AdamW step) over --step-batches batches, the modes
 taking turns batch by batch so that a slow spell of a shared machine hits all three. CPU-seconds
 (time.process_time of this single-threaded process) rather than wall time, because the machine may
-be shared. `unrounded` is the share the same batches would pad if widths were not rounded up to 8.
+be shared. `cuda` is the share the same batches pad when bound for CUDA (widths rounded up to 8,
+data/packing.pad_multiple_for).
 
 Task part (--part tasks): for each bundled task, the padded share of one epoch of train batches over
 all ranks (what stages 3-4 and teacher finetuning read: data/tasks.TaskLoader) and of the dev batches
@@ -45,7 +46,7 @@ from teacher_precision import default_teacher, documents  # noqa: E402
 
 from ernie_tiny_ds.config import DataConfig, LossConfig, StudentConfig  # noqa: E402
 from ernie_tiny_ds.data.corpus import build_general_loader  # noqa: E402
-from ernie_tiny_ds.data.packing import collate  # noqa: E402
+from ernie_tiny_ds.data.packing import batch_width, collate, pad_multiple_for  # noqa: E402
 from ernie_tiny_ds.distill.models import FeatureCapture, build_student  # noqa: E402
 from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput  # noqa: E402
 from ernie_tiny_ds.losses import layer_map  # noqa: E402
@@ -71,10 +72,11 @@ def padded_share(bs) -> float:
     return 1 - sum(int(b["attention_mask"].sum()) for b in bs) / sum(b["attention_mask"].numel() for b in bs)
 
 
-def unrounded_share(bs) -> float:
-    """The padded share if each batch were exactly as wide as its longest row."""
+def cuda_share(bs, max_seq_len: int) -> float:
+    """The padded share of the same rows with each batch's width rounded up to 8, as for CUDA."""
     content = sum(int(b["attention_mask"].sum()) for b in bs)
-    return 1 - content / sum(int(b["attention_mask"].sum(1).max()) * len(b["attention_mask"]) for b in bs)
+    widths = [batch_width(int(b["attention_mask"].sum(1).max()), max_seq_len, pad_multiple_for("cuda")) for b in bs]
+    return 1 - content / sum(w * len(b["attention_mask"]) for w, b in zip(widths, bs))
 
 
 # --------------------------------------------------------------------------- task batches
@@ -157,12 +159,14 @@ def main() -> None:
     cfg = DataConfig(corpus=corpus, max_seq_len=args.seq_len, shuffle_buffer=args.shuffle_buffer)
 
     result = {"text": args.text or "bundled corpus", "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "shuffle_buffer": args.shuffle_buffer, "padded_share": {}, "unrounded": {}, "mean_width": {}}
+              "shuffle_buffer": args.shuffle_buffer, "padded_share": {}, "cuda": {}, "mean_width": {}}
     data = {}
     for mode in MODES:
         bs = batches(cfg, tokenizer, mode, args.batch_size, max(args.pad_batches, args.step_batches + 2))
         result["padded_share"][mode] = round(padded_share(bs[:args.pad_batches]), 4)
-        result["unrounded"][mode] = round(unrounded_share(bs[:args.pad_batches]), 4)
+        # `before` pads every batch to max_seq_len on any device
+        result["cuda"][mode] = result["padded_share"][mode] if mode == "before" else \
+            round(cuda_share(bs[:args.pad_batches], args.seq_len), 4)
         result["mean_width"][mode] = round(sum(b["input_ids"].shape[1] for b in bs) / len(bs), 1)
         data[mode] = bs
 
@@ -200,7 +204,7 @@ def main() -> None:
     print(f"\n{result['text']}: {args.batch_size} x {args.seq_len}, window {args.shuffle_buffer}, "
           f"teacher {args.teacher_dtype}")
     for m in MODES:
-        print(f"{m:9} padded {result['padded_share'][m]:6.1%} (unrounded {result['unrounded'][m]:6.1%})  "
+        print(f"{m:9} padded {result['padded_share'][m]:6.1%} (for CUDA {result['cuda'][m]:6.1%})  "
               f"mean width {result['mean_width'][m]:6.1f}  "
               f"{result['content_tokens_per_cpu_s'][m]:8,.0f} content tokens/CPU-s  "
               f"{result['step_cpu_s'][m]:.3f} CPU-s/step")

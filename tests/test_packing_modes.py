@@ -1,4 +1,4 @@
-"""General-corpus batches: length grouping, padding to the longest row rounded up to 8, and
+"""General-corpus batches: length grouping, padding to the longest row (rounded up to 8 for CUDA), and
 data.packing: full (sequences filled across documents) -- with every sentence still once per epoch and
 exact resume."""
 from __future__ import annotations
@@ -26,7 +26,8 @@ _DOC_ID = re.compile(r"\bdoc(\d+)\b")
 
 
 def config(corpus, **kw) -> DataConfig:
-    return dataclasses.replace(DataConfig(corpus=str(corpus), max_seq_len=32, shuffle_buffer=24), **kw)
+    return dataclasses.replace(DataConfig(corpus=str(corpus), max_seq_len=32, shuffle_buffer=24, packing="document"),
+                               **kw)
 
 
 def padded_share(batches) -> float:
@@ -159,25 +160,44 @@ def test_full_packing_and_grouping_pad_less(wordpiece, tmp_path):
     full = take(build_general_loader(config(tmp_path / "corpus", packing="full"), wordpiece, 4, 0, 1, seed=1), 30)
     assert padded_share(grouped) < 0.5 * padded_share(before)
     assert padded_share(full) < padded_share(before) and padded_share(full) < 0.2
-    for batch in grouped + full:
-        width = batch["input_ids"].shape[1]
-        assert width % 8 == 0 and width - 8 < int(batch["attention_mask"].sum(1).max()) <= width
+    for batch in grouped + full:  # bound for the CPU (the default): exactly as wide as the longest row
+        assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
 
 
-@pytest.mark.parametrize("packing,workers", [("document", 0), ("full", 0), ("full", 2)])
-def test_restart_continues_with_the_same_batches(wordpiece, tmp_path, packing, workers):
+@pytest.mark.parametrize("packing,workers", [("document", 0), ("full", 2)])
+def test_batch_widths_round_up_to_8_only_for_cuda(wordpiece, tmp_path, packing, workers):
+    """Rounding to 8 pays on CUDA (tensor cores) and is pure padding on a CPU; the sequences are the same."""
+    write_id_corpus(tmp_path / "corpus", documents=200, files=1)
+    cfg = config(tmp_path / "corpus", packing=packing, num_workers=workers)
+    on = {dev: take(build_general_loader(cfg, wordpiece, 4, 0, 1, seed=1, device=dev), 30)
+          for dev in ("cpu", torch.device("cuda", 0))}
+    assert batch_sequences_of(on["cpu"]) == batch_sequences_of(on[torch.device("cuda", 0)])
+    widths = {dev: [(b["input_ids"].shape[1], int(b["attention_mask"].sum(1).max())) for b in batches]
+              for dev, batches in on.items()}
+    assert all(width == longest for width, longest in widths["cpu"])
+    assert all(width % 8 == 0 and width - 8 < longest <= width for width, longest in widths[torch.device("cuda", 0)])
+    assert sum(w for w, _ in widths["cpu"]) < sum(w for w, _ in widths[torch.device("cuda", 0)])
+    assert padded_share(on["cpu"]) < padded_share(on[torch.device("cuda", 0)])
+
+
+def batch_sequences_of(batches) -> list:
+    return [batch_sequences(b) for b in batches]
+
+
+@pytest.mark.parametrize("packing,workers,device", [("document", 0, "cpu"), ("full", 0, "cpu"), ("full", 2, "cuda")])
+def test_restart_continues_with_the_same_batches(wordpiece, tmp_path, packing, workers, device):
     write_id_corpus(tmp_path / "corpus", documents=30, files=1, seed=3)
     cfg = config(tmp_path / "corpus", packing=packing, num_workers=workers, shuffle_buffer=8)
     total = 24  # several windows and more than one epoch per rank
-    straight = take(build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11), total)
+    straight = take(build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11, device=device), total)
     for stop in (5, 17):
-        first = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11)
+        first = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11, device=device)
         it = iter(first)
         for _ in range(stop):
             next(it)
         state = roundtrip(first.state_dict())
         it.close()
-        resumed = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11)
+        resumed = build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11, device=device)
         resumed.load_state_dict(state)
         for expected, got in zip(straight[stop:], take(resumed, total - stop), strict=True):
             for key in ("input_ids", "attention_mask", "token_type_ids"):
@@ -207,7 +227,7 @@ def test_preprocess_full_packing_keeps_every_sentence_once(wordpiece, wordpiece_
     tokens = sum(len(wordpiece(t, add_special_tokens=False)["input_ids"]) for t in docs.values())
     assert meta["tokens"] == tokens and all(len(s) <= 32 for s in sequences)
     mixed = [s for s in sequences if s[1:-1].count(wordpiece.sep_token_id)]
-    by_document = preprocess(DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32), wordpiece,
+    by_document = preprocess(DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32, packing="document"), wordpiece,
                              wordpiece_dir, tmp_path / "doc", workers=2, progress=False)
     assert mixed and len(sequences) < 0.9 * by_document["sequences"]  # documents share sequences
 
@@ -225,3 +245,12 @@ def test_padding_share_is_logged_as_a_rate_not_a_loss(tmp_path, capsys):
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "padding" in RATE_FIELDS and row["padding"] == pytest.approx(26 / 48, abs=1e-4)
     assert "54.2% padding" in capsys.readouterr().out
+
+
+def test_default_general_batches_pad_at_most_5_percent_at_the_demo_shapes(tokenizer_dir):
+    """The default packing (full) on the bundled corpus, 16 x 64 in windows of 256 as the demo reads it."""
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
+
+    cfg = DataConfig(max_seq_len=64, shuffle_buffer=256)
+    batches = take(build_general_loader(cfg, load_tokenizer(tokenizer_dir), 16, 0, 2, seed=1), 60)
+    assert cfg.packing == "full" and padded_share(batches) <= 0.05, padded_share(batches)

@@ -48,7 +48,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def shards(tmp_path_factory, corpus, wordpiece_dir) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("shards") / "wp-32"
     done = _cli("--input", str(corpus[0]), "--tokenizer", wordpiece_dir, "--output", str(out),
-                "--max-seq-len", str(SEQ), "--workers", "2")
+                "--max-seq-len", str(SEQ), "--workers", "2", "--packing", "document")
     assert done.returncode == 0, done.stderr
     return out, done
 
@@ -80,7 +80,7 @@ def test_cli_prints_and_stores_the_right_counts(shards, corpus, wordpiece):
 
 @pytest.mark.slow
 def test_shards_hold_the_streaming_loaders_sequences(shards, corpus, wordpiece):
-    cfg = DataConfig(corpus=str(corpus[0]), max_seq_len=SEQ, shuffle_buffer=8)
+    cfg = DataConfig(corpus=str(corpus[0]), max_seq_len=SEQ, shuffle_buffer=8, packing="document")
     stream = SequenceStream(corpus_sources(cfg, ReadStats()), cfg, wordpiece, Consumer(0, 1, 0, 1), seed=0)
     streamed = []
     while True:
@@ -135,6 +135,18 @@ def test_shard_reader_resumes_exactly(shards, wordpiece):
         for expected in straight[stop:]:
             got = next(it)
             assert all(torch.equal(expected[k], got[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+
+
+def test_shard_batch_widths_round_up_to_8_only_for_cuda(shards, wordpiece):
+    def first_batches(device) -> list[dict]:
+        it = iter(build_general_loader(_shard_cfg(shards[0]), wordpiece, 3, 0, 1, seed=2, device=device))
+        return [next(it) for _ in range(20)]
+
+    cpu, cuda = first_batches("cpu"), first_batches(torch.device("cuda"))
+    assert [batch_sequences(b) for b in cpu] == [batch_sequences(b) for b in cuda]
+    longest = [int(b["attention_mask"].sum(1).max()) for b in cpu]
+    assert [b["input_ids"].shape[1] for b in cpu] == longest
+    assert [b["input_ids"].shape[1] for b in cuda] == [min(SEQ, -(-n // 8) * 8) for n in longest] != longest
 
 
 @pytest.mark.slow
@@ -223,8 +235,8 @@ def test_one_file_is_shared_by_all_workers(corpus, wordpiece, wordpiece_dir, tmp
     """Fewer files than workers: each worker keeps every W-th document; none is lost or doubled."""
     single = tmp_path / "one.txt"
     single.write_text("".join(text + "\n" for text in corpus[1].values()))
-    meta = preprocess(DataConfig(corpus=str(single), max_seq_len=SEQ), wordpiece, wordpiece_dir, tmp_path / "out",
-                      workers=3, progress=False)
+    meta = preprocess(DataConfig(corpus=str(single), max_seq_len=SEQ, packing="document"), wordpiece, wordpiece_dir,
+                      tmp_path / "out", workers=3, progress=False)
     assert [s["sequences"] > 0 for s in meta["shards"]] == [True] * 3
     assert meta["documents"] == len(corpus[1])
     assert decoded_counts(wordpiece, _all_sequences(tmp_path / "out")) == sentence_counts(corpus[1])

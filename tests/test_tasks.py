@@ -187,6 +187,55 @@ def test_dev_batches_are_cut_by_length_and_keep_their_labels(tmp_path, tokenizer
     assert len(batches) <= 300 // 8 + len(set(lengths.tolist()))  # cut at length steps, not row by row
 
 
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    from corpus_fixtures import load, train_sentencepiece
+    return load(train_sentencepiece(tmp_path_factory.mktemp("sp")))
+
+
+def _length_examples(pair: bool) -> list:
+    """Single texts or pairs of 0-60 words, repeats among them (premises recur), some over max_seq_len with
+    either text the longer one (longest-first truncation cuts that one)."""
+    from ernie_tiny_ds.data.tasks import Example
+
+    rng = random.Random()
+    words = "doc7 the river town , old green harbor . ships open north people walk bread city é naïve 12".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0 if pair else 1, 60))) for _ in range(60)]
+    texts += ["", " ", "un-break-able café !", "a" * 300]
+    rows = [tuple(rng.choice(texts) for _ in range(2 if pair else 1)) for _ in range(150)]
+    return [Example(texts=row, label=0, source=f"t:{i}") for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("which", ["tokenizer", "sentencepiece"])
+def test_token_lengths_equal_each_examples_own_encoding(request, pair, which):
+    """The rows the batches hold: encode_batch, one example at a time."""
+    tok = request.getfixturevalue(which)  # wordpiece with [CLS]/[SEP], and a unigram model that adds none
+    examples = _length_examples(pair)
+    for max_len in (16, 40, 512):
+        own = [int(encode_batch([e], tok, max_len, "classification", False)["attention_mask"].sum())
+               for e in examples]
+        assert token_lengths(examples, tok, max_len).tolist() == own
+        assert max_len > 100 or max_len in own  # the truncation case was exercised
+
+
+def test_token_lengths_count_each_distinct_text_once(tokenizer, monkeypatch):
+    from ernie_tiny_ds.data.packing import TokenEncoder
+
+    counted = []
+    real = TokenEncoder.lengths
+
+    def recording(self, texts):
+        counted.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(TokenEncoder, "lengths", recording)
+    examples = _length_examples(pair=True)
+    token_lengths(examples, tokenizer, 64)
+    assert sorted(counted) == sorted({t for e in examples for t in e.texts})
+    assert token_lengths([], tokenizer, 64).tolist() == []
+
+
 def test_predictions_come_back_in_example_order(tmp_path, tokenizer):
     """predict batches by length and puts every output back at its example's place."""
     from ernie_tiny_ds.workflows.predict import predict_outputs

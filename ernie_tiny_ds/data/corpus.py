@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import DataError, UserError
 from .contract import check_state, loader_state
 from .indexed import ShardLoader
+from .packing import pad_multiple_for
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import SequenceStream
@@ -75,7 +76,7 @@ class _WorkerBatches(IterableDataset):
             stream.load_state_dict(self.states[worker])
         while True:
             try:
-                batch = stream.next_batch(self.loader.batch_size)
+                batch = stream.next_batch(self.loader.batch_size, self.loader.pad_multiple)
             except UserError as exc:  # hand it to the main process as one clean line
                 yield {"_error": str(exc), "_worker": worker}
                 return
@@ -85,8 +86,10 @@ class _WorkerBatches(IterableDataset):
 
 
 class StreamingCorpusLoader:
-    def __init__(self, data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int, *,
+                 pad_multiple: int = 1):
         self.cfg, self.tokenizer, self.batch_size = data_cfg, tokenizer, batch_size
+        self.pad_multiple = pad_multiple   # batch widths only: not part of the state, a resume may change it
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers = data_cfg.num_workers
         self.stats = ReadStats()
@@ -103,7 +106,7 @@ class StreamingCorpusLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._inline is not None:
             while True:
-                yield self._inline.next_batch(self.batch_size)
+                yield self._inline.next_batch(self.batch_size, self.pad_multiple)
         dataset = _WorkerBatches(self, list(self._states), self._next_worker)
         batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
                                   timeout=WORKER_TIMEOUT_S))
@@ -140,10 +143,14 @@ class StreamingCorpusLoader:
             self._next_worker = int(state["next_worker"])
 
 
-def build_general_loader(data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
-    """The general-corpus loader named by the recipe's data section."""
+def build_general_loader(data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int, *,
+                         device="cpu"):
+    """The general-corpus loader named by the recipe's data section, for batches bound for `device`
+    (their widths round up as packing.pad_multiple_for says)."""
+    multiple = pad_multiple_for(device)
     if data_cfg.source == "shards":
         if data_cfg.corpus is None:
             raise DataError("data.corpus: data.source=shards needs the folder written by `ernie-tiny-ds preprocess`")
-        return ShardLoader(data_cfg.corpus, tokenizer, batch_size, rank, world_size, seed, data_cfg.max_seq_len)
-    return StreamingCorpusLoader(data_cfg, tokenizer, batch_size, rank, world_size, seed)
+        return ShardLoader(data_cfg.corpus, tokenizer, batch_size, rank, world_size, seed, data_cfg.max_seq_len,
+                           pad_multiple=multiple)
+    return StreamingCorpusLoader(data_cfg, tokenizer, batch_size, rank, world_size, seed, pad_multiple=multiple)

@@ -141,7 +141,7 @@ def tokenizer_identity(tokenizer) -> dict:
 
 class ShardLoader:
     def __init__(self, folder: str, tokenizer, batch_size: int, rank: int, world_size: int, seed: int,
-                 max_seq_len: int):
+                 max_seq_len: int, *, pad_multiple: int = 1):
         self.shards = TokenShards(folder)
         meta = self.shards.meta
         if meta["max_seq_len"] > max_seq_len:
@@ -157,6 +157,7 @@ class ShardLoader:
                             f"{world_size} ranks")
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.max_seq_len, self.pad_id = max_seq_len, tokenizer.pad_token_id
+        self.pad_multiple = pad_multiple   # batch widths round up to it (packing.pad_multiple_for)
         self.epoch, self.taken = 0, 0
         # this rank's share of an epoch: positions rank, rank + world_size, ... of that epoch's order
         self.share_size = (len(self.shards) - rank + world_size - 1) // world_size
@@ -187,7 +188,7 @@ class ShardLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         input_ids = np.empty((self.batch_size, self.max_seq_len), dtype=np.int64)
         lengths = self.shards.gather(self._next_indices(), input_ids, self.pad_id)
-        return batch_from(input_ids, lengths)
+        return batch_from(input_ids, lengths, self.pad_multiple)
 
     def __iter__(self):
         while True:

@@ -12,13 +12,14 @@ so a 10 MB line is tokenized piece by piece instead of in one call; each piece p
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
 import torch
 
 PIECE_CHARS = 32_768
-PAD_MULTIPLE = 8  # batch widths: tensor-core / SIMD friendly, and few distinct shapes
+PAD_MULTIPLE = 8  # batch widths on CUDA: tensor cores want multiples of 8, and few distinct shapes
 _SENTENCE_FINAL = set(".!?\u3002\uff01\uff1f")
 
 
@@ -46,7 +47,6 @@ class TokenEncoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.sentence_ends = sentence_final_ids(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None
         if backend is not None and hasattr(backend, "encode_batch_fast"):
@@ -55,6 +55,11 @@ class TokenEncoder:
             self._backend.no_truncation()
             self._backend.no_padding()
 
+    @functools.cached_property
+    def sentence_ends(self) -> frozenset[int]:
+        """Built on first use: a scan of the vocabulary that counting tokens (lengths) does not need."""
+        return sentence_final_ids(self.tokenizer)
+
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
@@ -62,6 +67,12 @@ class TokenEncoder:
             return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                                   return_token_type_ids=False, verbose=False)["input_ids"]
         return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        """The number of content tokens of each text (no ids turned into Python lists)."""
+        if self._backend is None:
+            return [len(ids) for ids in self(texts)]
+        return [len(e) for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def sentence_final_ids(tokenizer) -> frozenset[int]:
@@ -146,6 +157,14 @@ class FullPacker:
         out = [[self.cls] + self._current + [self.sep]] if self._current else []
         self._current = []
         return out
+
+
+def pad_multiple_for(device) -> int:
+    """What general-corpus batch widths round up to for batches bound for `device`: PAD_MULTIPLE on
+    CUDA, where tensor-core matmuls and fused attention want it and a shape seen before avoids a new
+    kernel choice; 1 elsewhere, since a CPU does the same work per column and every padded one is waste
+    (the rounding alone was ~5 points of padding at the demo's shapes, BENCHMARKS.md §6)."""
+    return PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
 
 
 def batch_width(longest: int, max_seq_len: int, multiple: int | None = PAD_MULTIPLE) -> int:

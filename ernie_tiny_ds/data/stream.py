@@ -9,7 +9,7 @@ the buffer and RNG state are rebuilt from it on resume instead of being stored.
 
 Length grouping: the shuffled window is sorted by length in chunks of GROUP_BATCHES batches, cut
 into batches, and the batch order shuffled again, so a batch holds sequences of similar length and
-pads little (collate pads to the batch's longest, rounded up to 8). A window is rarely a whole
+pads little (collate pads to the batch's longest, rounded up to 8 for CUDA). A window is rarely a whole
 number of batches, so its first rows complete the batch the window before left open, and its grouped
 batches start on batch boundaries (without that, every batch of the window straddled two length
 groups). The order is a pure function of the window, the batch size and that count of open rows
@@ -178,11 +178,12 @@ class SequenceStream:
         self._emitted += 1
         return seq
 
-    def next_batch(self, batch_size: Optional[int] = None):
-        """The next batch, padded to its longest sequence rounded up to 8. Pass no size (or the stream's):
-        the window order groups lengths for the stream's batch size."""
+    def next_batch(self, batch_size: Optional[int] = None, pad_multiple: int = 1):
+        """The next batch, padded to its longest sequence rounded up to `pad_multiple`
+        (packing.pad_multiple_for). Pass no size (or the stream's): the window order groups lengths for
+        the stream's batch size. The width never changes which sequences come next, so resume is the same."""
         return collate([self.next_sequence() for _ in range(batch_size or self.batch_size)], self.cfg.max_seq_len,
-                       self.tokenizer.pad_token_id)
+                       self.tokenizer.pad_token_id, pad_multiple)
 
     @property
     def epoch(self) -> int:

@@ -43,11 +43,12 @@ from ..config import TaskConfig
 from ..errors import ConfigError, DataError
 from .benchmarks import main_metric
 from .contract import check_state, loader_state
+from .packing import TokenEncoder
 from .stream import GROUP_BATCHES
 from .task_datasets import describe, get_split, open_dataset, raw_split, split_names
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
-LENGTH_CHUNK = 4096  # examples per tokenizer call when measuring lengths
+LENGTH_CHUNK = 4096  # texts per tokenizer call when measuring lengths
 ORDER = "length_grouped"  # the train order a saved position refers to
 MAX_SORTED_PADDING = 0.05  # dev and prediction batches: the padded share a batch may reach
 
@@ -413,13 +414,24 @@ def _tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int, **kwargs
 
 
 def token_lengths(examples: Sequence[Example], tokenizer, max_seq_len: int) -> np.ndarray:
-    """The length of each example as encode_batch makes it (special tokens in, truncated)."""
-    lengths = np.zeros(len(examples), dtype=np.int64)
-    for start in range(0, len(examples), LENGTH_CHUNK):
-        part = examples[start:start + LENGTH_CHUNK]
-        ids = _tokenize(part, tokenizer, max_seq_len, return_token_type_ids=False)["input_ids"]
-        lengths[start:start + len(part)] = [len(row) for row in ids]
-    return lengths
+    """The length of each example as encode_batch makes it (special tokens in, truncated longest-first).
+
+    Every rank measures all of train when it builds a loader, so this avoids the full encodings: each
+    distinct text is counted once without special tokens (a pair's texts are tokenized separately
+    anyway, and premises repeat: a third of the bundled coherence task's texts are repeats), then a
+    row is min(max_seq_len, its texts' tokens + the special tokens), which is what longest-first
+    truncation leaves."""
+    if not examples:
+        return np.zeros(0, dtype=np.int64)
+    texts = list(dict.fromkeys(text for e in examples for text in e.texts))
+    counts: dict[str, int] = {}
+    encoder = TokenEncoder(tokenizer)
+    for start in range(0, len(texts), LENGTH_CHUNK):
+        part = texts[start:start + LENGTH_CHUNK]
+        counts.update(zip(part, encoder.lengths(part)))
+    special = tokenizer.num_special_tokens_to_add(pair=len(examples[0].texts) == 2)
+    content = np.fromiter((sum(counts[text] for text in e.texts) for e in examples), np.int64, len(examples))
+    return np.minimum(content + special, max_seq_len)
 
 
 def encode_batch(examples: Sequence[Example], tokenizer, max_seq_len: int, task_type: str,

@@ -60,7 +60,8 @@ class StageResult:
 
 def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
     if spec.data == "general":
-        return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed)
+        return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
+                                    device=device())
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
                              with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data)
 

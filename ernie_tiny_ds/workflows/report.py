@@ -41,6 +41,12 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def mean_padding(curve: list[dict]) -> float | None:
+    """The stage's padded share: the mean over its metrics rows that carry one (None: no row does)."""
+    shares = [row["padding"] for row in curve if row.get("padding") is not None]
+    return round(sum(shares) / len(shares), 4) if shares else None
+
+
 def stage_section(out: Path) -> list[dict]:
     stages = []
     for name, spec in STAGE_SPECS.items():
@@ -52,7 +58,7 @@ def stage_section(out: Path) -> list[dict]:
         entry = {"name": name, "title": spec.title, "steps": done["steps"],
                  "final_loss": done["final_loss"], "teacher": done.get("teacher"),
                  "student_init": done.get("student_init"), "loss_terms": done.get("loss_terms", []),
-                 "first_loss": curve[0]["loss"] if curve else None}
+                 "first_loss": curve[0]["loss"] if curve else None, "padding": mean_padding(curve)}
         if curve:
             entry["plot"] = f"loss_{name}.png"
             plot_curve(curve, spec.title, out / entry["plot"])
@@ -173,11 +179,14 @@ def render_markdown(r: dict) -> str:
              f"Task **{r['task']}**, main metric **{r['main_metric']}**: the student keeps "
              f"**{r['retained']:.1%}** of the teacher's score and runs **{r['speedup']:.2f}×** faster "
              f"at batch 1 ({r['throughput_ratio']:.2f}× the throughput at batch 32).", "",
-             "## Stages", "", "| stage | steps | first loss | final loss | teacher | started from | loss terms |",
-             "|---|---|---|---|---|---|---|"]
+             "## Stages", "", "| stage | steps | first loss | final loss | padded share | teacher | started from "
+             "| loss terms |", "|---|---|---|---|---|---|---|---|"]
     for st in r["stages"]:
+        padding = "n/a" if st.get("padding") is None else f"{st['padding']:.1%}"
         lines.append(f"| {st['title']} | {st['steps']} | {_fmt(st['first_loss'])} | {_fmt(st['final_loss'])} | "
-                     f"{st['teacher']} | {st['student_init']} | {', '.join(st['loss_terms'])} |")
+                     f"{padding} | {st['teacher']} | {st['student_init']} | {', '.join(st['loss_terms'])} |")
+    lines += ["", "Padded share: the mean over the stage's logged steps of the padded positions in rank 0's "
+              "micro-batches."]
     lines += ["", "### Loss curves", ""]
     lines += [f"![{st['title']}]({st['plot']})" for st in r["stages"] if "plot" in st]
     metric_names = [k for k in t["metrics"] if k != CONSTANT]
