@@ -39,6 +39,20 @@ def wordpiece(wordpiece_dir):
     return load(wordpiece_dir)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def process_group_outlives_in_process_commands():
+    """A command run through cli.main in the pytest process (in_process below, or a test calling
+    main directly) leaves its one-process group in place instead of destroying it at the end:
+    DeepSpeed keeps the groups it made from it, so once the group is destroyed every later engine
+    in this process fails ("Group ... is not registered")."""
+    from ernie_tiny_ds import cli
+    from ernie_tiny_ds.runtime import rank_registry
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "_shutdown", lambda: rank_registry.stop_watch())
+        yield
+
+
 @pytest.fixture
 def in_process(monkeypatch, capsys):
     """`in_process(argv)` runs cli.main in this process and returns (exit code, stderr's non-blank lines):
@@ -54,7 +68,6 @@ def in_process(monkeypatch, capsys):
         raise SystemExit(code)
 
     monkeypatch.setattr(rank_registry, "report_and_exit", report)
-    monkeypatch.setattr(cli, "_shutdown", lambda: rank_registry.stop_watch())  # the group stays (see above)
     # a run without a launcher sets these for its one-process group: restored afterwards
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "")

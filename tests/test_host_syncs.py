@@ -50,10 +50,13 @@ class Counter:
 
 @pytest.fixture
 def world_of_one(monkeypatch):
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    # the one-process group stays for the rest of the session, as an in-process command's does
+    # (conftest: DeepSpeed keeps the groups it made from it); one made earlier in this process is used
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     monkeypatch.setattr(collectives, "_active", lambda: True)  # a world of one collects too, as N ranks would
     yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow  # about 5 s: sixteen micro-batches of two models
