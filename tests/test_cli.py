@@ -28,6 +28,7 @@ except SystemExit as exc:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter: a process start-up, outside the quick tier
 def test_a_command_imports_no_other_command_s_module():
     """`distill` with a missing recipe: one line, exit 2, and none of the other commands' modules (the ONNX,
     Hub, finetuning, evaluation, launcher stacks) was imported to get there."""
@@ -55,6 +56,7 @@ print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == "d
 """
 
 
+@pytest.mark.slow  # a fresh interpreter: a process start-up, outside the quick tier
 def test_parsing_a_training_command_imports_no_deepspeed():
     """The training commands' modules import the training stack at their top, but not DeepSpeed: its import
     picks an accelerator and logs, which `launch` must not do while it checks the command's arguments."""

@@ -43,6 +43,7 @@ def failure_line(batches, fault) -> str:
     raise AssertionError("the loader never failed")
 
 
+@pytest.mark.slow  # waits out a worker timeout: over the quick tier's 3 s
 def test_a_worker_that_hangs_is_named_after_the_worker_timeout(tmp_path, wordpiece, monkeypatch):
     monkeypatch.setattr(corpus, "WORKER_TIMEOUT_S", 3.0)
     hang = tmp_path / "hang"
