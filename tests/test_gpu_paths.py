@@ -63,7 +63,7 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     from ernie_tiny_ds.runtime import stop as stop_module
     from ernie_tiny_ds.runtime.collectives import all_gather_objects, broadcast_object, control_group, wait_for_rank0
     from ernie_tiny_ds.runtime.rank_registry import describe_peer_loss
-    from ernie_tiny_ds.runtime.step import all_ranks_finite
+    from ernie_tiny_ds.runtime.step import Window
     from ernie_tiny_ds.runtime.stop import StopRequest
     from ernie_tiny_ds.runtime.trainer import PendingStep, reduce_pending
 
@@ -78,8 +78,10 @@ def _control_plane_worker(rank: int, store_path: str, out_dir: str) -> None:
     kept = PendingStep(1, ["hidden", "loss"], torch.tensor([float(rank), 1.0 + 2 * rank, 10.0 + rank]),
                        positions=20 + rank, flops=0.0, lr=0.1, skipped=0, at=0.0)
     ((_, results["mean"], *results["tokens_positions"]),) = reduce_pending([kept])  # what the loop logs
-    results["finite_all"] = all_ranks_finite(torch.tensor(0.5))
-    results["finite_one_nan"] = all_ranks_finite(torch.tensor(float("nan") if rank == 1 else 0.5))
+    for name, loss in (("finite_all", 0.5), ("finite_one_nan", float("nan") if rank == 1 else 0.5)):
+        window = Window()  # the step's finite check, as train_step agrees it at a boundary
+        window.add(torch.tensor(loss), {})
+        results[name] = window.agreed_finite()
     stop = StopRequest(Path(out_dir) / f"nowhere{rank}")
     results["stop_none"] = stop.requested()
     stop_module._signalled = rank == 1  # SIGUSR1 reached rank 1 only (a process-wide flag)

@@ -56,6 +56,10 @@ class Window:
         (flag,) = all_reduce_values([local], "max")
         return not flag
 
+    def reset(self) -> None:
+        """The optimizer step ended (taken or skipped): the next micro-batch starts a new window."""
+        self.bad, self.terms, self.accumulated = None, {}, 0
+
 
 @dataclass
 class StepResult:
@@ -72,14 +76,6 @@ def teacher_forward(teacher, capture: FeatureCapture, batch: dict) -> TeacherOut
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       token_type_ids=batch["token_type_ids"])
     return TeacherOutput(features, getattr(out, "logits", None))
-
-
-def all_ranks_finite(total: torch.Tensor) -> bool:
-    """True on every rank when no rank's loss is NaN or inf (a control-plane collective over the
-    process group)."""
-    window = Window()
-    window.add(total, {})
-    return window.agreed_finite()
 
 
 def discard_window(engine) -> None:
@@ -123,7 +119,7 @@ def train_step(parts, batch: dict, mark: Callable[[str], None] = _no_mark, windo
         if window.accumulated:
             discard_window(engine)
         skipped = StepResult(total.detach(), dict(window.terms), tokens, finite=False, boundary=True, lr=lr)
-        _reset(window)
+        window.reset()
         return skipped
     engine.backward(total)
     mark("backward")
@@ -131,9 +127,5 @@ def train_step(parts, batch: dict, mark: Callable[[str], None] = _no_mark, windo
     mark("optimizer")
     window.accumulated += 1
     if boundary:
-        _reset(window)
+        window.reset()
     return StepResult(total.detach(), terms, tokens, finite=True, boundary=boundary, lr=lr)
-
-
-def _reset(window: Window) -> None:
-    window.bad, window.terms, window.accumulated = None, {}, 0
