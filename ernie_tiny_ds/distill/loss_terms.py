@@ -111,11 +111,6 @@ def term_weights(names: tuple[str, ...] | list[str], configured: Mapping[str, fl
     return {name: float(configured.get(name, LOSS_TERMS[name].default_weight)) for name in names}
 
 
-def all_weights(configured: Mapping[str, float]) -> dict[str, float]:
-    """Every registered term's weight under `configured` (what a recipe's fingerprint records)."""
-    return term_weights(list(LOSS_TERMS), configured)
-
-
 def terms_need(names: tuple[str, ...] | list[str], what: str) -> bool:
     """Whether any of the named terms reads `what` (one of NEEDS)."""
     if what not in NEEDS:
