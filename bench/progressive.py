@@ -15,6 +15,15 @@ each result is scored on the task's dev split by its main metric (task.metric):
               reused by every task (stage 1 is task-independent, so its cost is shared)
   s4-task     stage 4 alone with the steps of stages 2-4 (the same per-task compute as `reused`)
 
+ERNIE-Tiny's question about its two middle stages (issue 27): four schedules that all start from
+--general-student and spend the same per-task steps, the steps of stages 2-4; stage 4 gets the steps of
+every stage a schedule leaves out. Each runs as one `pipeline` launch (--from-stage, --skip-stage):
+
+  gd-ged-tad-tsd  stages 2, 3, 4 (the same runs as `reused`)
+  gd-tsd          stage 4 alone (TinyBERT's schedule)
+  gd-ged-tsd      stages 2, 4
+  gd-tad-tsd      stages 3, 4
+
     python bench/progressive.py [key.sub=value ...] --tasks pair similarity --seeds 0 1 2
                                 [--variants all s4-equal] [--train-examples 2000] [--general-student DIR]
 
@@ -55,6 +64,12 @@ VARIANTS = {  # name -> the stages it runs, in order
     "s4-equal": STAGES[3:],
     "reused": STAGES[1:],
     "s4-task": STAGES[3:],
+}
+SCHEDULES = {  # name -> the per-task stages it runs after the general student, in order
+    "gd-ged-tad-tsd": STAGES[1:],
+    "gd-tsd": STAGES[3:],
+    "gd-ged-tsd": (STAGES[1], STAGES[3]),
+    "gd-tad-tsd": STAGES[2:],
 }
 LABELS_ONLY = [f"stages.task_specific.losses.weights.{term}=0"
                for term in ("hidden", "embedding", "attention", "soft_label")]
@@ -124,6 +139,21 @@ def run_variant(variant: str, base: list[str], out: Path, general_out: Path, ran
     return Path(student)
 
 
+def run_schedule(variant: str, base: list[str], out: Path, ranks: int, steps: dict[str, int],
+                 general_student: str, port: int) -> Path:
+    """One of SCHEDULES as a single resumable `pipeline` launch in `out`; returns the student it shipped."""
+    stages = SCHEDULES[variant]
+    left_out = [stage for stage in STAGES[STAGES.index(stages[0]):] if stage not in stages]
+    per_task = sum(steps[stage] for stage in STAGES[1:])
+    stage_4 = per_task - sum(steps[stage] for stage in stages[:-1])
+    done = out / "pipeline_done.json"
+    if not done.is_file():
+        deepspeed(ranks, ["pipeline", "--from-stage", stages[0], *(f"--skip-stage={stage}" for stage in left_out),
+                          *base, f"output_dir={out}", f"student.path={general_student}",
+                          f"stages.task_specific.train.max_steps={stage_4}"], port)
+    return Path(json.loads(done.read_text())["student"])
+
+
 def summary(scores: list[float]) -> str:
     if len(scores) == 1:
         return f"{scores[0]:.4f}"
@@ -135,7 +165,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-ablation")
     parser.add_argument("--tasks", nargs="+", default=["pair"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *SCHEDULES])
     parser.add_argument("--train-examples", type=int, help="low-resource variant: this many training rows")
     parser.add_argument("--general-student", help="the `reused` variant's stage-1 student (an exported folder)")
     parser.add_argument("--shared-general", type=Path,
@@ -145,8 +175,9 @@ def main() -> None:
     parser.add_argument("--master-port", type=int, default=29500, help="the ranks' rendezvous port")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
-    if "reused" in args.variants and args.general_student is None:
-        parser.error("the `reused` variant needs --general-student (e.g. OUT/general/student of an earlier run)")
+    needs_general = sorted({"reused", *SCHEDULES} & set(args.variants))
+    if needs_general and args.general_student is None:
+        parser.error(f"{', '.join(needs_general)} need --general-student (e.g. OUT/general/student of an earlier run)")
 
     from ernie_tiny_ds.config import load_recipe
     from ernie_tiny_ds.data.tasks import load_task
@@ -173,9 +204,13 @@ def main() -> None:
         for variant in args.variants:
             rows[variant] = []
             for seed in args.seeds:
-                student = run_variant(variant, [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}",
-                                      shared_general / f"seed{seed}", args.ranks, steps, args.general_student,
-                                      args.master_port)
+                base, out = [*common, f"train.seed={seed}"], task_out / variant / f"seed{seed}"
+                if variant in SCHEDULES:
+                    student = run_schedule(variant, base, out, args.ranks, steps, args.general_student,
+                                           args.master_port)
+                else:
+                    student = run_variant(variant, base, out, shared_general / f"seed{seed}", args.ranks, steps,
+                                          args.general_student, args.master_port)
                 rows[variant].append(evaluate_model(student, recipe.task)[metric])
         earlier = results.get(task_out.name, {}).get("rows", {})  # variants an earlier invocation ran
         results[task_out.name] = {"metric": metric, "rows": {**earlier, **rows}, "total_steps": total_steps}

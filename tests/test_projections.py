@@ -85,3 +85,17 @@ def test_stage_2_starts_from_stage_1_projections_and_fresh_when_switched_off(tmp
             assert done["projections_init_fingerprint"] == pytest.approx(projections_fingerprint(carried), rel=1e-9)
         else:
             assert done["projections_init_fingerprint"] != pytest.approx(projections_fingerprint(carried), rel=1e-6)
+
+        if carry == "true":
+            # --skip-stage passes over a stage even when its folder is there: stage 3 starts from stage 1's
+            # student and projections, not from the finished stage 2 in the same output_dir
+            proc = run_cli(["pipeline", "--config", str(recipe), "--from-stage", "1", "--to-stage", "3",
+                            "--skip-stage", "general_enhanced", "stages.task_adaptive.train.max_steps=1",
+                            "task.name=sentiment"], timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert "general already done" in proc.stdout and "general_enhanced" not in proc.stdout.split("done (")[-1]
+            done3 = json.loads((out / "task_adaptive" / "stage_done.json").read_text())
+            assert done3["student_init"] == str(out / "general" / "student")
+            assert done3["projections_init"] == str(out / "general" / PROJECTIONS_FILE)
+            marker = json.loads((out / "pipeline_done.json").read_text())
+            assert marker["skipped"] == ["general_enhanced"] and marker["stages"] == ["general", "task_adaptive"]

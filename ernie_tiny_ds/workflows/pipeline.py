@@ -1,6 +1,8 @@
 """`ernie-tiny-ds pipeline`: its steps in order (pipeline_steps): teacher finetuning, then each
 distillation stage of stages.STAGE_SPECS starting from the student the previous stage wrote, then the
-report once the stage that ships its student has run.
+report once the stage that ships its student has run. --skip-stage leaves a stage out (TinyBERT's
+schedule is --skip-stage general_enhanced --skip-stage task_adaptive): the stage after it starts from
+the one before it.
 
     OUT/teacher_finetuned/   stage 0 (only when the recipe gives no finetuned teacher); with
                              finetune.eval_every its best beside it in OUT/teacher_finetuned_best/
@@ -91,11 +93,12 @@ def with_paths(recipe: Recipe, student_path: str | None, finetuned: str | None) 
                                teacher=dataclasses.replace(recipe.teacher, finetuned_path=finetuned))
 
 
-def initial_student(recipe: Recipe, out: Path, first: str) -> str | None:
-    """Stage `first` starts from the previous stage's export when there is one, else the recipe's student."""
-    names = list(STAGE_SPECS)
-    if names.index(first) > 0:
-        previous = names[names.index(first) - 1]
+def initial_student(recipe: Recipe, out: Path, first: str, skipped: tuple[str, ...] = ()) -> str | None:
+    """Stage `first` starts from the export of the stage before it (the nearest one not skipped) when there
+    is one, else the recipe's student."""
+    earlier = [name for name in list(STAGE_SPECS)[:list(STAGE_SPECS).index(first)] if name not in skipped]
+    if earlier:
+        previous = earlier[-1]
         if (out / previous / "student" / "config.json").is_file():
             return str(out / previous / "student")
         if recipe.student.path is None:
@@ -125,6 +128,7 @@ class PipelineRun:
     rank: int
     stages: list[str]                 # the distillation stages in the range
     stop_request: stop.StopRequest
+    skipped: tuple[str, ...] = ()     # stages left out (--skip-stage): the next stage starts from the one before
     finetuned: str | None = None      # the finetuned teacher the stages distil from
     student: str | None = None        # the student the next stage starts from
     projections: str | None = None    # the previous stage's projections, carried into the next
@@ -146,7 +150,7 @@ def finetune_step(run: PipelineRun, name: str) -> bool:
 def distill_step(run: PipelineRun, stage: str) -> bool:
     """One distillation stage: skipped when finished with this recipe, else run (or resumed); False when stopped."""
     if not run.done:
-        run.student = initial_student(run.recipe, run.out, stage)
+        run.student = initial_student(run.recipe, run.out, stage, run.skipped)
     staged = with_paths(run.recipe, run.student, run.finetuned)
     if run.done:  # the previous stage's projections, or none (never the recipe's, meant for the first)
         staged.student.projections = run.projections
@@ -177,19 +181,36 @@ def pipeline_steps() -> list[tuple[str, Callable[[PipelineRun, str], bool]]]:
     return [(FINETUNE, finetune_step), *((stage, distill_step) for stage in STAGE_SPECS)]
 
 
-def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None) -> bool:
-    """Runs the steps first..last of pipeline_steps() (0 = finetuning, default: to the last stage);
-    True when the range finished, False when stopped."""
+def steps_to_run(first: int, last: int, skip: list[int]) -> tuple[list, tuple[str, ...]]:
+    """The steps first..last of pipeline_steps() less the skipped ones, and the skipped stages' names."""
     steps = pipeline_steps()
-    last = len(steps) - 1 if last is None else last
     if first > last:
         raise ConfigError(f"--from-stage ({first}) comes after --to-stage ({last})")
-    steps = steps[first:last + 1]
+    names = [name for name, _ in steps]
+    for index in skip:
+        if names[index] == FINETUNE:
+            raise ConfigError("--skip-stage finetune: teacher finetuning runs only when a stage needs it and the "
+                              "recipe gives no teacher.finetuned_path; set that key to use a teacher you have")
+        if not first <= index <= last:
+            raise ConfigError(f"--skip-stage {names[index]}: not in the range --from-stage {names[first]} "
+                              f"--to-stage {names[last]}")
+    kept = [step for index, step in enumerate(steps) if first <= index <= last and index not in skip]
+    if not any(name in STAGE_SPECS for name, _ in kept):
+        raise ConfigError("--skip-stage: every distillation stage in the range is skipped; nothing to run")
+    return kept, tuple(names[index] for index in sorted(set(skip)))
+
+
+def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None, skip: list[int] = ()) -> bool:
+    """Runs the steps first..last of pipeline_steps() (0 = finetuning, default: to the last stage) less the
+    stages in `skip` (each later stage starts from the student of the one before it that ran);
+    True when the range finished, False when stopped."""
+    last = len(pipeline_steps()) - 1 if last is None else last
+    steps, skipped = steps_to_run(first, last, list(skip))
     stop.install()  # from here on a SIGUSR1 is kept until a stage, or the check between stages, consumes it
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     out = Path(recipe.output_dir)
     stages = [name for name, _ in steps if name in STAGE_SPECS]
-    run = PipelineRun(recipe, out, rank, stages, stop.StopRequest(out), student=recipe.student.path)
+    run = PipelineRun(recipe, out, rank, stages, stop.StopRequest(out), skipped, student=recipe.student.path)
     if FINETUNE not in (name for name, _ in steps):  # refused before any work when a stage needs one
         run.finetuned, _ = ensure_finetuned_teacher(recipe, out, stages, allowed=False)
     for name, step in steps:
@@ -204,7 +225,8 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None) -> boo
     wait_for_rank0()  # the report can outlast train.dist_timeout_s: the other ranks wait without it
     if rank == 0:
         atomic_write_text(out / PIPELINE_DONE,
-                          json.dumps({"range": [first, last], "stages": run.done, "student": student}))
+                          json.dumps({"range": [first, last], "skipped": list(skipped), "stages": run.done,
+                                      "student": student}))
         run.say(f"done ({', '.join(run.done) or 'nothing to run'}); student in {student}")
     return True
 
@@ -215,11 +237,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-stage", type=parse_stage, default=0, metavar="STAGE", help=f"first stage: {steps}")
     parser.add_argument("--to-stage", type=parse_stage, default=None, metavar="STAGE",
                         help="last stage (default: the last)")
+    parser.add_argument("--skip-stage", type=parse_stage, action="append", default=[], metavar="STAGE",
+                        help="leave this distillation stage out (repeatable); the next stage starts from the "
+                             "student of the one before it, e.g. TinyBERT's schedule: --skip-stage 2 --skip-stage 3")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
 
 def run(args) -> int:
     recipe = load_recipe(args.config, args.overrides)
     with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
-        run_pipeline(recipe, args.from_stage, args.to_stage)
+        run_pipeline(recipe, args.from_stage, args.to_stage, args.skip_stage)
     return 0
