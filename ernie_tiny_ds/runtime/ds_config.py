@@ -6,6 +6,8 @@ import copy
 import json
 from pathlib import Path
 
+import torch
+
 from ..assets.shipped import shipped
 from ..config import DeepSpeedSection
 from ..config.dotted import flatten
@@ -105,13 +107,14 @@ def check_overrides(overrides: dict, config_source: dict | None = None, source: 
                               f"(code could run) or to start jobs of its own")
 
 
-def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world_size: int) -> dict:
-    """The DeepSpeed JSON: the recipe's deepspeed.config with its overrides, its "auto" values filled
+def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world_size: int, device=None) -> dict:
+    """The DeepSpeed JSON for an engine on `device` (unset: CUDA when this process sees one, else the CPU):
+    the recipe's deepspeed.config fitted to the device, with its overrides, its "auto" values filled
     from what the engine trains with."""
     s = settings
     base = read_ds_config(deepspeed.config)
     check_overrides(deepspeed.overrides, base, f"deepspeed.config {deepspeed.config}")
-    raw = _deep_merge(base, deepspeed.overrides)
+    raw = _deep_merge(fit_to_device(base, device), deepspeed.overrides)
     auto = {
         "train_micro_batch_size_per_gpu": s.micro_batch_size,
         "gradient_accumulation_steps": s.grad_accum,
@@ -130,6 +133,20 @@ def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     use_fused_torch_adam(config)
     return config
+
+
+def fit_to_device(config: dict, device=None) -> dict:
+    """`config` with overlap_comm off on a CPU (ZeRO 2 and 3; deepspeed.overrides may still set it).
+
+    The bundled configs turn overlap_comm on, DeepSpeed's default for ZeRO-3 and its advice for ZeRO-2 on
+    GPUs: gradient reduction runs on a side CUDA stream while the backward pass goes on. DeepSpeed's CPU
+    accelerator has no streams (a synchronized device: Stream() is None), so on a CPU nothing overlaps
+    and ZeRO-2 only allocates a second reduce bucket (reduce_bucket_size elements) to swap with."""
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    zero = config.get("zero_optimization") or {}
+    if on_cuda or int(zero.get("stage", 0)) < 2:
+        return config
+    return _deep_merge(config, {"zero_optimization": {"overlap_comm": False}})
 
 
 def use_fused_torch_adam(config: dict) -> None:
