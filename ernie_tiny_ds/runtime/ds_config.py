@@ -6,8 +6,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
-
 from ..assets.shipped import shipped
 from ..config import DeepSpeedSection
 from ..config.dotted import flatten
@@ -15,6 +13,13 @@ from ..errors import ConfigError
 from .engine_settings import EngineSettings
 
 DS_CONFIG_DIR = shipped("ds_configs")
+# The bundled ZeRO JSONs keep DeepSpeed's recommended values (BENCHMARKS.md section 10):
+# - overlap_comm true (ZeRO-2/3; DeepSpeed's default for ZeRO-3): the gradient reduction runs on a side
+#   CUDA stream during the backward pass. DeepSpeed's CPU accelerator has no streams, so on a CPU nothing
+#   overlaps, but nothing breaks either: two gloo ranks train to the same losses with it on or off.
+# - stage3_param_persistence_threshold 1e5 (DeepSpeed's default): tensors under 100k elements (biases,
+#   LayerNorms, the 312-wide student's projections) stay gathered on every rank, where 0 all-gathered
+#   each of them at every use (many latency-bound collectives); their optimizer state stays partitioned.
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -107,14 +112,13 @@ def check_overrides(overrides: dict, config_source: dict | None = None, source: 
                               f"(code could run) or to start jobs of its own")
 
 
-def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world_size: int, device=None) -> dict:
-    """The DeepSpeed JSON for an engine on `device` (unset: CUDA when this process sees one, else the CPU):
-    the recipe's deepspeed.config fitted to the device, with its overrides, its "auto" values filled
+def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world_size: int) -> dict:
+    """The DeepSpeed JSON: the recipe's deepspeed.config with its overrides, its "auto" values filled
     from what the engine trains with."""
     s = settings
     base = read_ds_config(deepspeed.config)
     check_overrides(deepspeed.overrides, base, f"deepspeed.config {deepspeed.config}")
-    raw = _deep_merge(fit_to_device(base, device), deepspeed.overrides)
+    raw = _deep_merge(base, deepspeed.overrides)
     auto = {
         "train_micro_batch_size_per_gpu": s.micro_batch_size,
         "gradient_accumulation_steps": s.grad_accum,
@@ -133,20 +137,6 @@ def build_ds_config(deepspeed: DeepSpeedSection, settings: EngineSettings, world
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     use_fused_torch_adam(config)
     return config
-
-
-def fit_to_device(config: dict, device=None) -> dict:
-    """`config` with overlap_comm off on a CPU (ZeRO 2 and 3; deepspeed.overrides may still set it).
-
-    The bundled configs turn overlap_comm on, DeepSpeed's default for ZeRO-3 and its advice for ZeRO-2 on
-    GPUs: gradient reduction runs on a side CUDA stream while the backward pass goes on. DeepSpeed's CPU
-    accelerator has no streams (a synchronized device: Stream() is None), so on a CPU nothing overlaps
-    and ZeRO-2 only allocates a second reduce bucket (reduce_bucket_size elements) to swap with."""
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    zero = config.get("zero_optimization") or {}
-    if on_cuda or int(zero.get("stage", 0)) < 2:
-        return config
-    return _deep_merge(config, {"zero_optimization": {"overlap_comm": False}})
 
 
 def use_fused_torch_adam(config: dict) -> None:

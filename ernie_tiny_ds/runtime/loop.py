@@ -129,7 +129,7 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
     objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, terms=spec.terms)
     provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
     settings = EngineSettings.of_stage(r)
-    ds_config = build_ds_config(r.deepspeed, settings, world, device())
+    ds_config = build_ds_config(r.deepspeed, settings, world)
     engine = build_training_engine(objective, settings, ds_config)
     if spec.teacher_depth == "mapped_layers":  # no logits read: the teacher runs only as deep as the layer map reads
         teacher = encoder_up_to(teacher, max(mapping))

@@ -222,7 +222,7 @@ def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: 
                                loading=Loading.for_device(recipe.data.num_workers, device()))
     total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
     settings = engine_settings(recipe, total)
-    ds_config = build_ds_config(recipe.deepspeed, settings, world, device())
+    ds_config = build_ds_config(recipe.deepspeed, settings, world)
     objective = ClassifierObjective(model)  # the engine trains the classifier through train_step
     engine = build_training_engine(objective, settings, ds_config)
     ranks = Ranks(rank, world, device(), zero_stage(ds_config))
