@@ -177,7 +177,8 @@ def test_each_fields_bounds_are_checked_in_its_section_and_in_stage_overrides():
     assert len(bounded) > 30  # the walk reaches every section
     for key, f in bounded:
         section, name = key.split(".")
-        integer = typing.get_type_hints(typing.get_type_hints(Recipe)[section])[name] in (int, typing.Optional[int])
+        hint = typing.get_type_hints(typing.get_type_hints(Recipe)[section])[name]
+        integer = hint is int or int in typing.get_args(hint)  # Optional[int], int or "auto"
         bad = _outside(rules_of(f).bounds, integer)
         keys = [key] + ([f"stages.general.{key}"] if key.split(".")[0] in STAGE_SECTIONS else [])
         for where in keys:
@@ -219,7 +220,7 @@ def _another(value, hint):
     if options[0] is bool:
         return not value
     if options[0] in (int, float):
-        return options[0](value * 2 + 1) if value is not None else options[0](3)
+        return options[0](value * 2 + 1) if isinstance(value, (int, float)) else options[0](3)  # None, "auto"
     return None
 
 

@@ -220,36 +220,40 @@ def test_the_ernie_tiny_student_keeps_a_fused_sdpa_backend():
 
 # --------------------------------------------------------------------------- real training runs
 PRECISIONS = ["fp32", "bf16", "fp16"]
+# one run per precision, and one with the recipe defaults (train.precision and data.num_workers auto)
+# under the bundled ZeRO-3 JSON (overlap_comm on, stage3_param_persistence_threshold 1e5)
+RUN_ARGS = {**{precision: [f"train.precision={precision}"] for precision in PRECISIONS},
+            "defaults_zero3": ["deepspeed.config=zero3"]}
 
 
 class Runs:
-    """`ernie_tiny_ds.cli distill --stage general` for 2 steps on the GPU, one process per precision,
+    """`ernie_tiny_ds.cli distill --stage general` for 2 steps on the GPU, one process per RUN_ARGS entry,
     all started at once when the module's first test starts (they overlap the kernel tests)."""
 
     def __init__(self, tmp_path_factory, tokenizer_dir: str, vocab_size: int):
         self.procs, self.results = {}, {}
-        for precision in PRECISIONS:
-            tmp = tmp_path_factory.mktemp(f"distill_{precision}")
+        for name, extra in RUN_ARGS.items():
+            tmp = tmp_path_factory.mktemp(f"distill_{name}")
             recipe = tiny_recipe(tmp, tokenizer_dir, vocab_size)
             args = [sys.executable, "-m", "ernie_tiny_ds.cli", "distill", "--config", str(recipe), "--stage",
-                    "general", "train.max_steps=2", f"train.precision={precision}", "losses.kernels=triton"]
+                    "general", "train.max_steps=2", *extra, "losses.kernels=triton"]
             log = open(tmp / "log.txt", "w+")
             proc = subprocess.Popen(args, env=env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-            self.procs[precision] = (proc, log, tmp / "out")
+            self.procs[name] = (proc, log, tmp / "out")
 
-    def result(self, precision: str, timeout: float = 240) -> tuple[int, str, Path]:
-        """(exit code, output, output_dir) of that precision's run, waiting for it."""
-        if precision not in self.results:
-            proc, log, out = self.procs[precision]
+    def result(self, name: str, timeout: float = 240) -> tuple[int, str, Path]:
+        """(exit code, output, output_dir) of that run (a precision, or defaults_zero3), waiting for it."""
+        if name not in self.results:
+            proc, log, out = self.procs[name]
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
             log.seek(0)
-            self.results[precision] = (code, log.read(), out)
+            self.results[name] = (code, log.read(), out)
             log.close()
-        return self.results[precision]
+        return self.results[name]
 
     def close(self) -> None:
         for proc, log, _ in self.procs.values():
@@ -294,3 +298,77 @@ def test_student_trained_on_the_gpu_exports_and_loads(precision_runs):
         hidden = model(**{k: v.cuda() for k, v in batch.items()}).last_hidden_state
     assert hidden.is_cuda and hidden.shape[:2] == batch["input_ids"].shape
     assert torch.isfinite(hidden.float()).all()
+
+
+# --------------------------------------------------------------------------- GPU defaults (issue 26 item 3)
+AMPERE = torch.cuda.get_device_capability() >= (8, 0) if CUDA else False
+
+
+@pytest.mark.skipif(not AMPERE, reason="train.precision auto is bf16 only on Ampere and newer")
+def test_defaults_train_bf16_under_zero3_with_the_new_persistence_threshold(precision_runs):
+    """The recipe defaults on an Ampere+ GPU: the stage trains in bf16 (what its fingerprint records),
+    its loader has workers, and ZeRO-3 with stage3_param_persistence_threshold 1e5 (every parameter of
+    the tiny student stays gathered) and overlap_comm on runs its steps."""
+    from ernie_tiny_ds.data.workers import default_num_workers
+
+    code, output, out = precision_runs.result("defaults_zero3")
+    assert code == 0, f"exit {code}\n{output[-6000:]}"
+    assert "ZeRO-3" in output and "Traceback" not in output, output[-6000:]
+    metrics = read_metrics(out / "general" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics), metrics
+    recorded = json.loads((out / "general" / "stage_done.json").read_text())["recipe"]
+    assert recorded["train"]["precision"] == "bf16"
+    assert recorded["data"]["num_workers"] == default_num_workers(torch.device("cuda", 0)) > 0
+
+
+@pytest.mark.skipif(not AMPERE, reason="train.precision auto is bf16 only on Ampere and newer")
+def test_auto_resolves_to_bf16_and_fp32_products_use_tf32():
+    from ernie_tiny_ds.config import load_recipe
+    from ernie_tiny_ds.runtime.device_defaults import prepare_for_device
+
+    dev = torch.device("cuda", 0)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    a, b = torch.randn(1024, 1024, device=dev), torch.randn(1024, 1024, device=dev)
+    exact = a.double() @ b.double()
+    try:
+        resolved = prepare_for_device(load_recipe(None, ["teacher.config={}"]), dev)
+        assert resolved.train.precision == "bf16" and torch.backends.cuda.matmul.allow_tf32
+        tf32 = rel(a @ b, exact)
+        prepare_for_device(load_recipe(None, ["teacher.config={}", "train.precision=fp32"]), dev)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        fp32 = rel(a @ b, exact)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    # TF32 keeps 10 mantissa bits (relative error ~1e-4 here), IEEE fp32 23 (~1e-6)
+    assert fp32 < 1e-5 < tf32, (fp32, tf32)
+
+
+def test_cuda_loaders_have_workers_and_hand_out_pinned_batches(tmp_path, tokenizer_dir):
+    """data.num_workers auto on CUDA: DataLoader workers for the general corpus and the task, batches in
+    page-locked memory, and on_device's non-blocking copy gives the same values on the GPU."""
+    from distributed import write_corpus
+
+    from ernie_tiny_ds.config import DataConfig, TaskConfig
+    from ernie_tiny_ds.data.corpus import build_general_loader
+    from ernie_tiny_ds.data.tasks import build_task_loader
+    from ernie_tiny_ds.data.tokenizer import load_tokenizer
+    from ernie_tiny_ds.data.workers import Loading
+    from ernie_tiny_ds.runtime.trainer import on_device
+
+    dev = torch.device("cuda", 0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    loading = Loading.for_device("auto", dev)
+    assert loading.num_workers > 0 and loading.pin_memory
+    general = build_general_loader(DataConfig(corpus=str(write_corpus(tmp_path / "corpus")), max_seq_len=32),
+                                   tokenizer, 4, 0, 1, seed=0, device=dev)
+    task = build_task_loader(TaskConfig(name="sentiment", max_seq_len=32), tokenizer, 8, 0, 1, 0,
+                             with_labels=True, loading=loading)
+    for loader in (general, task):
+        assert loader.loading == loading
+        it = iter(loader)
+        batches = [next(it) for _ in range(3)]
+        it.close()
+        assert all(value.is_pinned() for batch in batches for value in batch.values())
+        moved = list(on_device(batches, dev))
+        torch.cuda.synchronize()
+        assert all(m[k].is_cuda and torch.equal(m[k].cpu(), b[k]) for m, b in zip(moved, batches) for k in b)

@@ -1,6 +1,7 @@
 """The whole recipe: its sections, its stages' overrides, and the checks that span sections."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ from .sections import (
 )
 from .stage_overrides import STAGE_SECTIONS, StageOverride
 
+# the keys whose `auto` depends on the device a run trains on (resolved by runtime/device_defaults.py)
+AUTO_KEYS = ("train.precision", "data.num_workers")
+
 
 @dataclass
 class Recipe:
@@ -45,6 +49,9 @@ class Recipe:
     # set by load_recipe: the command-line overrides of the sections a stage can override, so that
     # for_stage lets them win over the recipe file's stages.<name> too
     command_line: list[str] = bookkeeping(list)
+    # set by the run once it knows its device (runtime/device_defaults.py): what each `auto` key of
+    # AUTO_KEYS means there; for_stage applies it too, so a stage's fingerprint records what it ran with
+    device_defaults: dict = bookkeeping(dict)
 
     def for_stage(self, stage: str) -> "Recipe":
         """This recipe with the stage's overrides applied (validated like the rest).
@@ -75,6 +82,18 @@ class Recipe:
             check_positions(out, [("data.max_seq_len", out.data.max_seq_len)])
         out.stages = self.stages
         out.command_line = self.command_line
+        return out.on_device(self.device_defaults) if self.device_defaults else out
+
+    def on_device(self, defaults: dict) -> "Recipe":
+        """This recipe with each AUTO_KEYS key still `auto` set to its value in `defaults` (dotted key ->
+        value); keys given a value keep it."""
+        out = dataclasses.replace(self)
+        for key in AUTO_KEYS:
+            section, name = key.split(".")
+            part = getattr(out, section)
+            if getattr(part, name) == "auto":
+                setattr(out, section, dataclasses.replace(part, **{name: defaults[key]}))
+        out.device_defaults = dict(defaults)
         return out
 
     def check(self) -> None:

@@ -76,9 +76,10 @@ class DataConfig(Section):
     # with it against 7.0-7.3 % with document, and its student kept as much of the teacher
     # (100.5 % vs 99.2 % of dev accuracy, a gap of 5 of 400 examples; BENCHMARKS.md §6)
     packing: Literal["document", "full"] = "full"
-    # streaming: DataLoader worker processes per rank (0: in the training process); shards ignore it
-    # (the memory-mapped reader outruns worker IPC)
-    num_workers: int = setting(0, bounds=NON_NEGATIVE)
+    # DataLoader worker processes per rank for the streaming corpus and the task's train batches (0: in
+    # the training process); shards ignore it (the memory-mapped reader outruns worker IPC). auto: 0 on
+    # CPU (the step already uses every core), 2 on CUDA, with pinned memory (data/workers.py)
+    num_workers: Union[int, Literal["auto"]] = setting("auto", bounds=NON_NEGATIVE)
     on_binary_file: Literal["error", "skip"] = "error"
     dataset_split: str = "train"      # format=datasets: the split to stream
 
@@ -168,7 +169,9 @@ class TrainConfig(Section):
     max_steps: int = setting(1000, bounds=POSITIVE, safe_on=SafeOn.RESUME, applied=LENGTH_APPLIED)
     micro_batch_size: int = setting(32, bounds=POSITIVE)  # per rank
     grad_accum: int = setting(1, bounds=POSITIVE)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 on a CUDA device with native bf16 (Ampere and newer), else fp32 (CPU; older GPUs, where
+    # fp16 would need loss scaling: ask for it); runtime/device_defaults.py
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 42
     log_every: int = setting(10, bounds=POSITIVE, safe_on=SafeOn.RUN)
     save_every: int = setting(500, bounds=POSITIVE, safe_on=SafeOn.RUN)

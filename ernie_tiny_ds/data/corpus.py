@@ -24,6 +24,7 @@ from .packing import pad_multiple_for
 from .sharding import Consumer
 from .sources import ReadStats, corpus_sources
 from .stream import SequenceStream
+from .workers import Loading
 
 # A worker that gives no batch for this long is reported (a hung filesystem read, a stopped process)
 # instead of blocking the rank until the collective timeout ends the job without a word of why.
@@ -62,6 +63,23 @@ def dead_worker_line(batches, rank: int) -> str | None:
     return None
 
 
+def worker_batches(dataset, loading: Loading, rank: int, sampler=None) -> Iterator[dict]:
+    """The batches a DataLoader's workers make from `dataset` (whole batches: no collation), in
+    pinned memory when `loading` says so; a worker that hangs or dies ends them with one DataError line."""
+    batches = iter(DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=loading.num_workers,
+                              prefetch_factor=2, timeout=WORKER_TIMEOUT_S, pin_memory=loading.pin_memory))
+    while True:
+        try:
+            batch = next(batches)
+        except (RuntimeError, OSError, EOFError) as exc:
+            # a worker that dies mid-transfer can also surface as a reset connection
+            line = describe_worker_failure(exc, rank) or dead_worker_line(batches, rank)
+            if line is None:
+                raise
+            raise DataError(line) from None
+        yield batch
+
+
 class _WorkerBatches(IterableDataset):
     """Runs inside a DataLoader worker: the endless batches of one SequenceStream, state attached."""
 
@@ -87,11 +105,13 @@ class _WorkerBatches(IterableDataset):
 
 class StreamingCorpusLoader:
     def __init__(self, data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int, *,
-                 pad_multiple: int = 1):
+                 pad_multiple: int = 1, loading: Loading | None = None):
         self.cfg, self.tokenizer, self.batch_size = data_cfg, tokenizer, batch_size
         self.pad_multiple = pad_multiple   # batch widths only: not part of the state, a resume may change it
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_workers = data_cfg.num_workers
+        # unset: data.num_workers for the CPU (auto: 0), unpinned
+        self.loading = loading if loading is not None else Loading.for_device(data_cfg.num_workers, "cpu")
+        self.num_workers = self.loading.num_workers
         self.stats = ReadStats()
         self.sources = corpus_sources(data_cfg, self.stats)
         workers = max(1, self.num_workers)
@@ -108,17 +128,7 @@ class StreamingCorpusLoader:
             while True:
                 yield self._inline.next_batch(self.batch_size, self.pad_multiple)
         dataset = _WorkerBatches(self, list(self._states), self._next_worker)
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                                  timeout=WORKER_TIMEOUT_S))
-        while True:
-            try:
-                batch = next(batches)
-            except (RuntimeError, OSError, EOFError) as exc:
-                # a worker that dies mid-transfer can also surface as a reset connection
-                line = describe_worker_failure(exc, self.rank) or dead_worker_line(batches, self.rank)
-                if line is None:
-                    raise
-                raise DataError(line) from None
+        for batch in worker_batches(dataset, self.loading, self.rank):
             worker = batch.pop("_worker")
             if "_error" in batch:
                 raise DataError(batch["_error"])
@@ -146,11 +156,12 @@ class StreamingCorpusLoader:
 def build_general_loader(data_cfg, tokenizer, batch_size: int, rank: int, world_size: int, seed: int, *,
                          device="cpu"):
     """The general-corpus loader named by the recipe's data section, for batches bound for `device`
-    (their widths round up as packing.pad_multiple_for says)."""
+    (their widths round up as packing.pad_multiple_for says; workers and pinning as data/workers.py says)."""
     multiple = pad_multiple_for(device)
     if data_cfg.source == "shards":
         if data_cfg.corpus is None:
             raise DataError("data.corpus: data.source=shards needs the folder written by `ernie-tiny-ds preprocess`")
         return ShardLoader(data_cfg.corpus, tokenizer, batch_size, rank, world_size, seed, data_cfg.max_seq_len,
                            pad_multiple=multiple)
-    return StreamingCorpusLoader(data_cfg, tokenizer, batch_size, rank, world_size, seed, pad_multiple=multiple)
+    return StreamingCorpusLoader(data_cfg, tokenizer, batch_size, rank, world_size, seed, pad_multiple=multiple,
+                                 loading=Loading.for_device(data_cfg.num_workers, device))

@@ -43,9 +43,11 @@ from ..config import TaskConfig
 from ..errors import ConfigError, DataError
 from .benchmarks import main_metric
 from .contract import check_state, loader_state
+from .corpus import worker_batches
 from .packing import TokenEncoder
 from .stream import GROUP_BATCHES
 from .task_datasets import describe, get_split, open_dataset, raw_split, split_names
+from .workers import Loading
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # .json: JSON lines too
 LENGTH_CHUNK = 4096  # texts per tokenizer call when measuring lengths
@@ -499,12 +501,49 @@ def length_grouped(order: np.ndarray, lengths: np.ndarray, unit: int, rng: np.ra
     return runs[rng.permutation(len(runs))].reshape(-1)
 
 
+def next_position(epoch: int, handed_out: int, per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch index) of the batch that follows `handed_out` batches of `epoch`."""
+    return (epoch + 1, 0) if handed_out >= per_epoch else (epoch, handed_out)
+
+
+class _Positions:
+    """The DataLoader's sampler: every (epoch, batch index) from a saved position on, endlessly."""
+
+    def __init__(self, epoch: int, handed_out: int, per_epoch: int):
+        self.epoch, self.handed_out, self.per_epoch = epoch, handed_out, per_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, handed_out = self.epoch, self.handed_out
+        while True:
+            epoch, index = next_position(epoch, handed_out, self.per_epoch)
+            handed_out = index + 1
+            yield epoch, index
+
+
+class _PositionBatches(torch.utils.data.Dataset):
+    """Runs inside a DataLoader worker: the batch at an (epoch, batch index). The order is a pure
+    function of (seed, epoch), so any worker makes any batch, and the DataLoader hands them back in
+    the sampler's order: the main process counts what it handed out, as without workers."""
+
+    def __init__(self, loader: "TaskLoader"):
+        self.loader = loader
+        self._epoch, self._order = None, None   # this worker's latest epoch order
+
+    def __getitem__(self, position: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = position
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.loader.epoch_order(epoch)
+        return self.loader.batch_at(self._order, index)
+
+
 class TaskLoader:
-    """Endless shuffled train batches of one rank (the loader contract of data.contract)."""
+    """Endless shuffled train batches of one rank (the loader contract of data.contract), made in the
+    training process or in `loading`'s DataLoader workers: the same batches either way."""
 
     def __init__(self, task: TaskData, tokenizer, batch_size: int, rank: int, world_size: int, seed: int,
-                 with_labels: bool):
+                 with_labels: bool, loading: Loading = Loading()):
         self.task = task
+        self.loading = loading
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.rank = rank
@@ -534,16 +573,26 @@ class TaskLoader:
         start = (batch * self.world_size + self.rank) * self.batch_size
         return order[start:start + self.batch_size]
 
+    def batch_at(self, order: np.ndarray, index: int) -> dict[str, torch.Tensor]:
+        """This rank's batch `index` of an epoch whose order is `order`."""
+        examples = [self.task.train[i] for i in self._indices(order, index)]
+        return encode_batch(examples, self.tokenizer, self.task.max_seq_len, self.task.type, self.with_labels)
+
+    def _hand_out(self) -> tuple[int, int]:
+        """The next batch's (epoch, index), counted as handed out (what state_dict saves)."""
+        epoch, index = next_position(self._epoch, self._batches_in_epoch, self.batches_per_epoch)
+        self._epoch, self._batches_in_epoch = epoch, index + 1
+        return epoch, index
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.loading.num_workers > 0:
+            positions = _Positions(self._epoch, self._batches_in_epoch, self.batches_per_epoch)
+            for batch in worker_batches(_PositionBatches(self), self.loading, self.rank, sampler=positions):
+                self._hand_out()
+                yield batch
+        made = _PositionBatches(self)
         while True:
-            order = self.epoch_order(self._epoch)
-            while self._batches_in_epoch < self.batches_per_epoch:
-                examples = [self.task.train[i] for i in self._indices(order, self._batches_in_epoch)]
-                self._batches_in_epoch += 1
-                yield encode_batch(examples, self.tokenizer, self.task.max_seq_len, self.task.type,
-                                   self.with_labels)
-            self._epoch += 1
-            self._batches_in_epoch = 0
+            yield made[self._hand_out()]
 
     def state_dict(self) -> dict:
         return loader_state("task", epoch=self._epoch, batches_in_epoch=self._batches_in_epoch, rank=self.rank,
@@ -559,6 +608,7 @@ class TaskLoader:
 
 
 def build_task_loader(task_cfg: TaskConfig, tokenizer, batch_size: int, rank: int, world: int, seed: int,
-                      with_labels: bool, augmented: bool = False) -> TaskLoader:
-    """The train loader of the recipe's task (stages 3-4 and teacher finetuning); `augmented`: see load_task."""
-    return TaskLoader(load_task(task_cfg, augmented), tokenizer, batch_size, rank, world, seed, with_labels)
+                      with_labels: bool, augmented: bool = False, loading: Loading = Loading()) -> TaskLoader:
+    """The train loader of the recipe's task (stages 3-4 and teacher finetuning); `augmented`: see load_task;
+    `loading`: data.num_workers for the run's device (data/workers.py)."""
+    return TaskLoader(load_task(task_cfg, augmented), tokenizer, batch_size, rank, world, seed, with_labels, loading)

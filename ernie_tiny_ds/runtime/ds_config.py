@@ -13,6 +13,13 @@ from ..errors import ConfigError
 from .engine_settings import EngineSettings
 
 DS_CONFIG_DIR = shipped("ds_configs")
+# The bundled ZeRO JSONs keep DeepSpeed's recommended values (BENCHMARKS.md section 10):
+# - overlap_comm true (ZeRO-2/3; DeepSpeed's default for ZeRO-3): the gradient reduction runs on a side
+#   CUDA stream during the backward pass. DeepSpeed's CPU accelerator has no streams, so on a CPU nothing
+#   overlaps, but nothing breaks either: two gloo ranks train to the same losses with it on or off.
+# - stage3_param_persistence_threshold 1e5 (DeepSpeed's default): tensors under 100k elements (biases,
+#   LayerNorms, the 312-wide student's projections) stay gathered on every rank, where 0 all-gathered
+#   each of them at every use (many latency-bound collectives); their optimizer state stays partitioned.
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

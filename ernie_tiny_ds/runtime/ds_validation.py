@@ -20,8 +20,10 @@ from pydantic import ValidationError
 
 from ..config import Recipe
 from ..errors import ConfigError
+from .device_defaults import device_defaults
 from .ds_config import build_ds_config
 from .engine_settings import EngineSettings
+from .process_group import device
 
 # what DeepSpeed itself takes out of optimizer.params before it builds the optimizer
 _DEEPSPEED_OPTIMIZER_KEYS = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}
@@ -33,7 +35,9 @@ _SCALAR_TYPES = {"gradient_clipping": _NUMBER, "gradient_predivide_factor": _NUM
 
 
 def check_ds_config(recipe: Recipe) -> None:
-    config = build_ds_config(recipe.deepspeed, EngineSettings.of_stage(recipe), world_size=1)
+    # `auto` keys as this process's device would resolve them: they change bf16/fp16.enabled, never the shape
+    resolved = recipe.on_device(device_defaults(device()))
+    config = build_ds_config(recipe.deepspeed, EngineSettings.of_stage(resolved), world_size=1)
     # the batch keys are the recipe's (an override of them is refused); without train_batch_size
     # DeepSpeedConfig derives it from whatever world it sees, so the check holds on any number of ranks
     del config["train_batch_size"]

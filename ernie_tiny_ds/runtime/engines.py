@@ -53,6 +53,11 @@ def build_training_engine(module: torch.nn.Module, settings: EngineSettings, ds_
     and its projections (distillation stages) or the teacher's classifier (teacher finetuning)."""
     import deepspeed  # not at the top: see process_group.init_distributed
 
+    if settings.precision not in DTYPES:  # "auto" here would build a JSON with neither bf16 nor fp16 on,
+        # which trains in fp32 without a word
+        raise ValueError(f"train.precision {settings.precision!r} reached the engine unresolved: "
+                         "runtime/device_defaults.prepare_for_device resolves it for the device first")
+
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_linear_decay(settings.total_steps, settings.warmup_ratio))

@@ -14,6 +14,7 @@ from ..config import Recipe
 from ..data.corpus import build_general_loader
 from ..data.tasks import build_task_loader
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+from ..data.workers import Loading
 from ..distill.loss_terms import terms_need
 from ..distill.models import (
     FeatureCapture,
@@ -31,6 +32,7 @@ from ..stages import STAGE_SPECS
 from . import checkpoint, rank_registry, recipe_changes
 from .checkpointer import Checkpointer, SaveSchedule
 from .collectives import wait_for_rank0
+from .device_defaults import prepare_for_device
 from .ds_config import build_ds_config, zero_stage
 from .engine_settings import EngineSettings
 from .engines import build_training_engine, prepare_teacher
@@ -63,7 +65,8 @@ def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
         return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
                                     device=device())
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
-                             with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data)
+                             with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data,
+                             loading=Loading.for_device(r.data.num_workers, device()))
 
 
 def engine_student_outputs(engine, student, batch: dict, stage: int) -> torch.Tensor:
@@ -151,6 +154,7 @@ def run_stage(recipe: Recipe, stage: str) -> StageResult:
     require_shared_folder(Path(r.output_dir), rank, world)  # before any work: checkpoints need one folder for all
     rank_registry.register(out_dir / ".ranks", rank, world)  # lets a survivor name a rank that dies
     dev = device()
+    r = prepare_for_device(r, dev)  # the `auto` keys for this device: everything below reads them resolved
     parts = build_parts(r, spec, rank, world)
 
     # --- resume from the newest intact checkpoint

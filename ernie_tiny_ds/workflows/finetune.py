@@ -33,6 +33,7 @@ import transformers
 from ..config import Recipe, load_recipe
 from ..data.tasks import TaskData, build_task_loader, load_task
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
+from ..data.workers import Loading
 from ..distill.models import base_model, load_teacher
 from ..distill.objective import ClassifierObjective
 from ..errors import ConfigError
@@ -47,6 +48,7 @@ from ..outputs import claim_output, exclusive, output_dir_job, recipe_inputs, wr
 from ..runtime import checkpoint, rank_registry, recipe_changes
 from ..runtime.checkpointer import Checkpointer, SaveSchedule
 from ..runtime.collectives import wait_for_rank0
+from ..runtime.device_defaults import prepare_for_device
 from ..runtime.ds_config import build_ds_config, zero_stage
 from ..runtime.engine_settings import EngineSettings
 from ..runtime.engines import build_training_engine
@@ -188,6 +190,7 @@ def finetune_teacher(recipe: Recipe, output_dir: str | os.PathLike | None = None
     claim_output(output, FINETUNED, "--output" if output_dir is not None else "output_dir",
                  recipe_inputs(recipe, leave_out=(FINETUNED_KEY,)), overwrite)
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
+    recipe = prepare_for_device(recipe, device())  # the `auto` keys for this device, before anything reads them
     ckpt_root = output.with_name(output.name + ".checkpoints")
     # before any work: the checkpoints and the output, beside each other, need one folder for all ranks
     require_shared_folder(output.parent, rank, world, "--output" if output_dir is not None else "output_dir")
@@ -215,7 +218,8 @@ def _build(recipe: Recipe, task: TaskData, output: Path, ckpt_root: Path, rank: 
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_classifier(recipe, task)
     check_vocab_matches(tokenizer, model.config, tokenizer_dir)
-    loader = build_task_loader(recipe.task, tokenizer, ft.micro_batch_size, rank, world, ft.seed, with_labels=True)
+    loader = build_task_loader(recipe.task, tokenizer, ft.micro_batch_size, rank, world, ft.seed, with_labels=True,
+                               loading=Loading.for_device(recipe.data.num_workers, device()))
     total = max(1, math.ceil(ft.epochs * loader.batches_per_epoch))
     settings = engine_settings(recipe, total)
     ds_config = build_ds_config(recipe.deepspeed, settings, world)

@@ -30,9 +30,10 @@ from ..outputs import output_dir_job
 from ..runtime import recipe_changes, stop
 from ..runtime.checkpoint import tag_for
 from ..runtime.collectives import wait_for_rank0
+from ..runtime.device_defaults import prepare_for_device
 from ..runtime.export import export_checkpoint, export_problem
 from ..runtime.loop import DONE_FILE, run_stage
-from ..runtime.process_group import init_distributed
+from ..runtime.process_group import device, init_distributed
 from ..runtime.selection import shipped_student
 from ..stages import STAGE_SPECS
 from .finetune import finetune_teacher, shipped_teacher
@@ -208,6 +209,7 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None, skip: 
     steps, skipped = steps_to_run(first, last, list(skip))
     stop.install()  # from here on a SIGUSR1 is kept until a stage, or the check between stages, consumes it
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
+    recipe = prepare_for_device(recipe, device())  # the `auto` keys for this device: skips compare them resolved
     out = Path(recipe.output_dir)
     stages = [name for name, _ in steps if name in STAGE_SPECS]
     run = PipelineRun(recipe, out, rank, stages, stop.StopRequest(out), skipped, student=recipe.student.path)
