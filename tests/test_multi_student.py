@@ -106,6 +106,7 @@ def test_a_resume_after_a_stop_between_two_students_saves_equals_the_uninterrupt
     ([{"name": "x", "hidden_size": 30, "num_attention_heads": 4}], "students[0].hidden_size (30) must be divisible"),
     ([{"name": "x", "hiden_size": 30}], "unknown key 'students[0].hiden_size'"),
     ([{"name": "x", "num_hidden_layers": 0}], "students[0].num_hidden_layers must be > 0"),
+    ([{"name": "x", "path": "/m"}], "unknown key 'students[0].path'"),
 ])
 def test_a_bad_students_entry_is_one_line_naming_its_key(tmp_path, tokenizer_dir, vocab_size, in_process, bad, line):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size)
@@ -132,3 +133,34 @@ def test_two_ranks_train_two_students_whose_folders_export_and_load(tmp_path, to
         assert model.config.num_hidden_layers == shape["num_hidden_layers"]
         assert model.config.hidden_size == shape["hidden_size"]
         assert len(losses(stage)) == 4
+
+
+@pytest.mark.slow
+def test_the_pipeline_trains_the_general_stages_together_then_each_student_alone_with_a_row_each(
+        tmp_path, tokenizer_dir, vocab_size, in_process):
+    recipe, _ = recipes(tmp_path, tokenizer_dir, vocab_size, seed=random.randrange(1 << 30), max_steps=2)
+    values = yaml.safe_load(recipe.read_text())
+    values.update(task={"name": "sentiment", "max_seq_len": 32}, release={"onnx": False},
+                  finetune={"epochs": 0.1, "lr": 1e-3, "micro_batch_size": 16})
+    recipe.write_text(yaml.safe_dump(values))
+    code, err = in_process(["pipeline", "--config", str(recipe)])
+    assert code == 0, err
+    out = tmp_path / "out"
+    assert not (out / "general").exists() and (out / "teacher_finetuned").is_dir()  # one teacher for all
+    for shape in STUDENTS:
+        folder = out / shape["name"]
+        done = {stage: json.loads((folder / stage / "stage_done.json").read_text())
+                for stage in ("general", "general_enhanced", "task_adaptive", "task_specific")}
+        # each stage starts from this student's previous stage, never the other student's
+        assert done["general_enhanced"]["student_init"] == str(folder / "general" / "student")
+        assert done["task_adaptive"]["student_init"] == str(folder / "general_enhanced" / "student")
+        assert done["task_specific"]["student_init"] == str(folder / "task_adaptive" / "student")
+        assert (folder / "report.md").is_file()
+    rows = json.loads((out / "report.json").read_text())["students"]
+    assert [(row["name"], row["shape"]) for row in rows] == [("small", "2L-32"), ("wide", "3L-48")]
+    assert all(0 <= row["score"] <= 1 and row["params"] > 0 for row in rows)
+    table = (out / "report.md").read_text()
+    assert "| [small](small/report.md) | 2L-32 |" in table and "| [wide](wide/report.md) | 3L-48 |" in table
+    # a re-run finds every stage done
+    code, err = in_process(["pipeline", "--config", str(recipe)])
+    assert code == 0, err

@@ -102,6 +102,9 @@ class Recipe:
 
     def check_students(self) -> None:
         """`students:` names one folder each under output_dir, and each shape is a valid student section."""
+        if self.students and self.student.path is not None:  # a loaded student has its folder's shape, not these
+            raise ConfigError("students: student.path would start every student from one folder; leave it out "
+                              "(each student starts fresh, then from its own previous stage)")
         reserved = {*STAGE_SPECS, "teacher_finetuned", "teacher_finetuned_best"}
         seen: set[str] = set()
         for i, shape in enumerate(self.students):
