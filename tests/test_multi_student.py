@@ -99,6 +99,34 @@ def test_a_resume_after_a_stop_between_two_students_saves_equals_the_uninterrupt
         assert_same_student(out / name / "general", tmp_path / "whole" / "out" / name / "general")
 
 
+@pytest.mark.slow
+def test_a_non_finite_loss_skips_only_that_students_step(tmp_path, tokenizer_dir, vocab_size, in_process,
+                                                         monkeypatch):
+    from ernie_tiny_ds.distill.objective import DistillationObjective
+
+    seed = random.randrange(1 << 30)
+    clean, _ = recipes(tmp_path / "clean", tokenizer_dir, vocab_size, seed)
+    distill(in_process, clean)
+    calls, forward = [], DistillationObjective.forward
+
+    def nan_at_wides_third_step(self, *args, **kwargs):
+        total, terms = forward(self, *args, **kwargs)
+        if self.student.config.hidden_size == 48:
+            calls.append(1)
+            if len(calls) == 3:
+                return total * float("nan"), terms
+        return total, terms
+    monkeypatch.setattr(DistillationObjective, "forward", nan_at_wides_third_step)
+    poisoned, _ = recipes(tmp_path / "poisoned", tokenizer_dir, vocab_size, seed)
+    distill(in_process, poisoned)
+    out, want = tmp_path / "poisoned" / "out", tmp_path / "clean" / "out"
+    assert_same_student(out / "small" / "general", want / "small" / "general")  # untouched by the other's NaN
+    wide = losses(out / "wide" / "general")
+    assert sorted(wide) == [1, 2, 4, 5, 6]  # its step 3 skipped, the rest trained on
+    assert [wide[s] for s in (1, 2)] == pytest.approx([losses(want / "wide" / "general")[s] for s in (1, 2)])
+    assert wide[4] != pytest.approx(losses(want / "wide" / "general")[4])
+
+
 @pytest.mark.parametrize("bad, line", [
     ([{"name": "a"}, {"name": "a"}], "students[1].name: 'a' names two students"),
     ([{"hidden_size": 64}], "students[0].name: give each student a name"),

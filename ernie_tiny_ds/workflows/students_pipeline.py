@@ -9,8 +9,9 @@ then the task stages and the report per student, and OUT/report.md with one row 
     OUT/report.md|json            one row per student (its shape, score, retained share, speed-up)
 
 A student's later stages are the single-student pipeline with output_dir OUT/<name>, so
-`pipeline --config R --from-stage 3 output_dir=OUT/<name> student.num_hidden_layers=...` (its
-shape) runs them alone as well. A re-run of the same command skips what is done and resumes the rest.
+`pipeline --config R --from-stage 3 students=[] output_dir=OUT/<name> teacher.finetuned_path=...
+student.num_hidden_layers=... (its shape keys)` runs them alone as well. A re-run of the same
+command skips what is done and resumes the rest.
 """
 from __future__ import annotations
 
