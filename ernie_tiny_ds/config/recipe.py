@@ -10,8 +10,9 @@ from ..stages import STAGE_SPECS  # the stage names, defined once beside what ea
 from .convert import build, to_dict
 from .overrides import apply_overrides, parse_override
 from .positions import check_positions
-from .rules import PathKind, bookkeeping, check_tree, setting
+from .rules import PathKind, bookkeeping, check_tree, join, setting
 from .sections import (
+    STUDENT_NAME,
     AugmentConfig,
     DataConfig,
     DeepSpeedSection,
@@ -20,6 +21,7 @@ from .sections import (
     OptimConfig,
     ReleaseConfig,
     StudentConfig,
+    StudentShape,
     TaskConfig,
     TeacherConfig,
     TrainConfig,
@@ -46,6 +48,9 @@ class Recipe:
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stages: dict[str, StageOverride] = field(default_factory=dict)
+    # several students from one teacher pass: the general-corpus stages train them all together
+    # (runtime/shared_teacher.py), the task stages one at a time, each in OUT/<name>/
+    students: list[StudentShape] = field(default_factory=list)
     # set by load_recipe: the command-line overrides of the sections a stage can override, so that
     # for_stage lets them win over the recipe file's stages.<name> too
     command_line: list[str] = bookkeeping(list)
@@ -111,6 +116,36 @@ class Recipe:
             check_ds_config(self)
         for stage in self.stages:  # each stage's recipe must itself be valid
             self.for_stage(stage)
+        self.check_students()
+
+    def check_students(self) -> None:
+        """`students:` names one folder each under output_dir, and each shape is a valid student section."""
+        if self.students and self.student.path is not None:  # a loaded student has its folder's shape, not these
+            raise ConfigError("students: student.path would start every student from one folder; leave it out "
+                              "(each student starts fresh, then from its own previous stage)")
+        reserved = {*STAGE_SPECS, "teacher_finetuned", "teacher_finetuned_best"}
+        seen: set[str] = set()
+        for i, shape in enumerate(self.students):
+            key = f"students[{i}]"
+            if shape.name is None:
+                raise ConfigError(f"{key}.name: give each student a name (its folder under output_dir)")
+            if not STUDENT_NAME.fullmatch(shape.name) or shape.name in reserved:
+                raise ConfigError(f"{key}.name: {shape.name!r} cannot name a folder under output_dir (letters, "
+                                  f"digits, '_', '.', '-'; not a stage's or the teacher's folder)")
+            if shape.name in seen:
+                raise ConfigError(f"{key}.name: {shape.name!r} names two students; each needs its own name")
+            seen.add(shape.name)
+            check_tree(shape, key)
+            merged = shape.shaped(self.student)
+            if merged.hidden_size % merged.num_attention_heads:
+                raise ConfigError(f"{join(key, 'hidden_size')} ({merged.hidden_size}) must be divisible by "
+                                  f"{join(key, 'num_attention_heads')} ({merged.num_attention_heads})")
+
+    def for_student(self, name: str) -> "Recipe":
+        """One student of `students:` as a single-student recipe: its shape in `student:`, no `students:`,
+        the same output_dir (the caller places its folders). Its stage fingerprints equal a solo run's."""
+        (shape,) = [s for s in self.students if s.name == name]
+        return dataclasses.replace(self, student=shape.shaped(self.student), students=[])
 
 
 def from_dict(values: dict, source: str = "recipe") -> Recipe:

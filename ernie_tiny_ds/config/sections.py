@@ -2,7 +2,9 @@
 metadata (config/rules.py); a rule that ties fields together is its section's `check()`."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -57,6 +59,27 @@ class StudentConfig(Section):
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"student.hidden_size ({self.hidden_size}) must be divisible by "
                               f"student.num_attention_heads ({self.num_attention_heads})")
+
+
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+# a student's folder name under output_dir: never a stage's or the teacher's folder, never a path
+STUDENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class StudentShape(Section):
+    """One entry of `students:`: a name (its folder under output_dir) and the student section's shape
+    keys; a key left out is `student:`'s."""
+    name: Optional[str] = None
+    num_hidden_layers: Optional[int] = setting(None, bounds=POSITIVE)
+    hidden_size: Optional[int] = setting(None, bounds=POSITIVE)
+    num_attention_heads: Optional[int] = setting(None, bounds=POSITIVE)
+    intermediate_size: Optional[int] = setting(None, bounds=POSITIVE)
+
+    def shaped(self, base: StudentConfig) -> StudentConfig:
+        """`base` (the recipe's student section) with this entry's shape keys."""
+        given = {key: getattr(self, key) for key in SHAPE_KEYS if getattr(self, key) is not None}
+        return dataclasses.replace(base, **given)
 
 
 @dataclass

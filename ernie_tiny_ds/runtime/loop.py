@@ -107,14 +107,23 @@ class StageParts:
     provenance: dict                   # what the stage started from (written to stage_done.json)
 
 
-def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
-    tokenizer_dir = recipe_tokenizer_path(r)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
-    check_vocab_matches(tokenizer, teacher.config, tokenizer_dir)
-    num_labels = teacher.config.num_labels if spec.task_head else None
-    student = build_student(r.student, teacher.config, seed=r.train.seed, num_labels=num_labels)
-    check_heads(student.config, teacher.config, r.losses.relation_heads)
+@dataclass
+class Trainable:
+    """The student side of a stage: what one teacher's features train (runtime/shared_teacher.py builds
+    several on one teacher)."""
+    student: torch.nn.Module
+    objective: DistillationObjective
+    engine: object
+    ds_config: dict
+    mapping: list[int]
+    provenance: dict
+
+
+def build_trainable(r: Recipe, spec, teacher_config, world: int) -> Trainable:
+    """The seeded student, its objective and engine, and what the stage started from."""
+    num_labels = teacher_config.num_labels if spec.task_head else None
+    student = build_student(r.student, teacher_config, seed=r.train.seed, num_labels=num_labels)
+    check_heads(student.config, teacher_config, r.losses.relation_heads)
     provenance = {
         "teacher": (r.teacher.finetuned_path if spec.finetuned_teacher else r.teacher.path) or "inline config",
         "teacher_finetuned": spec.finetuned_teacher,
@@ -123,27 +132,49 @@ def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
         "recipe": recipe_changes.fingerprint(r, spec.name),  # a resume or a pipeline skip names what changed
     }
     try:
-        mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
+        mapping = layer_map(teacher_config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
     except ValueError as exc:
         raise ConfigError(f"losses.layer_map: {exc}") from None
-    objective = DistillationObjective(student, teacher.config.hidden_size, mapping, r.losses, terms=spec.terms)
+    objective = DistillationObjective(student, teacher_config.hidden_size, mapping, r.losses, terms=spec.terms)
     provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
     settings = EngineSettings.of_stage(r)
     ds_config = build_ds_config(r.deepspeed, settings, world)
     engine = build_training_engine(objective, settings, ds_config)
+    provenance["loss_terms"] = sorted(objective.weights())
+    return Trainable(student, objective, engine, ds_config, mapping, provenance)
+
+
+def ready_teacher(teacher, r: Recipe, spec, layers: list[int]):
+    """The frozen teacher as the stage runs it (only as deep as `layers` when the stage reads no
+    logits), and its capture of `layers`."""
     if spec.teacher_depth == "mapped_layers":  # no logits read: the teacher runs only as deep as the layer map reads
-        teacher = encoder_up_to(teacher, max(mapping))
-    teacher_capture = FeatureCapture(teacher, layers=mapping)
-    teacher = prepare_teacher(teacher, r, r.train.micro_batch_size)
+        teacher = encoder_up_to(teacher, max(layers))
+    teacher_capture = FeatureCapture(teacher, layers=layers)
+    return prepare_teacher(teacher, r, r.train.micro_batch_size), teacher_capture
+
+
+def stage_teacher(r: Recipe, spec):
+    """The stage's tokenizer and its unprepared teacher, checked against each other."""
+    tokenizer_dir = recipe_tokenizer_path(r)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    teacher = load_teacher(r.teacher, finetuned=spec.finetuned_teacher, seed=r.train.seed)
+    check_vocab_matches(tokenizer, teacher.config, tokenizer_dir)
+    return tokenizer, teacher
+
+
+def build_parts(r: Recipe, spec, rank: int, world: int) -> StageParts:
+    tokenizer, teacher = stage_teacher(r, spec)
+    side = build_trainable(r, spec, teacher.config, world)
+    teacher, teacher_capture = ready_teacher(teacher, r, spec, side.mapping)
     loader = make_loader(r, spec, tokenizer, rank, world)
+    student = side.student
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in student.parameters())
     t_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
-    print(f"[rank {rank}] pid {os.getpid()} {spec.title}: ZeRO-{zero_stage(ds_config)}, this rank holds {local} of "
-          f"{count_parameters(student)} student parameters and {t_local} of {count_parameters(teacher)} teacher "
-          f"parameters; teacher layers {mapping}", flush=True)
-    provenance["loss_terms"] = sorted(objective.weights())
-    return StageParts(tokenizer, teacher, teacher_capture, student, objective, engine, ds_config, loader, mapping,
-                      provenance)
+    print(f"[rank {rank}] pid {os.getpid()} {spec.title}: ZeRO-{zero_stage(side.ds_config)}, this rank holds {local} "
+          f"of {count_parameters(student)} student parameters and {t_local} of {count_parameters(teacher)} teacher "
+          f"parameters; teacher layers {side.mapping}", flush=True)
+    return StageParts(tokenizer, teacher, teacher_capture, student, side.objective, side.engine, side.ds_config,
+                      loader, side.mapping, side.provenance)
 
 
 def run_stage(recipe: Recipe, stage: str) -> StageResult:

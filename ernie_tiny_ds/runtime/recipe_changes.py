@@ -52,7 +52,8 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     spec = STAGE_SPECS[stage]
     values = to_dict(r)
     values["losses"]["weights"] = term_weights(spec.terms, r.losses.weights)  # the stage's terms, defaults included
-    for key in ("output_dir", "stages", "finetune", "augment"):  # augment: only its output counts
+    # augment: only its output counts; students: each student's stage records its own `student:`
+    for key in ("output_dir", "stages", "finetune", "augment", "students"):
         values.pop(key, None)
     _drop_unset_augmented_file(values)
     if not spec.finetuned_teacher:

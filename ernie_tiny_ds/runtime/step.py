@@ -103,11 +103,17 @@ def train_step(parts, batch: dict, mark: Callable[[str], None] = _no_mark, windo
     (the trainer keeps one across calls; none: this micro-batch is a step of its own, as with
     train.grad_accum 1). Collective at a boundary: every rank calls it. `mark(phase)` is called at the
     end of each phase (bench/step.py times them)."""
-    engine = parts.engine
-    window = Window() if window is None else window
     teacher = getattr(parts, "teacher", None)
     teacher_out = teacher_forward(teacher, parts.teacher_capture, batch) if teacher is not None else None
     mark("teacher forward")
+    return student_step(parts.engine, batch, teacher_out, mark, window)
+
+
+def student_step(engine, batch: dict, teacher_out: TeacherOutput | None, mark: Callable[[str], None] = _no_mark,
+                 window: Window | None = None) -> StepResult:
+    """train_step after the teacher's forward: the student's forward, loss, backward and optimizer step
+    on `teacher_out` (runtime/shared_teacher.py runs it for each student on one teacher forward)."""
+    window = Window() if window is None else window
     total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], teacher_out,
                           batch.get("labels"))
     mark("student forward + loss")

@@ -97,6 +97,15 @@ class PendingStep:
     skipped: int                # optimizer steps skipped for a non-finite loss so far
     at: float                   # host clock when the step was queued (what times it: one host read per step)
 
+    @classmethod
+    def of(cls, step: int, result: StepResult, tokens, positions: int, flops: float, skipped: int) -> "PendingStep":
+        """The step that `result` ended, its losses and `tokens` (a device tensor) kept on the device."""
+        losses = {"loss": result.total, **result.terms}
+        names = sorted(losses)
+        values = torch.stack([*(losses[n].float().reshape(()) for n in names),
+                              torch.as_tensor(tokens).float().reshape(())])
+        return cls(step, names, values, positions, flops, result.lr, skipped, time.perf_counter())
+
 
 def reduce_pending(pending: list[PendingStep]) -> list[tuple[PendingStep, dict[str, float], float, float]]:
     """Each pending step's loss terms averaged over ranks, its tokens and positions summed over ranks:
@@ -158,12 +167,7 @@ class Trainer:
                 continue
             self.nonfinite.reset()
             step += 1
-            losses = {"loss": result.total, **result.terms}
-            names = sorted(losses)
-            values = torch.stack([*(losses[n].float().reshape(()) for n in names),
-                                  torch.as_tensor(tokens).float().reshape(())])
-            pending.append(PendingStep(step, names, values, positions, flops, result.lr, self.nonfinite.skipped,
-                                       time.perf_counter()))
+            pending.append(PendingStep.of(step, result, tokens, positions, flops, self.nonfinite.skipped))
             tokens, positions, flops, micro_batches = 0, 0, 0.0, 0
             for hook in self.hooks:
                 hook(step)

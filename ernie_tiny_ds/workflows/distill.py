@@ -6,6 +6,7 @@ import argparse
 from ..config import STAGES, load_recipe
 from ..outputs import output_dir_job
 from ..runtime.loop import run_stage
+from ..runtime.shared_teacher import run_shared_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,5 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     recipe = load_recipe(args.config, args.overrides)
     with output_dir_job(recipe):  # before the process group: a refused output_dir costs nothing
-        run_stage(recipe, args.stage)
+        if recipe.students:  # several students: one teacher pass per batch trains them all (OUT/<name>/<stage>)
+            run_shared_stage(recipe, args.stage)
+        else:
+            run_stage(recipe, args.stage)
     return 0

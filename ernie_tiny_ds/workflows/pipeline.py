@@ -9,6 +9,9 @@ the one before it.
     OUT/<stage>/             checkpoints, metrics.jsonl, stage_done.json, student/ (the export)
     OUT/report.md|json|*.png after the task-specific stage
 
+With `students:` in the recipe, workflows/students_pipeline.py runs it: the general stages once for
+every student (one teacher pass per batch), each student's later stages and report in OUT/<name>/.
+
 A re-run of the same command skips finished stages (their stage_done.json) and resumes the
 interrupted one from its newest checkpoint. A STOP file in OUT or SIGUSR1 ends the run cleanly.
 One job at a time per OUT (outputs.py: OUT/.lock, OUT/.ernie-tiny-ds.json).
@@ -206,6 +209,9 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None, skip: 
     stages in `skip` (each later stage starts from the student of the one before it that ran);
     True when the range finished, False when stopped."""
     last = len(pipeline_steps()) - 1 if last is None else last
+    if recipe.students:  # the general stages once for all students, then each student's own (OUT/<name>/)
+        from .students_pipeline import run_students_pipeline  # it builds on this module
+        return run_students_pipeline(recipe, first, last, list(skip))
     steps, skipped = steps_to_run(first, last, list(skip))
     stop.install()  # from here on a SIGUSR1 is kept until a stage, or the check between stages, consumes it
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)

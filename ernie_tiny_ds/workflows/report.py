@@ -242,3 +242,45 @@ def int8_lines(r: dict | None, main_metric: str) -> list[str]:
                     f"**{r['speedup_batch1']:.2f}×** faster at batch 1 ({r['speedup_batch32']:.2f}× at batch 32), "
                     f"{r['size_ratio']:.2f}× smaller (ONNX Runtime's dynamic quantisation, int8 weights; both graphs "
                     f"timed in turns in the run above). The graph: `{r['int8']['path']}`.", ""]
+
+
+def build_students_report(recipe: Recipe, out: Path) -> dict:
+    """OUT/report.md|json for a recipe with `students:`: one row per student, from each student's own
+    report (OUT/<name>/report.json) and its stages' stage_done.json."""
+    rows = []
+    for shape in recipe.students:
+        folder = out / shape.name
+        report_file = folder / "report.json"
+        own = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        student = shape.shaped(recipe.student)
+        row = {"name": shape.name, "folder": str(folder),
+               "shape": f"{student.num_hidden_layers}L-{student.hidden_size}",
+               "stages": {st["name"]: st["final_loss"] for st in stage_section(folder)}}
+        if own:
+            main = own["main_metric"]
+            row.update(main_metric=main, score=own["student"]["metrics"][main], retained=own["retained"],
+                       speedup=own["speedup"], params=own["student"]["params"], student=own["student"]["path"])
+        rows.append(row)
+    report = {"students": rows}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_students_markdown(rows))
+    return report
+
+
+def render_students_markdown(rows: list[dict]) -> str:
+    stages = [name for name in STAGE_SPECS if any(name in row["stages"] for row in rows)]
+    lines = ["# ernie-tiny-ds report: several students from one teacher", "",
+             "The general-corpus stages trained every student on one teacher pass per batch; the task stages ran "
+             "per student. Each student's own report: `<name>/report.md`.", "",
+             "| student | shape | parameters | dev score | retained | speed-up (batch 1) | "
+             + " | ".join(f"{name} final loss" for name in stages) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(stages)]
+    for row in rows:
+        score = f"{_fmt(row['score'])} ({row['main_metric']})" if "score" in row else "n/a"
+        retained = f"{row['retained']:.1%}" if row.get("retained") is not None else "n/a"
+        speedup = f"{row['speedup']:.2f}×" if "speedup" in row else "n/a"
+        params = f"{row['params']:,}" if "params" in row else "n/a"
+        losses = " | ".join(_fmt(row["stages"].get(name, "n/a")) for name in stages)
+        lines.append(f"| [{row['name']}]({row['name']}/report.md) | {row['shape']} | {params} | {score} | "
+                     f"{retained} | {speedup} | {losses} |")
+    return "\n".join(lines) + "\n"
