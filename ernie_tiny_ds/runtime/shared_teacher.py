@@ -32,6 +32,7 @@ from . import checkpoint, rank_registry
 from .checkpoint import rng_state, set_rng_state
 from .checkpointer import Checkpointer, SaveSchedule
 from .collectives import wait_for_rank0
+from .device_defaults import prepare_for_device
 from .flops import distill_step_flops, model_forward_flops, peak_flops
 from .loop import (
     StageParts,
@@ -260,9 +261,11 @@ def run_shared_stage(recipe: Recipe, stage: str, starts: dict[str, str | None] |
     if spec.data != "general":
         raise ConfigError(f"students: only the general-corpus stages train several students together; {stage} "
                           "runs per student (pipeline does it)")
+    staged = recipe.for_stage(stage)
+    rank, world = init_distributed(staged.train.dist_timeout_s, staged.train.dist_backend)
+    recipe = prepare_for_device(recipe, device())  # the `auto` keys for this device, before anything reads them
     recipes = {name: r for name, r in student_recipes(recipe, stage, starts).items() if only is None or name in only}
     first = next(iter(recipes.values()))
-    rank, world = init_distributed(first.train.dist_timeout_s, first.train.dist_backend)
     out = Path(first.output_dir)
     require_shared_folder(out, rank, world)
     rank_registry.register(student_folder(out, next(iter(recipes)), stage) / ".ranks", rank, world)

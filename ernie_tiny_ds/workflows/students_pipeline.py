@@ -21,7 +21,8 @@ from pathlib import Path
 from ..config import Recipe
 from ..runtime import stop
 from ..runtime.collectives import wait_for_rank0
-from ..runtime.process_group import init_distributed
+from ..runtime.device_defaults import prepare_for_device
+from ..runtime.process_group import device, init_distributed
 from ..runtime.shared_teacher import run_shared_stage
 from ..stages import STAGE_SPECS
 from .pipeline import (
@@ -85,6 +86,7 @@ def run_students_pipeline(recipe: Recipe, first: int, last: int, skip: list[int]
     steps, skipped = steps_to_run(first, last, list(skip))
     stop.install()
     rank, _world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
+    recipe = prepare_for_device(recipe, device())  # the `auto` keys for this device: skips compare them resolved
     out = Path(recipe.output_dir)
     names = [name for name, _ in steps]
     stages = [name for name in names if name in STAGE_SPECS]
