@@ -180,13 +180,12 @@ def test_a_fault_while_writing_a_marker_keeps_the_old_marker(tmp_path, monkeypat
 
 # --------------------------------------------------------------------------- item 5: --output folders
 @pytest.fixture(scope="module")
-def one_checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
-    from distributed import run_cli, tiny_recipe
+def one_checkpoint(tmp_path_factory, stage1_stopped_at_step_2):
+    """A checkpoints folder of this module's own (a copy of the shared stage-1 run's)."""
+    from shared_runs import copy_of_run
 
     tmp = tmp_path_factory.mktemp("ckpt")
-    recipe = tiny_recipe(tmp, tokenizer_dir, vocab_size, train={"max_steps": 1, "save_every": 1})
-    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    copy_of_run(stage1_stopped_at_step_2, tmp)
     return tmp / "out/general/checkpoints"
 
 
