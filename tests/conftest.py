@@ -39,6 +39,29 @@ def wordpiece(wordpiece_dir):
     return load(wordpiece_dir)
 
 
+@pytest.fixture(scope="session")
+def stage1_stopped_at_step_2(tmp_path_factory, tokenizer_dir, vocab_size):
+    """The folder of one stage-1 run stopped at step 2 of 6 (shared_runs.py); read it, never write it:
+    a test that resumes or damages it takes `stopped_run` instead."""
+    from shared_runs import stage1_stopped_at_step_2 as make
+    return make(tmp_path_factory.mktemp("stage1_stopped_at_step_2"), tokenizer_dir, vocab_size)
+
+
+@pytest.fixture(scope="session")
+def stage1_on_two_ranks_stopped_at_step_4(tmp_path_factory, tokenizer_dir, vocab_size):
+    """The folder of one 2-rank stage-1 run stopped at step 4 of 6, checkpoints at steps 2 and 4
+    (shared_runs.py); read it, never write it: copy it with shared_runs.copy_of_run."""
+    from shared_runs import stage1_on_two_ranks_stopped_at_step_4 as make
+    return make(tmp_path_factory.mktemp("stage1_on_two_ranks_stopped_at_step_4"), tokenizer_dir, vocab_size)
+
+
+@pytest.fixture
+def stopped_run(stage1_stopped_at_step_2, tmp_path):
+    """This test's own copy of that run in tmp_path (out/, recipe.yaml): the copied recipe's path."""
+    from shared_runs import copy_of_run
+    return copy_of_run(stage1_stopped_at_step_2, tmp_path)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def process_group_outlives_in_process_commands():
     """A command run through cli.main in the pytest process (in_process below, or a test calling

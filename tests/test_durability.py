@@ -180,13 +180,12 @@ def test_a_fault_while_writing_a_marker_keeps_the_old_marker(tmp_path, monkeypat
 
 # --------------------------------------------------------------------------- item 5: --output folders
 @pytest.fixture(scope="module")
-def one_checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
-    from distributed import run_cli, tiny_recipe
+def one_checkpoint(tmp_path_factory, stage1_stopped_at_step_2):
+    """A checkpoints folder of this module's own (a copy of the shared stage-1 run's)."""
+    from shared_runs import copy_of_run
 
     tmp = tmp_path_factory.mktemp("ckpt")
-    recipe = tiny_recipe(tmp, tokenizer_dir, vocab_size, train={"max_steps": 1, "save_every": 1})
-    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    copy_of_run(stage1_stopped_at_step_2, tmp)
     return tmp / "out/general/checkpoints"
 
 
@@ -275,13 +274,13 @@ def test_a_fault_while_trimming_metrics_on_resume_keeps_every_row(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_every_checkpoint_damaged_stops_every_rank_with_one_line(tmp_path, tokenizer_dir, vocab_size):
+def test_every_checkpoint_damaged_stops_every_rank_with_one_line(tmp_path, stage1_on_two_ranks_stopped_at_step_4):
     """Rank 0 alone reads the checksums; its verdict reaches rank 1 too (no rank starts over at step 0,
     none waits for a broadcast that never comes)."""
-    from distributed import run_ranks, tiny_recipe
+    from distributed import run_ranks
+    from shared_runs import copy_of_run
 
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 6, "save_every": 2})
-    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.stop_at_step=2"])
+    recipe = copy_of_run(stage1_on_two_ranks_stopped_at_step_4, tmp_path)  # checkpoints at steps 2 and 4
     root = tmp_path / "out/general/checkpoints"
     for victim in root.glob("step_*/*optim_states.pt"):
         victim.write_bytes(victim.read_bytes()[:100])
@@ -289,8 +288,8 @@ def test_every_checkpoint_damaged_stops_every_rank_with_one_line(tmp_path, token
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
     # every rank raises the same line; the launcher may end the others once the first has exited
-    assert re.search(r"(\[rank 1\] )?error: every checkpoint in .*checkpoints is damaged \(step_00000002: ",
-                     proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"(\[rank 1\] )?error: every checkpoint in .*checkpoints is damaged \(step_00000004: .*; "
+                     r"step_00000002: ", proc.stderr), proc.stderr[-3000:]
     assert "left the job" not in out
     assert not (tmp_path / "out/general/stage_done.json").exists()
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 from distributed import REPO, deepspeed_cmd, env, read_metrics, run_ranks, tiny_recipe
+from shared_runs import copy_of_run, corpus_with
 
 
 def _descendants(pid: int) -> list[int]:
@@ -75,14 +76,11 @@ def test_a_dead_rank_ends_the_job_quickly_and_names_it(command, tmp_path, tokeni
 
 
 @pytest.fixture(scope="module")
-def resumed_past_a_damaged_checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
-    """Stage 1 on 2 ranks stopped at step 4, its newest checkpoint truncated, then run again to the end.
-    Its corpus holds an empty file beside a real one, which the run must skip."""
+def resumed_past_a_damaged_checkpoint(tmp_path_factory, stage1_on_two_ranks_stopped_at_step_4):
+    """Stage 1 on 2 ranks stopped at step 4 (the shared run, copied), its newest checkpoint truncated, then
+    run again to the end. Its corpus holds an empty file beside a real one, which the run must skip."""
     tmp_path = tmp_path_factory.mktemp("damaged")
-    folder = _corpus_with(tmp_path, "empty.txt", b"")
-    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: (
-        v["data"].update(corpus=str(folder)), v["train"].update(max_steps=6, save_every=2, keep_checkpoints=3)))
-    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.stop_at_step=4"])
+    recipe = copy_of_run(stage1_on_two_ranks_stopped_at_step_4, tmp_path)
     ckpts = tmp_path / "out/general/checkpoints"
     latest_before = (ckpts / "latest").read_text()
     victim = next((ckpts / "step_00000004").glob("zero_pp_rank_0_*optim_states.pt"))
@@ -170,14 +168,6 @@ def test_a_malformed_task_row_names_file_and_line(tmp_path, tokenizer_dir, vocab
     assert not (tmp_path / "out" / "teacher_finetuned").exists()
 
 
-def _corpus_with(tmp_path, name: str, content: bytes):
-    folder = tmp_path / "odd_corpus"
-    folder.mkdir()
-    (folder / "good.txt").write_text("A real document about the river town. It has two sentences.\n" * 40)
-    (folder / name).write_bytes(content)
-    return folder
-
-
 CORPUS_FAULTS = {
     "binary file": ("weights.bin", bytes(range(256)) * 64, r"odd_corpus/weights.bin is a binary file"),
     "corrupt gzip": ("part.txt.gz", b"\x1f\x8b\x08\x00" + b"not really gzip" * 10, r"cannot decompress .*part.txt.gz"),
@@ -189,7 +179,7 @@ CORPUS_FAULTS = {
 @pytest.mark.parametrize("case", sorted(CORPUS_FAULTS))
 def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab_size, case):
     name, content, message = CORPUS_FAULTS[case]
-    folder = _corpus_with(tmp_path, name, content)
+    folder = corpus_with(tmp_path, name, content)
     recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
     proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, timeout=300)
     out = proc.stdout + proc.stderr

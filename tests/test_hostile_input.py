@@ -224,10 +224,9 @@ def test_hidden_files_and_folders_in_a_corpus_folder_are_skipped(tmp_path):
 
 # --------------------------------------------------------------------------- 16: resume with more ranks
 @pytest.mark.slow
-def test_resuming_with_more_ranks_than_the_checkpoint_is_one_line(tmp_path, tokenizer_dir, vocab_size):
+def test_resuming_with_more_ranks_than_the_checkpoint_is_one_line(stopped_run):
     from distributed import run_ranks
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 4, "save_every": 2})
-    run_ranks(["distill", "--config", str(recipe), "--stage", "general", "train.stop_at_step=2"], ranks=1)
+    recipe = stopped_run  # stage 1 stopped at step 2 by one process: step_00000002 holds one rank's state
     proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], ranks=2, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]

@@ -80,14 +80,10 @@ def test_onnx_command_bad_folder_is_one_line(tmp_path, in_process):
 
 
 @pytest.mark.slow
-def test_export_onnx_writes_the_graph_of_the_checkpoints_student(tmp_path, tokenizer_dir, vocab_size):
+def test_export_onnx_writes_the_graph_of_the_checkpoints_student(tmp_path, stopped_run):
     """`export --onnx`: the ZeRO checkpoint becomes a folder with model.onnx, and that graph gives the
     exported PyTorch student's outputs under ONNX Runtime on fresh padded inputs."""
-    from distributed import tiny_recipe
-
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 1, "save_every": 1})
-    proc = run_cli(["distill", "--config", str(recipe), "--stage", "general"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stopped_run: a copy of the shared stage-1 run in tmp_path, its checkpoint at step 2
     out = tmp_path / "release"
     proc = run_cli(["export", "--checkpoint", str(tmp_path / "out/general/checkpoints"), "--output", str(out),
                     "--onnx"], timeout=300)

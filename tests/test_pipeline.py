@@ -27,8 +27,9 @@ def pipeline_recipe(tmp_path, tokenizer_dir, vocab_size):
         train={"max_steps": 6, "save_every": 3},
     )
     values = yaml.safe_load(recipe.read_text())
-    # stage 3 runs long enough to be killed in the middle, with checkpoints every 2 steps
-    values["stages"] = {"task_adaptive": {"train": {"max_steps": 400, "save_every": 2}},
+    # stage 3 runs long enough to be killed in the middle: the kill comes at its first checkpoint (step 10),
+    # 110 steps before its end; few checkpoints, each of which costs more than a step
+    values["stages"] = {"task_adaptive": {"train": {"max_steps": 120, "save_every": 10}},
                         "task_specific": {"train": {"max_steps": 8}}}
     recipe.write_text(yaml.safe_dump(values))
     return recipe
