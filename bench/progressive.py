@@ -215,7 +215,8 @@ def main() -> None:
         earlier = results.get(task_out.name, {}).get("rows", {})  # variants an earlier invocation ran
         results[task_out.name] = {"metric": metric, "rows": {**earlier, **rows}, "total_steps": total_steps}
         print(f"\nTask {task_out.name}: dev {metric}, seeds {args.seeds}, {args.ranks} CPU ranks, "
-              f"{platform.processor() or platform.machine()}; all four stages = {total_steps} steps\n")
+              f"{platform.processor() or platform.machine()}; all four stages = {total_steps} steps; "
+              f"per task (stages 2-4, every schedule) = {total_steps - steps['general']} steps\n")
         print("| variant | mean +- std | per seed |\n|---|---|---|")
         for name, scores in rows.items():
             print(f"| {name} | {summary(scores)} | {', '.join(f'{s:.4f}' for s in scores)} |")
