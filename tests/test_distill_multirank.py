@@ -16,8 +16,8 @@ from transformers import AutoModel
 pytestmark = pytest.mark.slow
 
 STEPS, STOP = 12, 6
-# fp32 teacher where a run is compared across ZeRO stages: a bf16 one (auto on bf16-native CPUs) rounds
-# differently under ZeRO-3 (about 0.6 %)
+# fp32 teacher where a run is compared across ZeRO stages: a bf16 one (teacher.dtype: bf16, or auto under
+# a bf16 train.precision) rounds differently under ZeRO-3 (about 0.6 %)
 RUNS = {
     "zero1": ["deepspeed.config=zero1", "teacher.dtype=fp32"],
     "zero2": ["deepspeed.config=zero2"],
