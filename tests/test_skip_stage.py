@@ -35,3 +35,21 @@ def test_the_cli_refuses_a_bad_skip_in_one_line_before_any_work(tmp_path, tokeni
     code, err = in_process(["pipeline", "--config", str(recipe), "--skip-stage", "7"])
     assert code == 2 and "unknown stage '7'" in "\n".join(err), err
     assert not (tmp_path / "out" / "general").exists()
+
+
+def test_the_report_leaves_out_a_skipped_stage_whose_old_folder_is_there(tmp_path):
+    import json
+    import random
+
+    from ernie_tiny_ds.runtime.loop import DONE_FILE
+    from ernie_tiny_ds.workflows.report import stage_section
+
+    losses = {}
+    for name in ("general", "general_enhanced", "task_specific"):  # general_enhanced: left by an earlier run
+        (tmp_path / name).mkdir()
+        losses[name] = random.uniform(0.1, 5.0)
+        (tmp_path / name / DONE_FILE).write_text(json.dumps({"steps": 3, "final_loss": losses[name]}))
+    listed = stage_section(tmp_path, skipped=("general_enhanced",))
+    assert [(s["name"], s["final_loss"]) for s in listed] == [("general", losses["general"]),
+                                                               ("task_specific", losses["task_specific"])]
+    assert [s["name"] for s in stage_section(tmp_path)] == ["general", "general_enhanced", "task_specific"]

@@ -229,7 +229,7 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None, skip: 
     if shipping:  # best or last (task.ship): the report scores it as the student, pipeline_done names it
         student = str(shipped_student(recipe, out))
         if rank == 0:
-            build_report(with_paths(recipe, student, run.finetuned), out)
+            build_report(with_paths(recipe, student, run.finetuned), out, skipped)
     wait_for_rank0()  # the report can outlast train.dist_timeout_s: the other ranks wait without it
     if rank == 0:
         atomic_write_text(out / PIPELINE_DONE,

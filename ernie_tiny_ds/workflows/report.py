@@ -47,11 +47,13 @@ def mean_padding(curve: list[dict]) -> float | None:
     return round(sum(shares) / len(shares), 4) if shares else None
 
 
-def stage_section(out: Path) -> list[dict]:
+def stage_section(out: Path, skipped: tuple[str, ...] = ()) -> list[dict]:
+    """Each finished stage in OUT, in pipeline order; `skipped` (pipeline --skip-stage) are left out even
+    when an earlier run left their folder there, since the shipped student never passed through them."""
     stages = []
     for name, spec in STAGE_SPECS.items():
         done_file = out / name / DONE_FILE
-        if not done_file.is_file():
+        if name in skipped or not done_file.is_file():
             continue
         done = json.loads(done_file.read_text())
         curve = read_curve(out / name)
@@ -66,8 +68,9 @@ def stage_section(out: Path) -> list[dict]:
     return stages
 
 
-def build_report(recipe: Recipe, out: Path) -> dict:
-    """Evaluate the finetuned teacher and the final student on the task's dev split, time both, write the report."""
+def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> dict:
+    """Evaluate the finetuned teacher and the final student on the task's dev split, time both, write the report
+    (`skipped`: stages the pipeline left out, not listed among the stages)."""
     from ..data.tasks import load_task
 
     task = load_task(recipe.task)
@@ -85,7 +88,7 @@ def build_report(recipe: Recipe, out: Path) -> dict:
     report = {
         "task": recipe.task.name or recipe.task.train_file,
         "main_metric": main,
-        "stages": stage_section(out),
+        "stages": stage_section(out, skipped),
         "teacher": teacher,
         "student": student,
         "selection": selection_section(recipe, out, Path(models["student"]), student["metrics"]),
