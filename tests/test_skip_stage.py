@@ -53,3 +53,14 @@ def test_the_report_leaves_out_a_skipped_stage_whose_old_folder_is_there(tmp_pat
     assert [(s["name"], s["final_loss"]) for s in listed] == [("general", losses["general"]),
                                                                ("task_specific", losses["task_specific"])]
     assert [s["name"] for s in stage_section(tmp_path)] == ["general", "general_enhanced", "task_specific"]
+
+
+def test_a_range_that_reads_the_task_refuses_a_missing_task_before_the_general_stages(
+        tmp_path, tokenizer_dir, vocab_size, in_process):
+    finetuned = tmp_path / "finetuned"
+    finetuned.mkdir()
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, teacher={"finetuned_path": str(finetuned)})
+    code, err = in_process(["pipeline", "--config", str(recipe), "--from-stage", "1", "--to-stage", "3"])
+    assert code == 2 and len(err) == 1, err
+    assert "task.train_file: not set, and task.name None is not a bundled task" in err[0]
+    assert not (tmp_path / "out" / "general").exists()  # refused before stage 1's hours, not after

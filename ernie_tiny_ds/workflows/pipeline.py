@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Recipe, load_recipe
+from ..data.tasks import resolve_task
 from ..distill.objective import PROJECTIONS_FILE
 from ..errors import ConfigError, UserError
 from ..files import atomic_write_text
@@ -204,6 +205,16 @@ def steps_to_run(first: int, last: int, skip: list[int]) -> tuple[list, tuple[st
     return kept, tuple(names[index] for index in sorted(set(skip)))
 
 
+def check_task_up_front(recipe: Recipe, names: list[str]) -> None:
+    """A range that will read the task (a task stage, or teacher finetuning that has to run) is refused now
+    when its task section cannot name the data, not after the general stages' hours."""
+    stages = [name for name in names if name in STAGE_SPECS]
+    finetunes = FINETUNE in names and not recipe.teacher.finetuned_path and \
+        any(STAGE_SPECS[s].finetuned_teacher for s in stages)
+    if finetunes or any(STAGE_SPECS[s].data == "task" for s in stages):
+        resolve_task(recipe.task)
+
+
 def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None, skip: list[int] = ()) -> bool:
     """Runs the steps first..last of pipeline_steps() (0 = finetuning, default: to the last stage) less the
     stages in `skip` (each later stage starts from the student of the one before it that ran);
@@ -213,6 +224,7 @@ def run_pipeline(recipe: Recipe, first: int = 0, last: int | None = None, skip: 
         from .students_pipeline import run_students_pipeline  # it builds on this module
         return run_students_pipeline(recipe, first, last, list(skip))
     steps, skipped = steps_to_run(first, last, list(skip))
+    check_task_up_front(recipe, [name for name, _ in steps])
     stop.install()  # from here on a SIGUSR1 is kept until a stage, or the check between stages, consumes it
     rank, world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     recipe = prepare_for_device(recipe, device())  # the `auto` keys for this device: skips compare them resolved

@@ -29,6 +29,7 @@ from .pipeline import (
     FINETUNE,
     PipelineRun,
     check_finished_stage,
+    check_task_up_front,
     ensure_export,
     ensure_finetuned_teacher,
     finetune_step,
@@ -84,6 +85,7 @@ def joint_stage(run: PipelineRun, stage: str) -> bool:
 def run_students_pipeline(recipe: Recipe, first: int, last: int, skip: list[int]) -> bool:
     """run_pipeline for a recipe with `students:` (see the module); True when the range finished."""
     steps, skipped = steps_to_run(first, last, list(skip))
+    check_task_up_front(recipe, [name for name, _ in steps])
     stop.install()
     rank, _world = init_distributed(recipe.train.dist_timeout_s, recipe.train.dist_backend)
     recipe = prepare_for_device(recipe, device())  # the `auto` keys for this device: skips compare them resolved
