@@ -100,11 +100,11 @@ def test_a_registered_stage_is_run_by_the_pipeline_in_order(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "init_distributed", lambda *args: (0, 1))
     monkeypatch.setattr(pipeline, "shipped_student", lambda recipe, out: out / shipping_stage().name / "student")
     reported = []
-    monkeypatch.setattr(pipeline, "build_report", lambda recipe, out: reported.append(recipe.student.path))
+    monkeypatch.setattr(pipeline, "build_report", lambda recipe, out, skipped: reported.append(recipe.student.path))
     assert [name for name, _ in pipeline.pipeline_steps()][-2:] == ["task_specific", "toy"]
     assert pipeline.parse_stage("toy") == pipeline.parse_stage("5") == 5
     recipe = load_recipe(None, ["teacher.config={}", f"output_dir={tmp_path}", "teacher.finetuned_path=/teacher",
-                                "student.path=/start"])
+                                "student.path=/start", "task.name=sentiment"])
     assert pipeline.run_pipeline(recipe, pipeline.parse_stage("general"), pipeline.parse_stage("toy"))
     names = [*list(STAGE_SPECS)]
     assert [stage for stage, _, _ in ran] == names
