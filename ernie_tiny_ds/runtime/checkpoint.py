@@ -207,7 +207,8 @@ def _checkpoint_disk_full(root: Path, partial: Path):
                                  "to a larger disk", partial=partial)
 
 
-def _step(tag: str) -> int:
+def step_of(tag: str) -> int:
+    """The step a checkpoint tag (tag_for) names."""
     return int(tag.split("_")[-1])
 
 
@@ -221,7 +222,7 @@ def _prune(root: Path, keep: int, fresh: str | None = None) -> None:
         fresh = latest.read_text().strip() if latest.is_file() else None
         if fresh not in tags:
             return  # nothing known to be good: remove nothing
-    older = [t for t in tags if _step(t) < _step(fresh)]
+    older = [t for t in tags if step_of(t) < step_of(fresh)]
     kept = {fresh, *older[max(0, len(older) - (keep - 1)):]} if keep > 1 else {fresh}
     for tag in tags:
         if tag not in kept:
@@ -340,7 +341,7 @@ def resume_or_seed(run: CheckpointedRun, rank: int, seed: int) -> int:
         return 0
     state = load(run.engine, root, tag, rank)
     steps = set(all_gather_objects(int(state["step"])))
-    if steps != {int(state["step"])} or int(state["step"]) != int(tag.split("_")[-1]):
+    if steps != {int(state["step"])} or int(state["step"]) != step_of(tag):
         raise RuntimeError(f"ranks loaded different steps {sorted(steps)} from {root / tag}: the checkpoint's "
                            "trainer states disagree")
     run.loader.load_state_dict(state["loader"])

@@ -173,10 +173,6 @@ def build_team(recipes: dict[str, Recipe], stage: str, rank: int, world: int) ->
     return Team(teacher, capture, loader, students)
 
 
-def _step(tag: str) -> int:
-    return int(tag.split("_")[-1])
-
-
 def align_checkpoints(students: list[Student], rank: int) -> None:
     """Rank 0: every student resumes from the same step, the newest that all have intact. A save that
     stopped between students leaves some a step ahead; those newer checkpoints are removed (a joint
@@ -185,9 +181,9 @@ def align_checkpoints(students: list[Student], rank: int) -> None:
         roots = [s.checkpointer.run.root for s in students]
         intact = [{t for t in checkpoint.complete_tags(root) if checkpoint.verify(root / t) is None} for root in roots]
         common = set.intersection(*intact)
-        newest = max(common, key=_step) if common else None
+        newest = max(common, key=checkpoint.step_of) if common else None
         for root, tags in zip(roots, intact):
-            ahead = sorted(t for t in tags if newest is None or _step(t) > _step(newest))
+            ahead = sorted(t for t in tags if newest is None or checkpoint.step_of(t) > checkpoint.step_of(newest))
             for tag in ahead:
                 print(f"warning: {root / tag}: not every student reached this step; resuming all from "
                       f"{newest or 'the start'}", flush=True)
