@@ -143,6 +143,16 @@ class PipelineRun:
         if self.rank == 0:
             print(f"pipeline: {line}", flush=True)
 
+    def stopped_before(self, stage: str) -> bool:
+        """True (and the request consumed) when a stop was asked for before `stage` starts, e.g. a SIGUSR1
+        while the previous stage exported."""
+        if not self.stop_request.requested():
+            return False
+        if self.rank == 0:
+            self.stop_request.clear()
+        self.say(f"stop requested before {stage}; run the same command to resume")
+        return True
+
 
 def finetune_step(run: PipelineRun, name: str) -> bool:
     """Teacher finetuning, when a stage in the range needs a finetuned teacher the recipe does not give."""
@@ -165,10 +175,7 @@ def distill_step(run: PipelineRun, stage: str) -> bool:
         ensure_export(run.out, stage, done, run.rank)
         run.say(f"{stage} already done ({done['steps']} steps, final loss {done['final_loss']:.6g}); skipping")
     else:
-        if run.stop_request.requested():  # e.g. SIGUSR1 while the previous stage exported
-            if run.rank == 0:
-                run.stop_request.clear()
-            run.say(f"stop requested before {stage}; run the same command to resume")
+        if run.stopped_before(stage):
             return False
         run.say(f"{STAGE_SPECS[stage].title} ({stage}) starting from {run.student or 'a fresh student'}")
         if not run_stage(staged, stage).complete:

@@ -68,10 +68,7 @@ def joint_stage(run: PipelineRun, stage: str) -> bool:
     if not pending:
         run.say(f"{stage} already done for every student; skipping")
         return True
-    if run.stop_request.requested():
-        if run.rank == 0:
-            run.stop_request.clear()
-        run.say(f"stop requested before {stage}; run the same command to resume")
+    if run.stopped_before(stage):
         return False
     run.say(f"{STAGE_SPECS[stage].title} ({stage}) for {', '.join(pending)} on one teacher pass")
     recipe = with_paths(run.recipe, run.recipe.student.path, run.finetuned)
