@@ -1,4 +1,5 @@
-"""Helpers for tests that run real ranks under the real deepspeed launcher (gloo on CPU)."""
+"""Helpers for tests that run real ranks (gloo on CPU) under the real launchers: torchrun for runs that
+are to succeed, the deepspeed runner for failures a user sees through it and for the launcher's own tests."""
 from __future__ import annotations
 
 import os
@@ -73,17 +74,31 @@ def env() -> dict:
 
 
 def deepspeed_cmd(args: list[str], ranks: int = 2) -> list[str]:
+    """The deepspeed runner, as users launch the product (`deepspeed --num_gpus N --module ...`)."""
     runner = str(Path(sys.executable).parent / "deepspeed")
     return [runner, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "ernie_tiny_ds.cli",
             *args]
 
 
-def run_ranks(args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N --module ernie_tiny_ds.cli ARGS`; output captured, failure shows it."""
-    proc = subprocess.run(deepspeed_cmd(args, ranks), env=env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def torchrun_cmd(args: list[str], ranks: int = 2) -> list[str]:
+    """torchrun, the other launcher the product supports (tests/test_other_launchers.py). The deepspeed
+    runner starts two Python processes of its own before the ranks (runner, then launch.py), each
+    importing deepspeed: about 5 s of a 2-core VM per launch. torchrun starts one, importing torch only."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ernie_tiny_ds.cli", *args]
+
+
+def run_ranks(args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True,
+              runner: str = "torchrun") -> subprocess.CompletedProcess:
+    """`ernie_tiny_ds.cli ARGS` on N ranks; output captured, failure shows it.
+
+    runner="torchrun" (default) for runs that are to succeed: what they check is the ranks' work,
+    the same under either launcher. runner="deepspeed" for what a user sees through the deepspeed
+    runner: a failing run's exit code and its one-line error (torchrun adds a traceback of its own)."""
+    cmd = {"torchrun": torchrun_cmd, "deepspeed": deepspeed_cmd}[runner](args, ranks)
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+        raise AssertionError(f"exit {proc.returncode} ({runner})\n--- stdout\n{proc.stdout[-6000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 

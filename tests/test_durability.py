@@ -284,7 +284,7 @@ def test_every_checkpoint_damaged_stops_every_rank_with_one_line(tmp_path, stage
     root = tmp_path / "out/general/checkpoints"
     for victim in root.glob("step_*/*optim_states.pt"):
         victim.write_bytes(victim.read_bytes()[:100])
-    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False)
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, runner="deepspeed")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
     # every rank raises the same line; the launcher may end the others once the first has exited

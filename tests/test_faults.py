@@ -102,7 +102,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(resumed
 def test_diverging_loss_is_skipped_then_stops_naming_term_and_step(tmp_path, tokenizer_dir, vocab_size):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 50, "max_nonfinite_steps": 2},
                          optim={"lr": 1e30, "grad_clip": 0.0})
-    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False)
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, runner="deepspeed")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert re.search(r"non-finite loss \((attention|embedding|hidden)[^)]*\) at step \d+: micro-batch skipped",
@@ -181,7 +181,8 @@ def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab
     name, content, message = CORPUS_FAULTS[case]
     folder = corpus_with(tmp_path, name, content)
     recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
-    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, timeout=300)
+    proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, timeout=300,
+                     runner="deepspeed")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = {line.split("error: ", 1)[1] for line in out.splitlines() if "error: " in line}
