@@ -108,6 +108,29 @@ def timed(side, batches: list[dict]) -> tuple[float, dict[str, list[float]]]:
     return time.perf_counter() - start, losses
 
 
+def phases(team, batches: list[dict]) -> None:
+    """Where a joint step's time goes: the shared teacher forward against each student's own step (forward,
+    losses, backward, optimizer), then the profiler's top ops of one more step of the first student.
+    The first batch warms up, the last is timed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ernie_tiny_ds.runtime.step import teacher_forward
+
+    def clock(fn):
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    for batch in batches:
+        teacher_s, teacher_out = clock(lambda: teacher_forward(team.teacher, team.teacher_capture, batch))
+        student_s = {s.name: clock(lambda s=s: s.micro_step(batch, teacher_out))[0] for s in team.students}
+    print(f"phases: teacher forward {teacher_s:.2f} s; "
+          + "; ".join(f"student {name} step {t:.2f} s" for name, t in student_s.items()))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        team.students[0].micro_step(batches[-1], teacher_out)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def compare(together: dict, in_turn: dict, rtol: float) -> float:
     """The largest relative difference of any student's step loss; fails beyond `rtol`."""
     worst = 0.0
@@ -133,6 +156,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--workdir", default="/tmp/bench_multi_student")
+    parser.add_argument("--phases", action="store_true",
+                        help="after the rounds: one teacher forward and each student's step timed apart, and the "
+                             "torch profiler's top ops of the first student's step")
     args = parser.parse_args()
 
     from ernie_tiny_ds.runtime.checkpoint import rng_state
@@ -163,6 +189,8 @@ def main() -> None:
         rounds.append(times)
         print(f"round {index}: together {times['together']:.2f} s, in turn {times['in_turn']:.2f} s "
               f"({times['together'] / times['in_turn']:.3f}x)", flush=True)
+    if args.phases:
+        phases(together.team, take(2))
     total = {label: sum(r[label] for r in rounds) for label in ("together", "in_turn")}
     per_round = [r["together"] / r["in_turn"] for r in rounds]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
