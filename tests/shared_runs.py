@@ -34,7 +34,7 @@ def corpus_with(folder: Path, name: str, content: bytes) -> Path:
 
 
 def stage1_on_two_ranks_stopped_at_step_4(folder: Path, tokenizer: str, vocab_size: int) -> Path:
-    """Stage 1 of tiny_recipe on 2 ranks under the deepspeed launcher: 6 steps, a checkpoint every 2 (3
+    """Stage 1 of tiny_recipe on 2 ranks under torchrun: 6 steps, a checkpoint every 2 (3
     kept), stopped at step 4 (step_00000002 and step_00000004). Its corpus holds an empty file beside a
     real one, which the run must skip. Returns the run's folder (recipe.yaml, odd_corpus/, out/)."""
     from distributed import run_ranks, tiny_recipe

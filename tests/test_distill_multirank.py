@@ -1,4 +1,4 @@
-"""General Distillation on 2 real ranks under the deepspeed launcher: ZeRO 1/2/3, resume, export.
+"""General Distillation on 2 real ranks (torchrun): ZeRO 1/2/3, resume, export.
 
 Starting two ranks costs far more than the steps they run, so each run below is made once per module
 and several tests check it: the ZeRO-2 and ZeRO-3 runs are also the uninterrupted runs the resumed

@@ -1,4 +1,4 @@
-"""Teacher finetuning on 2 real ranks under the deepspeed launcher: it learns, saves a loadable folder, is reused."""
+"""Teacher finetuning on 2 real ranks (torchrun): it learns, saves a loadable folder, is reused."""
 import json
 import random
 

@@ -1,6 +1,6 @@
 """Rank-0-only work (the dev evaluation after finetuning, an export, the report) may take longer than
 train.dist_timeout_s: the other ranks wait for it instead of timing out and blaming a rank that
-is alive. Real ranks under the deepspeed launcher."""
+is alive. Real ranks (torchrun)."""
 import time
 
 import pytest
