@@ -141,3 +141,20 @@ def test_general_corpus_for_cuda_resumes_exactly_with_its_default_workers(wordpi
         resumed.load_state_dict(state)
         assert same_batches(take(resumed, total - stop), straight[stop:]), stop
     assert build_general_loader(cfg, wordpiece, 3, 1, 2, seed=11).loading == Loading(0, False)  # for the CPU
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_workers_draw_nothing_from_the_training_process_rng(task, tokenizer_dir, wordpiece, tmp_path,
+                                                                   workers):
+    """The training process's torch RNG drives dropout. A DataLoader with workers draws its workers' base
+    seed from it unless given a generator of its own, which would shift the dropout stream by where the
+    loader was built: a student of a joint stage (runtime/shared_teacher.py) would then differ from its
+    solo run on a GPU (workers) though it equals it on CPU (none)."""
+    torch.manual_seed(int(torch.randint(1 << 30, ())))  # a fresh state each run
+    before = torch.get_rng_state()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    take(TaskLoader(task, tokenizer, 4, 0, 2, seed=5, with_labels=True, loading=Loading(workers)), 4)
+    write_id_corpus(tmp_path / "corpus", documents=30, files=1, seed=3)
+    data = DataConfig(corpus=str(tmp_path / "corpus"), max_seq_len=32, shuffle_buffer=8, num_workers=workers)
+    take(build_general_loader(data, wordpiece, 3, 1, 2, seed=11), 4)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -66,8 +66,12 @@ def dead_worker_line(batches, rank: int) -> str | None:
 def worker_batches(dataset, loading: Loading, rank: int, sampler=None) -> Iterator[dict]:
     """The batches a DataLoader's workers make from `dataset` (whole batches: no collation), in
     pinned memory when `loading` says so; a worker that hangs or dies ends them with one DataError line."""
+    # generator: the DataLoader draws its workers' base seed from it, and without one from the global torch
+    # RNG, which is the training process's dropout stream: a joint stage's student would no longer equal
+    # its solo run. The batches are pure functions of (seed, position), so the workers' seeds change nothing.
     batches = iter(DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=loading.num_workers,
-                              prefetch_factor=2, timeout=WORKER_TIMEOUT_S, pin_memory=loading.pin_memory))
+                              prefetch_factor=2, timeout=WORKER_TIMEOUT_S, pin_memory=loading.pin_memory,
+                              generator=torch.Generator().manual_seed(0)))
     while True:
         try:
             batch = next(batches)
