@@ -181,22 +181,23 @@ def _legacy_layout(folder: Path) -> bool:
     return (folder / "pipeline_done.json").is_file() or any((folder / name).is_dir() for name in known)
 
 
-def claim_output_dir(output_dir: str | os.PathLike, inputs: Mapping[str, str | None]) -> Path:
+def claim_output_dir(output_dir: str | os.PathLike, inputs: Mapping[str, str | None], key: str = "output_dir") -> Path:
     """Check that output_dir may hold this distill/pipeline job: not an input, not inside one, and new,
-    empty, marked as an output_dir or in the project's own layout (what the same job reuses on resume)."""
+    empty, marked as an output_dir or in the project's own layout (what the same job reuses on resume).
+    `key`: what names the folder in an error (a student's folder is named by its students[i].name)."""
     path = Path(output_dir)
-    _check_not_precious(path, "output_dir")
+    _check_not_precious(path, key)
     if os.path.lexists(path) and not path.is_dir():
-        raise UserError(f"output_dir {output_dir} is a file, not a folder; name a folder")
-    _check_writable(path, f"output_dir {output_dir}")
+        raise UserError(f"{key} {output_dir} is a file, not a folder; name a folder")
+    _check_writable(path, f"{key} {output_dir}")
     ours = path.is_dir() and (marker_kind(path) == OUTPUT_DIR or _legacy_layout(path))
     # inputs inside our own output_dir are the earlier stages' exports (student.path=OUT/general/student)
-    check_apart_from_inputs(path, "output_dir", inputs, allow_inputs_inside=ours)
+    check_apart_from_inputs(path, key, inputs, allow_inputs_inside=ours)
     if path.is_dir() and not ours and _contents(path):
         found = marker_kind(path)
         written = f"was written by ernie-tiny-ds as {found}" if found else \
             f"was not written by ernie-tiny-ds (no {MARKER}, no stage folders)"
-        raise UserError(f"output_dir {output_dir} is not empty and {written}; name a new or empty folder")
+        raise UserError(f"{key} {output_dir} is not empty and {written}; name a new or empty folder")
     return path
 
 
@@ -220,7 +221,12 @@ def recipe_inputs(recipe, leave_out: tuple[str, ...] = ()) -> dict[str, str | No
 def output_dir_job(recipe) -> Iterator[Path]:
     """A distill/pipeline (or default finetune-teacher) job in recipe.output_dir: checked against the
     recipe's inputs on every rank before any work, then locked and marked by global rank 0."""
-    out = claim_output_dir(recipe.output_dir, recipe_inputs(recipe))
+    inputs = recipe_inputs(recipe)
+    out = claim_output_dir(recipe.output_dir, inputs)
+    for i, shape in enumerate(recipe.students):
+        # each student's folder OUT/<name> is an output_dir of its own (its stages, then its task pipeline):
+        # a user's folder inside a reused OUT is neither written into nor made a student's
+        claim_output_dir(out / shape.name, inputs, key=f"students[{i}].name: {shape.name!r}:")
     with exclusive(out):
         if os.environ.get("RANK", "0") == "0" and marker_kind(out) != OUTPUT_DIR:
             write_marker(out, OUTPUT_DIR)

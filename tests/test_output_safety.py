@@ -307,3 +307,26 @@ def test_one_job_per_output_dir_and_a_dead_holders_lock_never_blocks(tmp_path, t
                                f"pid {pid} since "), lines
     assert (out / "general" / "stage_done.json").is_file() and (out / "general" / "student" / outputs.MARKER).is_file()
     assert outputs.marker_kind(out) == outputs.OUTPUT_DIR
+
+
+def test_a_students_folder_never_takes_a_users_folder_inside_a_reused_output_dir(world, in_process, tmp_path,
+                                                                                 vocab_size):
+    """`students:` gives each student OUT/<name>. In an output_dir of an earlier run (where inputs may lie:
+    its exports), a folder the user keeps there is refused as a student's folder before any work, whether a
+    command reads it (the corpus) or not."""
+    out = tmp_path / "run"
+    out.mkdir()
+    outputs.write_marker(out, outputs.OUTPUT_DIR)  # an output_dir this tool made earlier
+    mine = write_corpus(out / "mine", documents=8)  # the user's corpus, kept in it
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("the user's")
+    recipe = recipe_for(world, tmp_path, out, vocab_size)
+    before = tree_digest(out)
+    cases = [("mine", [f"data.corpus={mine}"], f"{mine} is the input data.corpus"),
+             ("notes", [], "is not empty and was not written by ernie-tiny-ds")]
+    for command in (["pipeline", "--config", recipe], ["distill", "--config", recipe, "--stage", "general"]):
+        for name, overrides, expected in cases:
+            code, lines = in_process([*command, f"students=[{{name: {name}, num_hidden_layers: 1}}]", *overrides])
+            assert code == 2, lines
+            assert len(lines) == 1 and f"students[0].name: '{name}':" in lines[0] and expected in lines[0], lines
+    assert tree_digest(out) == before
