@@ -64,3 +64,8 @@ def test_a_range_that_reads_the_task_refuses_a_missing_task_before_the_general_s
     assert code == 2 and len(err) == 1, err
     assert "task.train_file: not set, and task.name None is not a bundled task" in err[0]
     assert not (tmp_path / "out" / "general").exists()  # refused before stage 1's hours, not after
+    for stage in ("task_adaptive", "task_specific"):  # and one task stage alone, before any model loads
+        code, err = in_process(["distill", "--config", str(recipe), "--stage", stage])
+        assert code == 2 and len(err) == 1, err
+        assert "task.train_file: not set, and task.name None is not a bundled task" in err[0]
+        assert not (tmp_path / "out" / stage).exists()
