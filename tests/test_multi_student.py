@@ -189,6 +189,10 @@ def test_the_pipeline_trains_the_general_stages_together_then_each_student_alone
     assert all(0 <= row["score"] <= 1 and row["params"] > 0 for row in rows)
     table = (out / "report.md").read_text()
     assert "| [small](small/report.md) | 2L-32 |" in table and "| [wide](wide/report.md) | 3L-48 |" in table
+    done = json.loads((out / "pipeline_done.json").read_text())  # written last, naming every student's folder
+    assert done["students"] == {shape["name"]: json.loads((out / shape["name"] / "pipeline_done.json").read_text())
+                                ["student"] for shape in STUDENTS}
+    assert all(Path(path).is_relative_to(out / name) for name, path in done["students"].items())
     # a re-run finds every stage done
     code, err = in_process(["pipeline", "--config", str(recipe)])
     assert code == 0, err

@@ -7,6 +7,7 @@ then the task stages and the report per student, and OUT/report.md with one row 
       <name>/general/, <name>/general_enhanced/   trained together with the other students
       <name>/task_adaptive/, <name>/task_specific/, <name>/report.md   this student's own pipeline
     OUT/report.md|json            one row per student (its shape, score, retained share, speed-up)
+    OUT/pipeline_done.json        written last: the range, and each student's final folder by name
 
 A student's later stages are the single-student pipeline with output_dir OUT/<name>, so
 `pipeline --config R --from-stage 3 students=[] output_dir=OUT/<name> teacher.finetuned_path=...
@@ -16,9 +17,11 @@ command skips what is done and resumes the rest.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from ..config import Recipe
+from ..files import atomic_write_text
 from ..runtime import stop
 from ..runtime.collectives import wait_for_rank0
 from ..runtime.device_defaults import prepare_for_device
@@ -27,6 +30,7 @@ from ..runtime.shared_teacher import run_shared_stage
 from ..stages import STAGE_SPECS
 from .pipeline import (
     FINETUNE,
+    PIPELINE_DONE,
     PipelineRun,
     check_finished_stage,
     check_task_up_front,
@@ -109,5 +113,18 @@ def run_students_pipeline(recipe: Recipe, first: int, last: int, skip: list[int]
     if rank == 0 and any(STAGE_SPECS[s].ships for s in stages):
         build_students_report(recipe, out)
     wait_for_rank0()
-    run.say(f"done; students in {', '.join(str(out / s.name) for s in recipe.students)}")
+    finals = {shape.name: final_student(out / shape.name, stages) for shape in recipe.students}
+    if rank == 0:  # what a script waits for, as after a single-student pipeline: every student by name
+        atomic_write_text(out / PIPELINE_DONE, json.dumps({"range": [first, last], "skipped": list(skipped),
+                                                            "stages": run.done, "students": finals}))
+    run.say(f"done; students in {', '.join(finals.values()) or 'nothing to run'}")
     return True
+
+
+def final_student(folder: Path, stages: list[str]) -> str | None:
+    """The student a range left in a student's folder: what its own pipeline shipped (task stages), else
+    the export of the last general stage the range ran; None when the range ran no stage."""
+    done = folder / PIPELINE_DONE
+    if any(STAGE_SPECS[s].data != "general" for s in stages) and done.is_file():
+        return json.loads(done.read_text())["student"]
+    return str(folder / stages[-1] / "student") if stages else None
