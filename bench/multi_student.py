@@ -162,11 +162,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from ernie_tiny_ds.runtime.checkpoint import rng_state
+    from ernie_tiny_ds.runtime.device_defaults import prepare_for_device
     from ernie_tiny_ds.runtime.process_group import device, init_distributed
     from ernie_tiny_ds.runtime.shared_teacher import student_recipes
 
     init_distributed(600)
-    recipes = student_recipes(recipe_for(args), "general")
+    # the `auto` keys resolved for the device, as runtime/shared_teacher.run_shared_stage resolves them
+    recipes = student_recipes(prepare_for_device(recipe_for(args), device()), "general")
     torch.manual_seed(args.seed)  # what a fresh stage seeds on rank 0: every student's dropout starts here
     start_rng = rng_state()
     together, in_turn = Together(recipes, start_rng), InTurn(recipes, start_rng)

@@ -128,12 +128,14 @@ def content_tokens(batches: list[dict]) -> int:
 
 class Ours:
     def __init__(self, args, max_positions: int, corpus: str | None):
+        from ernie_tiny_ds.runtime.device_defaults import prepare_for_device
         from ernie_tiny_ds.runtime.loop import build_parts
-        from ernie_tiny_ds.runtime.process_group import init_distributed
+        from ernie_tiny_ds.runtime.process_group import device, init_distributed
         from ernie_tiny_ds.stages import STAGE_SPECS
 
-        self.recipe = recipe_for(args, max_positions, corpus)
         init_distributed(600)
+        # the `auto` keys resolved for the device, with TF32 set as a run there sets it (runtime/loop.run_stage)
+        self.recipe = prepare_for_device(recipe_for(args, max_positions, corpus), device())
         self.parts = build_parts(self.recipe, STAGE_SPECS["general"], rank=0, world=1)
 
     def step(self, batch: dict, mark=lambda phase: None) -> float:
