@@ -47,6 +47,7 @@ from teacher_precision import default_teacher, documents  # noqa: E402
 from ernie_tiny_ds.config import DataConfig, LossConfig, StudentConfig  # noqa: E402
 from ernie_tiny_ds.data.corpus import build_general_loader  # noqa: E402
 from ernie_tiny_ds.data.packing import batch_width, collate, pad_multiple_for  # noqa: E402
+from ernie_tiny_ds.distill.loss_terms import stage_terms  # noqa: E402
 from ernie_tiny_ds.distill.models import FeatureCapture, build_student  # noqa: E402
 from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput  # noqa: E402
 from ernie_tiny_ds.losses import layer_map  # noqa: E402
@@ -176,7 +177,7 @@ def main() -> None:
     capture = FeatureCapture(teacher)
     student = build_student(StudentConfig(), teacher.config, seed=0)
     objective = DistillationObjective(student, teacher.config.hidden_size, layer_map(t_layers, 4), LossConfig(),
-                                      terms=STAGE_SPECS["general"].terms)
+                                      terms=stage_terms(STAGE_SPECS["general"]))
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch) -> None:

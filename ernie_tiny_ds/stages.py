@@ -1,16 +1,20 @@
-"""The four stages of ERNIE-Tiny as data: which teacher, which data, which loss terms, and what each
-stage's student is for. A new stage is one entry of STAGE_SPECS; the pipeline runs them in order.
+"""The four stages of ERNIE-Tiny as data: which teacher, which data, what the loss terms may read, and
+what each stage's student is for. A new stage is one entry of STAGE_SPECS; the pipeline runs them in order.
 
-The loss-term names are those of distill/loss_terms.py (a test checks each is registered and that
-a stage whose terms read logits gives its student a task head and runs the whole teacher).
+A stage does not list its loss terms: it trains on every term of distill/loss_terms.py that reads nothing
+but what its forward gives (`reads`, the NEEDS of that module), so a new term is one entry there and
+joins every stage that can feed it (a test checks that a stage reading logits gives its student a task
+head and runs the whole teacher).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-LATENT_TERMS = ("embedding", "hidden", "attention")
-LABEL_TERMS = ("soft_label", "hard_label")
+# what a stage's forward gives the loss terms: the captured features (hidden states, Q/K) of both models;
+# with the task head, the task logits of both and the gold labels as well
+FEATURES = frozenset({"features"})
+FEATURES_LOGITS_LABELS = frozenset({"features", "logits", "labels"})
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,7 @@ class StageSpec:
     title: str
     finetuned_teacher: bool  # False: the pretrained teacher
     data: Literal["general", "task"]  # the general corpus or the task's data
-    terms: tuple[str, ...]   # the loss terms it trains on, by registered name
+    reads: frozenset[str]    # what its loss terms may read: it trains on every registered term that fits
     task_head: bool = False  # the student gets the task's classification head (and the loader the labels)
     # how deep the teacher runs: "mapped_layers" stops at the deepest layer the layer map reads (no
     # logits); "logits" runs the whole model, its head included
@@ -36,10 +40,10 @@ class StageSpec:
 
 
 STAGE_SPECS = {spec.name: spec for spec in (
-    StageSpec("general", "General Distillation", False, "general", LATENT_TERMS),
-    StageSpec("general_enhanced", "General-Enhanced Distillation", True, "general", LATENT_TERMS),
-    StageSpec("task_adaptive", "Task-Adaptive Distillation", True, "task", LATENT_TERMS),
-    StageSpec("task_specific", "Task-Specific Distillation", True, "task", LATENT_TERMS + LABEL_TERMS,
+    StageSpec("general", "General Distillation", False, "general", FEATURES),
+    StageSpec("general_enhanced", "General-Enhanced Distillation", True, "general", FEATURES),
+    StageSpec("task_adaptive", "Task-Adaptive Distillation", True, "task", FEATURES),
+    StageSpec("task_specific", "Task-Specific Distillation", True, "task", FEATURES_LOGITS_LABELS,
               task_head=True, teacher_depth="logits", selects_on="task_metric", ships=True),
 )}
 

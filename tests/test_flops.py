@@ -9,10 +9,11 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from ernie_tiny_ds.config import LossConfig
+from ernie_tiny_ds.distill.loss_terms import stage_terms
 from ernie_tiny_ds.distill.models import encoder_up_to
 from ernie_tiny_ds.distill.objective import DistillationObjective
 from ernie_tiny_ds.runtime import flops
-from ernie_tiny_ds.stages import LATENT_TERMS
+from ernie_tiny_ds.stages import STAGE_SPECS
 
 
 def bert_config(hidden=16, layers=2, heads=2, ffn=24, labels=2):
@@ -63,7 +64,7 @@ def test_distill_step_is_teacher_forward_plus_three_student_forwards_with_projec
     teacher = encoder_up_to(transformers.AutoModel.from_config(bert_config(hidden=16, layers=4)), 4)
     student = transformers.AutoModel.from_config(bert_config(hidden=8, layers=2, heads=2, ffn=12))
     mapping = [2, 4]
-    objective = DistillationObjective(student, 16, mapping, LossConfig(), terms=LATENT_TERMS)
+    objective = DistillationObjective(student, 16, mapping, LossConfig(), terms=stage_terms(STAGE_SPECS["general"]))
     parts = SimpleNamespace(teacher=teacher, student=student, objective=objective, mapping=mapping)
     b, length = 3, 7
     # embedding projection once, hidden projection per mapped layer: 2*B*L*8*16 each

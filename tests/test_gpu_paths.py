@@ -300,6 +300,7 @@ def test_teacher_and_batch_go_to_the_rank_device(monkeypatch):
 @pytest.mark.slow
 def test_bf16_teacher_with_fp32_and_bf16_student():
     from ernie_tiny_ds.config import LossConfig
+    from ernie_tiny_ds.distill.loss_terms import stage_terms
     from ernie_tiny_ds.distill.models import FeatureCapture
     from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput
     from ernie_tiny_ds.stages import STAGE_SPECS
@@ -315,7 +316,8 @@ def test_bf16_teacher_with_fp32_and_bf16_student():
         outs[teacher_dtype] = TeacherOutput(features, logits)
         assert outs[teacher_dtype].features.hidden[2].dtype == teacher_dtype
     student = _tiny_bert(32, 2, labels=3)
-    objective = DistillationObjective(student, 64, [2, 4], LossConfig(), terms=STAGE_SPECS["task_specific"].terms)
+    objective = DistillationObjective(student, 64, [2, 4], LossConfig(),
+                                      terms=stage_terms(STAGE_SPECS["task_specific"]))
     reference, _ = objective(**inputs, teacher=outs[torch.float32], labels=batch["labels"])
     for student_dtype in (torch.float32, torch.bfloat16):
         objective.to(student_dtype).zero_grad()

@@ -143,6 +143,7 @@ def test_a_regression_student_learns_from_the_teachers_outputs():
     import transformers
 
     from ernie_tiny_ds.config import LossConfig
+    from ernie_tiny_ds.distill.loss_terms import stage_terms
     from ernie_tiny_ds.distill.models import Features
     from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput
     from ernie_tiny_ds.stages import STAGE_SPECS
@@ -151,7 +152,8 @@ def test_a_regression_student_learns_from_the_teachers_outputs():
                                   intermediate_size=32, num_labels=1, hidden_dropout_prob=0.0)
     student = transformers.BertForSequenceClassification(cfg)
     weights = LossConfig(weights={"hidden": 0, "embedding": 0, "attention": 0, "hard_label": 0})
-    objective = DistillationObjective(student, 16, [1], weights, terms=STAGE_SPECS["task_specific"].terms)
+    objective = DistillationObjective(student, 16, [1], weights,
+                                      terms=stage_terms(STAGE_SPECS["task_specific"]))
     ids = torch.randint(1, 50, (4, 6))
     teacher = TeacherOutput(Features(), torch.randn(4, 1) * 2)
     total, terms = objective(ids, torch.ones_like(ids), torch.zeros_like(ids), teacher, torch.randn(4))

@@ -9,6 +9,7 @@ from distributed import run_cli, tiny_recipe, tiny_teacher
 from safetensors.torch import load_file
 
 from ernie_tiny_ds.config import LossConfig
+from ernie_tiny_ds.distill.loss_terms import stage_terms
 from ernie_tiny_ds.distill.objective import (
     PROJECTIONS_FILE,
     DistillationObjective,
@@ -16,7 +17,7 @@ from ernie_tiny_ds.distill.objective import (
     projections_fingerprint,
 )
 from ernie_tiny_ds.runtime.export import consolidated_state_dict
-from ernie_tiny_ds.stages import LATENT_TERMS
+from ernie_tiny_ds.stages import STAGE_SPECS
 
 
 def tiny_student(hidden=32):
@@ -27,14 +28,14 @@ def tiny_student(hidden=32):
 
 def test_projections_load_when_widths_match_and_stay_fresh_otherwise():
     torch.manual_seed(0)
-    source = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), terms=LATENT_TERMS)
+    source = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), terms=stage_terms(STAGE_SPECS["general"]))
     saved = projection_state(source.state_dict())
     assert sorted(saved) == ["embedding_proj.bias", "embedding_proj.weight", "hidden_proj.bias", "hidden_proj.weight"]
-    target = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), terms=LATENT_TERMS)
+    target = DistillationObjective(tiny_student(), 64, [2, 4], LossConfig(), terms=stage_terms(STAGE_SPECS["general"]))
     assert target.load_projections(saved) is None
     for key, value in projection_state(target.state_dict()).items():
         assert torch.equal(value, saved[key])
-    wider = DistillationObjective(tiny_student(), 96, [2, 4], LossConfig(), terms=LATENT_TERMS)
+    wider = DistillationObjective(tiny_student(), 96, [2, 4], LossConfig(), terms=stage_terms(STAGE_SPECS["general"]))
     before = {k: v.clone() for k, v in projection_state(wider.state_dict()).items()}
     why = wider.load_projections(saved)
     assert "maps 32 -> 64, this stage needs 32 -> 96" in why

@@ -1,6 +1,6 @@
-"""Stages and loss terms are data: a new loss term is one entry of distill/loss_terms.py, a new stage one
-entry of stages.py, and the objective, the recipe and the pipeline take them without another edit."""
-import dataclasses
+"""Stages and loss terms are data: a new loss term is one entry of distill/loss_terms.py (every stage whose
+forward gives what it reads trains on it), a new stage one entry of stages.py, and the objective, the
+recipe, the resume fingerprints and the pipeline take them without another edit."""
 import json
 import sys
 from types import SimpleNamespace
@@ -17,7 +17,7 @@ from ernie_tiny_ds.distill.models import FeatureCapture
 from ernie_tiny_ds.distill.objective import DistillationObjective, TeacherOutput
 from ernie_tiny_ds.errors import ConfigError
 from ernie_tiny_ds.runtime import recipe_changes
-from ernie_tiny_ds.stages import STAGE_SPECS, StageSpec, shipping_stage
+from ernie_tiny_ds.stages import FEATURES, STAGE_SPECS, StageSpec, shipping_stage
 
 
 def toy_term(x: loss_terms.TermInputs) -> torch.Tensor:
@@ -33,10 +33,13 @@ def tiny_classifier(hidden, layers, seed):
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
-def test_a_registered_loss_term_is_weighted_into_the_total_of_a_stage_that_lists_it(monkeypatch):
-    monkeypatch.setitem(loss_terms.LOSS_TERMS, "toy", loss_terms.LossTerm("toy", toy_term, frozenset({"logits"}), 0.5))
+def test_a_registered_loss_term_joins_the_stages_that_can_feed_it_and_is_weighted_into_their_total(monkeypatch):
     task_specific = STAGE_SPECS["task_specific"]
-    toy_stage = dataclasses.replace(task_specific, name="toy_stage", terms=task_specific.terms + ("toy",))
+    before = {name: loss_terms.stage_terms(spec) for name, spec in STAGE_SPECS.items()}
+    # the one edit: an entry of LOSS_TERMS (here patched in), no stage lists it
+    monkeypatch.setitem(loss_terms.LOSS_TERMS, "toy", loss_terms.LossTerm("toy", toy_term, frozenset({"logits"}), 0.5))
+    after = {name: loss_terms.stage_terms(spec) for name, spec in STAGE_SPECS.items()}
+    assert after == {**before, "task_specific": (*before["task_specific"], "toy")}  # it reads logits: stage 4 only
     teacher, student = tiny_classifier(16, 2, seed=0), tiny_classifier(8, 1, seed=1)
     capture = FeatureCapture(teacher, layers=[2])
     ids = torch.randint(1, 40, (3, 7))
@@ -47,15 +50,15 @@ def test_a_registered_loss_term_is_weighted_into_the_total_of_a_stage_that_lists
         teacher(input_ids=ids, attention_mask=mask)
     teacher_out = TeacherOutput(features, torch.randn(3, 3) * 2)  # logits far from the student's
 
-    def run(spec, weights):
+    def run(terms, weights):
         torch.manual_seed(2)  # the same projections in every objective
-        objective = DistillationObjective(student, 16, [2], LossConfig(weights=weights), terms=spec.terms)
+        objective = DistillationObjective(student, 16, [2], LossConfig(weights=weights), terms=terms)
         return objective(ids, mask, types, teacher_out, labels)
 
-    without_total, without = run(task_specific, {})
-    default_total, default = run(toy_stage, {})       # the registered default weight, no recipe key
-    weighted_total, weighted = run(toy_stage, {"toy": 3.0})
-    assert "toy" not in without and list(default) == [*task_specific.terms, "toy"]
+    without_total, without = run(before["task_specific"], {})
+    default_total, default = run(loss_terms.stage_terms(task_specific), {})  # the registered default weight
+    weighted_total, weighted = run(loss_terms.stage_terms(task_specific), {"toy": 3.0})
+    assert "toy" not in without and list(default) == [*before["task_specific"], "toy"]
     with torch.no_grad():  # the float64 reference of the toy term and of the classification soft-label term
         logits = student.double()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         student.float()
@@ -67,6 +70,32 @@ def test_a_registered_loss_term_is_weighted_into_the_total_of_a_stage_that_lists
     assert float(weighted_total.detach() - without_total.detach()) == pytest.approx(3.0 * toy_ref, rel=1e-4)
     # the recipe takes the new term's weight by name, with no config edit
     assert load_recipe(None, ["teacher.config={}", "losses.weights.toy=3"]).losses.weights == {"toy": 3.0}
+
+
+def test_a_term_off_by_default_counts_only_where_a_recipe_weights_it_and_leaves_old_fingerprints_alone(monkeypatch):
+    recipe = load_recipe(None, ["teacher.config={}", "task.name=sentiment"])
+    fingerprints = {stage: recipe_changes.fingerprint(recipe, stage) for stage in STAGE_SPECS}
+    calls = []
+
+    def latent_toy(x: loss_terms.TermInputs) -> torch.Tensor:
+        calls.append(1)
+        return x.student.hidden[-1].float().pow(2).mean()
+
+    monkeypatch.setitem(loss_terms.LOSS_TERMS, "toy", loss_terms.LossTerm("toy", latent_toy, frozenset({"features"}),
+                                                                           0.0))
+    assert all("toy" in loss_terms.stage_terms(spec) for spec in STAGE_SPECS.values())  # features: every stage
+    # registered but off: a run made before it was registered resumes (its fingerprints are unchanged)
+    assert {stage: recipe_changes.fingerprint(recipe, stage) for stage in STAGE_SPECS} == fingerprints
+    # switched on for one stage by that stage's recipe key: that stage's fingerprint alone changes
+    on = load_recipe(None, ["teacher.config={}", "task.name=sentiment", "stages.general.losses.weights.toy=0.5"])
+    changed = [stage for stage in STAGE_SPECS if recipe_changes.fingerprint(on, stage) != fingerprints[stage]]
+    assert changed == ["general"]
+    assert recipe_changes.fingerprint(on, "general")["losses"]["weights"]["toy"] == 0.5
+    student = tiny_classifier(8, 1, seed=1).bert
+    for weights, counted in (({}, False), ({"toy": 0.5}, True)):
+        objective = DistillationObjective(student, 8, [1], LossConfig(weights=weights),
+                                          terms=loss_terms.stage_terms(STAGE_SPECS["general"]))
+        assert ("toy" in objective.weights()) == counted  # weight 0: never computed
 
 
 def test_a_term_that_reads_logits_names_what_is_missing():
@@ -86,7 +115,7 @@ def test_a_term_that_reads_logits_names_what_is_missing():
 def test_a_registered_stage_is_run_by_the_pipeline_in_order(tmp_path, monkeypatch):
     from ernie_tiny_ds.workflows import pipeline
 
-    toy = StageSpec("toy", "Toy Distillation", False, "general", ("hidden",))
+    toy = StageSpec("toy", "Toy Distillation", False, "general", FEATURES)
     monkeypatch.setitem(STAGE_SPECS, "toy", toy)
     ran = []
 
@@ -157,10 +186,14 @@ def test_loss_weights_refuse_unknown_and_negative_names_and_merge_per_stage_by_n
         "embedding": 1.0, "hidden": 0.5, "attention": 1.0, "soft_label": 2.0, "hard_label": 1.0}
 
 
-def test_every_stage_lists_registered_terms_and_a_head_and_a_whole_teacher_where_they_read_logits():
+def test_every_stage_reads_known_inputs_and_has_a_head_and_a_whole_teacher_where_its_terms_read_logits():
     assert shipping_stage().name == "task_specific"
+    assert {name: loss_terms.stage_terms(spec) for name, spec in STAGE_SPECS.items()} == {
+        "general": ("embedding", "hidden", "attention"), "general_enhanced": ("embedding", "hidden", "attention"),
+        "task_adaptive": ("embedding", "hidden", "attention"),
+        "task_specific": ("embedding", "hidden", "attention", "soft_label", "hard_label")}  # ERNIE-Tiny's
     for spec in STAGE_SPECS.values():
-        assert set(spec.terms) <= set(loss_terms.LOSS_TERMS), spec.name
-        reads_logits = loss_terms.terms_need(spec.terms, "logits")
+        assert spec.reads <= loss_terms.NEEDS, spec.name
+        reads_logits = loss_terms.terms_need(loss_terms.stage_terms(spec), "logits")
         assert spec.task_head == reads_logits and (spec.teacher_depth == "logits") == reads_logits, spec.name
         assert spec.selects_on is None or spec.task_head, spec.name  # selection scores the task head

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from ernie_tiny_ds.config import LossConfig
+from ernie_tiny_ds.distill.loss_terms import stage_terms
 from ernie_tiny_ds.distill.models import FeatureCapture
 from ernie_tiny_ds.distill.objective import ClassifierObjective, DistillationObjective
 from ernie_tiny_ds.runtime import checkpoint
@@ -20,7 +21,7 @@ from ernie_tiny_ds.runtime.metrics import MetricsLogger
 from ernie_tiny_ds.runtime.step import StepParts, train_step
 from ernie_tiny_ds.runtime.stop import StopRequest
 from ernie_tiny_ds.runtime.trainer import FailOnNonFinite, NonFiniteLoss, SkipNonFinite, Trainer, on_device
-from ernie_tiny_ds.stages import LATENT_TERMS
+from ernie_tiny_ds.stages import STAGE_SPECS
 
 VOCAB = 120
 
@@ -109,7 +110,8 @@ def bert(layers, hidden, seed, classifier=False):
 def stage_job(poisoned=(), grad_accum=2):
     """A distillation stage's parts: a frozen teacher with capture hooks, the student's objective."""
     teacher = bert(4, 32, seed=1).eval()
-    objective = DistillationObjective(bert(2, 16, seed=2), 32, [2, 4], LossConfig(), terms=LATENT_TERMS)
+    objective = DistillationObjective(bert(2, 16, seed=2), 32, [2, 4], LossConfig(),
+                                      terms=stage_terms(STAGE_SPECS["general"]))
     parts = StepParts(TorchEngine(objective, grad_accum, poisoned), teacher, FeatureCapture(teacher, layers=[2, 4]))
     return parts, (lambda batch, window: train_step(parts, batch, window=window))
 

@@ -1,7 +1,9 @@
 """The loss terms a stage can train on, by name: what each computes, what it reads, its default weight.
 
-A new term is one entry of LOSS_TERMS: a stage lists it by name (stages.py) and
-`losses.weights.<name>` sets its weight (0 switches it off). TinyBERT-style latent distillation:
+A new term is one entry of LOSS_TERMS. Every stage whose forward gives what the term reads
+(StageSpec.reads, stages.py) trains on it, at its default weight unless `losses.weights.<name>` (or a
+stage's `stages.<stage>.losses.weights.<name>`) sets another; 0 switches it off, so a term meant for
+one stage only defaults to 0 and that stage's recipe weights it. TinyBERT-style latent distillation:
 
   embedding  MSE(W_e · student embeddings, teacher embeddings)
   hidden     sum over mapped layers of MSE(W_h · student layer i, teacher layer g(i))
@@ -101,6 +103,12 @@ def check_weight_names(weights: Mapping[str, float], key: str = "losses.weights"
             close = difflib.get_close_matches(str(name), list(LOSS_TERMS), n=1, cutoff=0.5)
             hint = f"; did you mean '{key}.{close[0]}'?" if close else f"; loss terms are {', '.join(LOSS_TERMS)}"
             raise ConfigError(f"unknown loss term '{key}.{name}'{hint}")
+
+
+def stage_terms(spec) -> tuple[str, ...]:
+    """The terms stage `spec` trains on: every registered term that reads nothing beyond spec.reads, in
+    registration order (the order the total adds them in). Read at call time: a registered term counts."""
+    return tuple(name for name, term in LOSS_TERMS.items() if term.needs <= spec.reads)
 
 
 def term_weights(names: tuple[str, ...] | list[str], configured: Mapping[str, float]) -> dict[str, float]:

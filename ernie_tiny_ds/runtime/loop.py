@@ -15,7 +15,7 @@ from ..data.corpus import build_general_loader
 from ..data.tasks import build_task_loader
 from ..data.tokenizer import check_vocab_matches, load_tokenizer, recipe_tokenizer_path
 from ..data.workers import Loading
-from ..distill.loss_terms import terms_need
+from ..distill.loss_terms import stage_terms, terms_need
 from ..distill.models import (
     FeatureCapture,
     build_student,
@@ -65,7 +65,7 @@ def make_loader(r: Recipe, spec, tokenizer, rank: int, world: int):
         return build_general_loader(r.data, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
                                     device=device())
     return build_task_loader(r.task, tokenizer, r.train.micro_batch_size, rank, world, r.train.seed,
-                             with_labels=terms_need(spec.terms, "labels"), augmented=spec.augmented_data,
+                             with_labels=terms_need(stage_terms(spec), "labels"), augmented=spec.augmented_data,
                              loading=Loading.for_device(r.data.num_workers, device()))
 
 
@@ -135,7 +135,7 @@ def build_trainable(r: Recipe, spec, teacher_config, world: int) -> Trainable:
         mapping = layer_map(teacher_config.num_hidden_layers, student.config.num_hidden_layers, r.losses.layer_map)
     except ValueError as exc:
         raise ConfigError(f"losses.layer_map: {exc}") from None
-    objective = DistillationObjective(student, teacher_config.hidden_size, mapping, r.losses, terms=spec.terms)
+    objective = DistillationObjective(student, teacher_config.hidden_size, mapping, r.losses, terms=stage_terms(spec))
     provenance.update(start_projections(objective, r.student.path, r.student.projections, r.losses.carry_projections))
     settings = EngineSettings.of_stage(r)
     ds_config = build_ds_config(r.deepspeed, settings, world)

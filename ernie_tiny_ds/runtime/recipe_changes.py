@@ -28,7 +28,7 @@ import json
 from ..config import Recipe, to_dict
 from ..config.dotted import flatten
 from ..config.rules import SafeOn, rules_of, settings
-from ..distill.loss_terms import term_weights
+from ..distill.loss_terms import LOSS_TERMS, stage_terms, term_weights
 from ..errors import ConfigError
 from ..stages import STAGE_SPECS
 
@@ -51,7 +51,10 @@ def fingerprint(recipe: Recipe, stage: str) -> dict:
     r = recipe.for_stage(stage)
     spec = STAGE_SPECS[stage]
     values = to_dict(r)
-    values["losses"]["weights"] = term_weights(spec.terms, r.losses.weights)  # the stage's terms, defaults included
+    # the stage's terms, defaults included; a term off by default and left off is no part of it, so a
+    # release that registers such a term leaves the fingerprints of earlier runs as they were
+    weights = term_weights(stage_terms(spec), r.losses.weights)
+    values["losses"]["weights"] = {name: w for name, w in weights.items() if w or LOSS_TERMS[name].default_weight}
     # augment: only its output counts; students: each student's stage records its own `student:`
     for key in ("output_dir", "stages", "finetune", "augment", "students"):
         values.pop(key, None)
