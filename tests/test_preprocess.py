@@ -137,6 +137,7 @@ def test_shard_reader_resumes_exactly(shards, wordpiece):
             assert all(torch.equal(expected[k], got[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
+@pytest.mark.slow  # the shards fixture runs `preprocess` as a process
 def test_shard_batch_widths_round_up_to_8_only_for_cuda(shards, wordpiece):
     def first_batches(device) -> list[dict]:
         it = iter(build_general_loader(_shard_cfg(shards[0]), wordpiece, 3, 0, 1, seed=2, device=device))
