@@ -117,14 +117,14 @@ def run_students_pipeline(recipe: Recipe, first: int, last: int, skip: list[int]
     if rank == 0:  # what a script waits for, as after a single-student pipeline: every student by name
         atomic_write_text(out / PIPELINE_DONE, json.dumps({"range": [first, last], "skipped": list(skipped),
                                                             "stages": run.done, "students": finals}))
-    run.say(f"done; students in {', '.join(finals.values()) or 'nothing to run'}")
+    run.say(f"done; students in {', '.join(finals.values())}")
     return True
 
 
-def final_student(folder: Path, stages: list[str]) -> str | None:
+def final_student(folder: Path, stages: list[str]) -> str:
     """The student a range left in a student's folder: what its own pipeline shipped (task stages), else
-    the export of the last general stage the range ran; None when the range ran no stage."""
+    the export of the last general stage the range ran (a range always runs a stage: steps_to_run)."""
     done = folder / PIPELINE_DONE
     if any(STAGE_SPECS[s].data != "general" for s in stages) and done.is_file():
         return json.loads(done.read_text())["student"]
-    return str(folder / stages[-1] / "student") if stages else None
+    return str(folder / stages[-1] / "student")
