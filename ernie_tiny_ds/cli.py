@@ -13,6 +13,7 @@ import sys
 
 from .errors import UserError
 from .runtime import rank_registry
+from .runtime.deepspeed_startup import restore_mlflow, skip_mlflow_in_deepspeed_import
 
 # Every command is a module with add_arguments(parser) and run(args) -> int, imported only when that command
 # is parsed: one command never pays for another's dependencies (training stack, ONNX, Hub client).
@@ -69,6 +70,14 @@ def _shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_mlflow_in_deepspeed_import()  # before parsing: a command's module may import DeepSpeed
+    try:
+        return _run_command(argv)
+    finally:
+        restore_mlflow()
+
+
+def _run_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

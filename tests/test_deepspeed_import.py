@@ -60,3 +60,30 @@ def test_deepspeed_imports_and_probes_ops_on_a_gpu_node_without_nvcc(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "imported" in proc.stdout
+
+
+@pytest.mark.slow
+def test_commands_import_deepspeed_without_mlflow_and_get_it_back_after():
+    """DeepSpeed's autotuner imports mlflow when installed (1 s of every rank's start-up): the CLI hides it
+    while a command runs and gives it back after. The mlflow tracker takes it back itself: test_trackers'
+    runs with train.report_to=[...,mlflow] fail without that."""
+    pytest.importorskip("mlflow")
+    script = textwrap.dedent("""
+        import sys
+        from ernie_tiny_ds import cli
+
+        seen = {}
+        def command(argv):  # a command that imports DeepSpeed
+            import deepspeed.autotuning.autotuner as autotuner
+            seen["deepspeed_saw_mlflow"] = autotuner.has_mlflow
+            seen["mlflow_imported"] = "mlflow.tracking" in sys.modules
+            return 0
+        cli._run_command = command
+        assert cli.main([]) == 0
+        from mlflow.tracking import MlflowClient  # after the command: the real package
+        print(seen, MlflowClient.__module__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "{'deepspeed_saw_mlflow': False, 'mlflow_imported': False} mlflow.tracking.client" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-2000:])

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..config import to_dict
 from ..config.dotted import flatten
 from ..errors import UserError
+from .deepspeed_startup import restore_mlflow
 
 ROW_TRACKERS = ("wandb", "mlflow")  # tensorboard rows: MetricsLogger already writes them
 
@@ -63,6 +64,7 @@ class _WandbRun:
 
 class _MlflowRun:
     def __init__(self, project: str, name: str, group: str, config: dict, folder: Path):
+        restore_mlflow()  # the CLI hides it from DeepSpeed's import (runtime/deepspeed_startup.py)
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
