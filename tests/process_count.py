@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 LAUNCHERS = {"deepspeed", "torchrun", "accelerate", "srun", "sbatch", "salloc"}
 # what costs seconds to start (an interpreter); `ps`, `git` and the like are counted apart
 HEAVY = ("launcher", "cli", "python", "bash")
@@ -68,6 +70,9 @@ def _counting_spawn(path, args, passfds):
 
 
 def _count(kind: str) -> None:
+    if _current_test[0] is None:  # no test yet: pytest-xdist starting its workers (the controller's count)
+        _by_kind["pytest-worker"] += 1
+        return
     _by_kind[kind] += 1
     if kind in HEAVY:
         _by_test[_current_test[0]] += 1
@@ -94,6 +99,22 @@ def pytest_runtest_setup(item):
 def pytest_runtest_logreport(report):
     if report.when == "call" and report.duration > QUICK_LIMIT_S and "slow" not in report.keywords:
         _unmarked.setdefault(report.nodeid, f"took {report.duration:.0f} s")
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller adds up every worker's counts
+        workeroutput["process_count"] = {"by_kind": dict(_by_kind), "by_test": dict(_by_test),
+                                         "unmarked": dict(_unmarked)}
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent from a run without workers
+def pytest_testnodedown(node, error):
+    counts = getattr(node, "workeroutput", {}).get("process_count")
+    if counts:
+        _by_kind.update(counts["by_kind"])
+        _by_test.update(counts["by_test"])
+        _unmarked.update(counts["unmarked"])
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -4,4 +4,6 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${EXTRAS:-test,demo}" . "$REPO/launcher/setup_env.sh"
 cd "$REPO"
-exec python -m pytest -q -ra --durations=25 "$@" tests
+# Two workers (pytest-xdist), each taking whole files (module fixtures run once; conftest.py puts the
+# files that start processes first): half of the suite's time is interpreters starting up on one core.
+exec python -m pytest -q -ra --durations=25 -n "${TEST_WORKERS:-2}" --dist loadfile "$@" tests

@@ -256,8 +256,11 @@ def test_push_to_an_endpoint_that_refuses_the_connection_is_one_line(tmp_path, t
 @pytest.mark.slow
 def test_ctrl_c_during_training_and_saves_is_one_line_and_exit_130(tmp_path, tokenizer_dir, vocab_size):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, vocab_size, train={"max_steps": 100000, "save_every": 1})
+    # Ctrl-C in a terminal: SIGINT at its default action in the command, even where this test's own
+    # process ignores it (a pytest-xdist worker does, and a child inherits an ignored signal)
     proc = subprocess.Popen([sys.executable, "-m", "ernie_tiny_ds.cli", "distill", "--config", str(recipe)],
-                            env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = tmp_path / "out/general/checkpoints"
     try:
         deadline = time.monotonic() + 240
