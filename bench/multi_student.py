@@ -4,6 +4,7 @@ the other, on the same batches, side by side in one process.
     python bench/multi_student.py                                  # BERT-base -> 4L-312 + 6L-384, L=128
     python bench/multi_student.py --second 6,768,12,3072           # the GPU-serving size as the second
     python bench/multi_student.py --batch 32 --steps 10 --rounds 3  # on a GPU
+    python bench/multi_student.py --student-dropout 0              # bound: no dropout mask to draw
 
 together   the joint stage's parts and step (runtime/shared_teacher.py: build_team, one teacher
            forward per batch, then each student's student_step under its own RNG state)
@@ -102,6 +103,15 @@ class Together:
         return {name: [float(v) for v in values] for name, values in losses.items()}
 
 
+def set_student_dropout(models: list[torch.nn.Module], p: float) -> None:
+    """Every dropout of these students (embeddings, attention probabilities, hidden states) at rate p.
+    BERT's attention reads its probability dropout from the same module's p, so one loop sets all."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = p
+
+
 def timed(side, batches: list[dict]) -> tuple[float, dict[str, list[float]]]:
     start = time.perf_counter()
     losses = side.run(batches)  # float() of each loss: the device has finished when this returns
@@ -156,6 +166,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--workdir", default="/tmp/bench_multi_student")
+    parser.add_argument("--student-dropout", type=float, metavar="P",
+                        help="every student dropout at this rate (default: BERT's 0.1); 0 measures the bound a "
+                             "cheaper dropout could reach, as drawing the masks is the students' largest "
+                             "non-matmul cost on a CPU (--phases shows it)")
     parser.add_argument("--phases", action="store_true",
                         help="after the rounds: one teacher forward and each student's step timed apart, and the "
                              "torch profiler's top ops of the first student's step")
@@ -172,6 +186,9 @@ def main() -> None:
     torch.manual_seed(args.seed)  # what a fresh stage seeds on rank 0: every student's dropout starts here
     start_rng = rng_state()
     together, in_turn = Together(recipes, start_rng), InTurn(recipes, start_rng)
+    if args.student_dropout is not None:
+        set_student_dropout([s.parts.student for s in together.team.students]
+                            + [parts.student for parts in in_turn.parts.values()], args.student_dropout)
     loader = iter(together.team.loader)
     dev = device()
     take = lambda n: [{k: v.to(dev) for k, v in next(loader).items()} for _ in range(n)]  # noqa: E731
@@ -198,6 +215,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     result = {"teacher": "12L-768", "students": ["4L-312", f"{args.second[0]}L-{args.second[1]}"],
+              "student_dropout": args.student_dropout if args.student_dropout is not None else "recipe",
               "seq_len": args.seq_len, "batch": args.batch, "steps_per_round": args.steps, "rounds": args.rounds,
               "device": str(dev), "threads": torch.get_num_threads(), "machine": platform.machine(),
               "together_s": round(total["together"], 3), "in_turn_s": round(total["in_turn"], 3),

@@ -13,7 +13,8 @@ resumable `pipeline` launch; a finished seed is not run again.
 --code runs another checkout's ernie_tiny_ds (a `git worktree` of an older commit) with its own demo
 recipe; every student is scored by this checkout's `evaluate`, so two commits are scored alike.
 Prints the mean +- std over seeds of the dev metric and of the share of the teacher's it keeps, and
-checks the mean share against BAND (BENCHMARKS section 2, "Quality guard"): exit 1 when outside it.
+checks the mean share against the task's band in BANDS (BENCHMARKS section 2, "Quality guard"): exit 1 when
+outside it; a task with no band gets its figures and no verdict.
 Any change of a default re-runs this and reports it. Writes OUT/quality_guard.json.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ sys.path.insert(0, str(REPO))
 # guard"): 95.15% +- 1.38% (std over seeds), and the band is that mean +- 3 standard errors of it
 # (1.38 / sqrt(3) = 0.79 points). A moved default that leaves the band is a finding to explain;
 # one inside it may still have moved quality by up to ~2 points, which 3 seeds cannot tell from noise.
-BAND = (0.928, 0.975)  # (low, high); None: the run reports and does not judge
+# A task without a band gets its figures and no verdict: another task's band means nothing for it.
+BANDS = {"pair": (0.928, 0.975)}  # task -> (low, high)
 
 
 def launch(code: Path, ranks: int, port: int, args: list[str]) -> None:
@@ -97,17 +99,18 @@ def main() -> int:
     mean, std = statistics.mean(shares), (statistics.stdev(shares) if len(shares) > 1 else 0.0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True,
                             text=True).stdout.strip() or "?"
-    verdict = "no band yet" if BAND is None else ("PASS" if BAND[0] <= mean <= BAND[1] else "FAIL")
+    band = BANDS.get(args.task)
+    verdict = f"no band for {args.task}" if band is None else ("PASS" if band[0] <= mean <= band[1] else "FAIL")
     result = {"code": str(code), "commit": commit, "task": args.task, "metric": metric, "seeds": args.seeds,
               "teacher": teacher_score, "students": scores, "retained": shares, "retained_mean": mean,
-              "retained_std": std, "band": BAND, "verdict": verdict, "overrides": args.overrides,
+              "retained_std": std, "band": band, "verdict": verdict, "overrides": args.overrides,
               "wall_s": round(time.perf_counter() - start)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_guard.json").write_text(json.dumps(result, indent=2))
     print(f"\nquality guard, commit {commit}, {args.task} dev {metric}, {args.ranks} CPU ranks, seeds {args.seeds}")
     print(f"teacher {teacher_score:.4f}; students {', '.join(f'{s:.4f}' for s in scores)}")
     print(f"retained {100 * mean:.1f}% +- {100 * std:.1f}% ({', '.join(f'{100 * s:.1f}%' for s in shares)}); "
-          f"band {'unset' if BAND is None else f'{100 * BAND[0]:.1f}-{100 * BAND[1]:.1f}%'}: {verdict}")
+          f"band {'unset' if band is None else f'{100 * band[0]:.1f}-{100 * band[1]:.1f}%'}: {verdict}")
     return 1 if verdict == "FAIL" else 0
 
 
