@@ -1,4 +1,3 @@
-import collections
 import os
 import sys
 from pathlib import Path
@@ -112,11 +111,3 @@ def pytest_configure(config):
     import process_count
     config.pluginmanager.register(process_count, "process_count")
 
-
-def pytest_collection_modifyitems(config, items):
-    """Files with the most slow tests (the ones that start processes) first, the rest in their usual order.
-    Under pytest-xdist's --dist loadfile (tests/run.sh) each file goes whole to a worker in this order, so
-    the many short in-process files fill the end of the run instead of one long launch running alone."""
-    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    first_seen = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
-    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))  # stable: a file keeps its order
