@@ -110,4 +110,3 @@ def in_process(monkeypatch, capsys):
 def pytest_configure(config):
     import process_count
     config.pluginmanager.register(process_count, "process_count")
-
