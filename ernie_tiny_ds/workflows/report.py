@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..config import Recipe
 from ..data.constant_predictions import KEY as CONSTANT
+from ..data.memorisation import KEY as MEMORISATION
+from ..data.memorisation import TRAINING_ROWS, memorisation
 from ..files import atomic_write_text, write_atomic
 from ..runtime.loop import DONE_FILE
 from ..runtime.metrics import RATE_FIELDS
@@ -94,6 +96,7 @@ def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> di
         "selection": selection_section(recipe, out, Path(models["student"]), student["metrics"]),
         "teacher_selection": teacher_selection_section(recipe, Path(models["teacher"]), teacher["metrics"]),
         "retained": student_score / teacher_score if teacher_score else None,
+        "training_rows": training_rows_section(models, recipe, main, teacher_score, student_score),
         "speedup": teacher["latency_ms_batch1"] / student["latency_ms_batch1"],
         "throughput_ratio": student["throughput_batch32"] / teacher["throughput_batch32"],
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -118,10 +121,23 @@ def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> di
     for who in ("teacher", "student"):
         if CONSTANT in report[who]["metrics"]:
             print(f"warning: the {who} in {report[who]['path']}: {report[who]['metrics'][CONSTANT]}", flush=True)
+    if MEMORISATION in report["training_rows"]:
+        print(f"warning: {report['training_rows'][MEMORISATION]}", flush=True)
     print(f"report: student keeps {report['retained']:.1%} of the teacher's {main} "
           f"({student_score:.4g} vs {teacher_score:.4g}), {report['speedup']:.2f}x faster at batch 1; "
           f"{out / 'report.md'}", flush=True)
     return report
+
+
+def training_rows_section(models: dict, recipe: Recipe, main: str, teacher_dev: float, student_dev: float) -> dict:
+    """Both models' main metric on training rows, with the memorisation line when the student
+    keeps far more of the teacher's score there than on dev (data/memorisation.py)."""
+    from .evaluate import training_rows_score
+    (teacher_train, rows), (student_train, _) = (training_rows_score(models[who], recipe.task, TRAINING_ROWS)
+                                                 for who in ("teacher", "student"))
+    section = {"rows": rows, "teacher": teacher_train, "student": student_train}
+    line = memorisation(main, rows, teacher_train, student_train, teacher_dev, student_dev)
+    return {**section, MEMORISATION: line} if line else section
 
 
 def selection_section(recipe: Recipe, out: Path, shipped: Path, shipped_metrics: dict) -> dict | None:
@@ -199,6 +215,12 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {who} | " + " | ".join(_fmt(m["metrics"].get(k)) for k in metric_names) + " |")
     lines += [f"\n**Warning, the {who}: {m['metrics'][CONSTANT]}**" for who, m in (("teacher", t), ("student", s))
               if CONSTANT in m["metrics"]]
+    fit = r.get("training_rows")
+    if fit:  # what tells a student that memorised its rows from one that did not train long enough
+        lines += ["", f"On {fit['rows']} training rows ({r['main_metric']}): teacher {_fmt(fit['teacher'])}, "
+                  f"student {_fmt(fit['student'])}."]
+        if MEMORISATION in fit:
+            lines.append(f"\n**Warning, the student: {fit[MEMORISATION]}**")
     lines += selection_lines(r.get("teacher_selection"), r["main_metric"], "teacher (finetuning)",
                              "stages 2-4 distilled from the **{}** one.")
     lines += selection_lines(r.get("selection"), r["main_metric"])
