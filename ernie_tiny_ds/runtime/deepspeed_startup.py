@@ -17,13 +17,11 @@ import sys
 _HIDDEN = "mlflow"
 
 
-def skip_mlflow_in_deepspeed_import() -> bool:
+def skip_mlflow_in_deepspeed_import() -> None:
     """Hide mlflow until restore_mlflow(), unless DeepSpeed or mlflow is already imported (then it changes
-    nothing, so a command run inside a process that has both keeps them). True when it hid it."""
-    if "deepspeed" in sys.modules or _HIDDEN in sys.modules:
-        return False
-    sys.modules[_HIDDEN] = None
-    return True
+    nothing, so a command run inside a process that has both keeps them)."""
+    if "deepspeed" not in sys.modules and _HIDDEN not in sys.modules:
+        sys.modules[_HIDDEN] = None
 
 
 def restore_mlflow() -> None:
