@@ -34,10 +34,12 @@ def test_a_student_that_keeps_far_more_on_training_rows_than_on_dev_is_named():
 
 
 def test_training_rows_are_scored_at_an_even_stride_like_a_plain_forward(tmp_path, tokenizer_dir, vocab_size):
-    from ernie_tiny_ds.workflows.evaluate import training_rows_score
+    from ernie_tiny_ds.data.tasks import load_task
+    from ernie_tiny_ds.workflows.evaluate import load_classifier, training_rows_score
 
     model_dir = _classifier(tmp_path / "model", tokenizer_dir, vocab_size, constant=False)
-    score, rows = training_rows_score(model_dir, TaskConfig(name="sentiment", max_seq_len=64), 100)
+    task = load_task(TaskConfig(name="sentiment", max_seq_len=64))
+    score, rows = training_rows_score(*load_classifier(model_dir, task), task, 100)
     # the reference: the train file read here, every 20th of its 2,000 rows, one row per forward, no padding
     with open(task_dir("sentiment") / "train.tsv", newline="") as f:
         table = list(csv.DictReader(f, delimiter="\t"))
@@ -66,10 +68,18 @@ def test_the_report_names_a_student_that_memorised_and_shows_both_scores(tmp_pat
                                 "task.name=sentiment", "task.max_seq_len=64", f"output_dir={out}",
                                 "release.onnx=false"])
     # the two tiny models score alike everywhere: give the student the training-row score of one that memorised
-    real = evaluate.training_rows_score
-    monkeypatch.setattr(evaluate, "training_rows_score", lambda model, task, rows: (
-        (0.99, rows) if str(model) == str(student) else real(model, task, rows)))
+    real_load, real_score, loaded = evaluate.load_classifier, evaluate.training_rows_score, {}
+
+    def load_once(folder, task):  # dev and training rows are scored on one load of each model
+        assert str(folder) not in loaded, f"{folder} loaded twice"
+        loaded[str(folder)] = real_load(folder, task)
+        return loaded[str(folder)]
+
+    monkeypatch.setattr(evaluate, "load_classifier", load_once)
+    monkeypatch.setattr(evaluate, "training_rows_score", lambda model, tokenizer, task, rows: (
+        (0.99, rows) if model is loaded[str(student)][0] else real_score(model, tokenizer, task, rows)))
     build_report(recipe, out)
+    assert sorted(loaded) == sorted([str(teacher), str(student)])
     report = json.loads((out / "report.json").read_text())
     fit = report["training_rows"]
     assert fit["rows"] == 512 and fit["student"] == 0.99 and 0 <= fit["teacher"] <= 1

@@ -94,22 +94,23 @@ def load_classifier(model_dir: str | os.PathLike, task: TaskData):
     return model.eval(), tokenizer
 
 
-def training_rows_score(model_dir: str | os.PathLike, task_cfg: TaskConfig, rows: int,
-                        batch_size: int = 64) -> tuple[float, int]:
-    """(main metric, rows scored) of an exported model on `rows` rows of the train split, taken at an even
+def training_rows_score(model, tokenizer, task: TaskData, rows: int, batch_size: int = 64) -> tuple[float, int]:
+    """(main metric, rows scored) of a loaded model on `rows` rows of the train split, taken at an even
     stride (a train file sorted by label or source still gives every part of it)."""
-    task = load_task(task_cfg)
-    model, tokenizer = load_classifier(model_dir, task)
     examples = task.train[::max(1, len(task.train) // rows)][:rows]
     logits, labels = predict(model, iter_dev_batches(task, tokenizer, batch_size, examples))
     return compute_metrics(task.type, logits, labels, task.main_metric)[task.main_metric], len(examples)
 
 
+def dev_metrics(model, tokenizer, task: TaskData, batch_size: int = 64) -> dict:
+    """Dev-split metrics of a loaded model, plus the number of dev examples."""
+    return {**evaluate_on_task(model, tokenizer, task, batch_size), "examples": len(task.dev)}
+
+
 def evaluate_model(model_dir: str | os.PathLike, task_cfg: TaskConfig, batch_size: int = 64) -> dict:
     """Dev-split metrics of an exported model, plus the number of dev examples."""
     task = load_task(task_cfg)
-    model, tokenizer = load_classifier(model_dir, task)
-    return {**evaluate_on_task(model, tokenizer, task, batch_size), "examples": len(task.dev)}
+    return dev_metrics(*load_classifier(model_dir, task), task, batch_size)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Recipe
 from ..data.constant_predictions import KEY as CONSTANT
@@ -14,6 +15,9 @@ from ..files import atomic_write_text, write_atomic
 from ..runtime.loop import DONE_FILE
 from ..runtime.metrics import RATE_FIELDS
 from ..stages import STAGE_SPECS, shipping_stage
+
+if TYPE_CHECKING:
+    from ..data.tasks import TaskData
 
 
 def read_curve(stage_dir: Path) -> list[dict]:
@@ -78,12 +82,13 @@ def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> di
     task = load_task(recipe.task)
     seq_len = recipe.task.max_seq_len
     from ..data.hub import resolve as resolve_hub
-    from .evaluate import evaluate_model
+    from .evaluate import dev_metrics, load_classifier
     from .speed import compare_inference
     finetuned = resolve_hub(recipe.teacher.finetuned_path, "teacher.finetuned_path", recipe.teacher.finetuned_revision)
     models = {"teacher": finetuned, "student": recipe.student.path}
     speed = compare_inference(models["teacher"], models["student"], seq_len=seq_len)  # same threads, one process
-    teacher, student = ({"path": str(path), "metrics": evaluate_model(path, recipe.task), **speed[who]}
+    loaded = {who: load_classifier(path, task) for who, path in models.items()}  # (model, tokenizer), once each
+    teacher, student = ({"path": str(path), "metrics": dev_metrics(*loaded[who], task), **speed[who]}
                         for who, path in models.items())
     main = task.main_metric
     teacher_score, student_score = teacher["metrics"][main], student["metrics"][main]
@@ -96,7 +101,7 @@ def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> di
         "selection": selection_section(recipe, out, Path(models["student"]), student["metrics"]),
         "teacher_selection": teacher_selection_section(recipe, Path(models["teacher"]), teacher["metrics"]),
         "retained": student_score / teacher_score if teacher_score else None,
-        "training_rows": training_rows_section(models, recipe, main, teacher_score, student_score),
+        "training_rows": training_rows_section(loaded, task, main, teacher_score, student_score),
         "speedup": teacher["latency_ms_batch1"] / student["latency_ms_batch1"],
         "throughput_ratio": student["throughput_batch32"] / teacher["throughput_batch32"],
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -129,11 +134,11 @@ def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> di
     return report
 
 
-def training_rows_section(models: dict, recipe: Recipe, main: str, teacher_dev: float, student_dev: float) -> dict:
-    """Both models' main metric on training rows, with the memorisation line when the student
+def training_rows_section(loaded: dict, task: TaskData, main: str, teacher_dev: float, student_dev: float) -> dict:
+    """Both loaded models' main metric on training rows, with the memorisation line when the student
     keeps far more of the teacher's score there than on dev (data/memorisation.py)."""
     from .evaluate import training_rows_score
-    (teacher_train, rows), (student_train, _) = (training_rows_score(models[who], recipe.task, TRAINING_ROWS)
+    (teacher_train, rows), (student_train, _) = (training_rows_score(*loaded[who], task, TRAINING_ROWS)
                                                  for who in ("teacher", "student"))
     section = {"rows": rows, "teacher": teacher_train, "student": student_train}
     line = memorisation(main, rows, teacher_train, student_train, teacher_dev, student_dev)
