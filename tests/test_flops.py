@@ -1,5 +1,6 @@
 """runtime/flops.py: the FLOP count of a step against a hand count and torch's own FLOP counter,
 and the peak rate behind MFU (table, measured, recipe override)."""
+import json
 import random
 from types import SimpleNamespace
 
@@ -100,3 +101,42 @@ def test_peak_on_cpu_is_measured_once_and_the_recipe_wins():
     assert measured > 1e8
     assert flops.peak_flops(cpu, "fp32") == measured  # cached: measured once per process
     assert flops.peak_flops(cpu, "fp32", override_tflops=2.5) == 2.5e12
+
+
+def test_the_peak_is_kept_per_machine_and_only_a_better_reading_replaces_it(tmp_path, monkeypatch):
+    """The first run on a machine times five loops; later ones time one and keep the best ever measured,
+    so a reading taken under load lasts until the next quiet one, not for a whole run."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache/ernie-tiny-ds/matmul_peak.json"
+    loops_asked, readings = [], iter([3e10, 1e10, 5e10])  # a first reading, a loaded one, a quiet one
+    monkeypatch.setattr(flops, "_matmul_rate", lambda a, b, loops: loops_asked.append(loops) or next(readings))
+
+    def probe() -> float:
+        flops.measured_matmul_flops.cache_clear()  # a new process
+        return flops.measured_matmul_flops("cpu", torch.float32)
+
+    assert probe() == 3e10 and loops_asked == [5]
+    (key, kept), = json.loads(cache.read_text()).items()
+    assert kept == 3e10 and "float32" in key and f"{torch.get_num_threads()} threads" in key
+    assert probe() == 3e10 and loops_asked == [5, 1]  # the loaded reading neither counts nor is written
+    assert json.loads(cache.read_text()) == {key: 3e10}
+    assert probe() == 5e10 and json.loads(cache.read_text()) == {key: 5e10}
+    # a damaged cache file is measured afresh (five loops) and rewritten whole
+    cache.write_text("{not json")
+    monkeypatch.setattr(flops, "_matmul_rate", lambda a, b, loops: loops_asked.append(loops) or 4e10)
+    assert probe() == 4e10 and loops_asked[-1] == 5 and json.loads(cache.read_text()) == {key: 4e10}
+    # another dtype is another entry
+    flops.measured_matmul_flops.cache_clear()
+    flops.measured_matmul_flops("cpu", torch.bfloat16)
+    assert len(json.loads(cache.read_text())) == 2
+    flops.measured_matmul_flops.cache_clear()
+
+
+def test_an_unwritable_cache_folder_still_gives_the_measured_peak(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the folder would go
+    monkeypatch.setattr(flops, "_matmul_rate", lambda a, b, loops: 2e10)
+    flops.measured_matmul_flops.cache_clear()
+    assert flops.measured_matmul_flops("cpu", torch.float32) == 2e10
+    flops.measured_matmul_flops.cache_clear()
