@@ -51,4 +51,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ernie_tiny_ds.runtime.deepspeed_startup import skip_mlflow_in_deepspeed_import
+    skip_mlflow_in_deepspeed_import()  # as the CLI does: DeepSpeed's import then skips mlflow's second
     main()
