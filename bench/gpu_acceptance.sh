@@ -19,7 +19,8 @@
 #   3 ZeRO      2 ranks sharing the GPU over gloo (torchrun, LOCAL_SIZE=2): ZeRO-2; then ZeRO-3 with
 #               the teacher sharded too (teacher.zero3), stopped at a checkpoint and resumed
 #   4 pipeline  the four stages of --config demo (teacher finetuning first) at a few steps each in
-#               bf16, through each stage's export check, and the report
+#               bf16, through each stage's export check, and the report (without its ONNX export and
+#               timing: tests/test_onnx.py checks those, and here they would spend device minutes)
 #   5 bench     bench/attention_kernels.py --device cuda --lengths 512; bench/step.py --size base, L=128
 #
 # --dry-run (CPU): every part's own logic with tiny models and step counts; part 0 checks the wheels
@@ -278,7 +279,7 @@ part4() {
   local teacher="{model_type: bert, vocab_size: $VOCAB, hidden_size: $T_HIDDEN, num_hidden_layers: $T_LAYERS, num_attention_heads: $T_HEADS, intermediate_size: $((T_HIDDEN * 4)), max_position_embeddings: 512}"
   local cmd=("$PY" -m ernie_tiny_ds.cli pipeline --config demo "output_dir=$out" "teacher.config=$teacher"
              "train.max_steps=$P4_STEPS" "finetune.epochs=$P4_EPOCHS" train.precision=bf16 train.progress_bar=false
-             "${P4_STUDENT[@]}" "${NCCL[@]}")
+             release.onnx=false "${P4_STUDENT[@]}" "${NCCL[@]}")
   show "${cmd[@]}"
   timeout -k 10 "$(left "$d")" "${cmd[@]}" > "$RES/$log" 2>&1; rc=$?
   [ $rc = 0 ] || { ok=0; note="exit $rc$(timed_out $rc && echo ' (timed out)');"; }
