@@ -175,10 +175,27 @@ CORPUS_FAULTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the first case pays DeepSpeed's start-up in this process
 @pytest.mark.parametrize("case", sorted(CORPUS_FAULTS))
-def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab_size, case):
+def test_a_bad_corpus_file_is_one_line_that_names_it(tmp_path, tokenizer_dir, vocab_size, case, in_process):
+    """Each kind of damage, in one process: what the CLI says, and that nothing is saved."""
     name, content, message = CORPUS_FAULTS[case]
+    folder = corpus_with(tmp_path, name, content)
+    recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
+    code, lines = in_process(["distill", "--config", str(recipe), "--stage", "general"])
+    assert code == 2, lines  # bad input, found by the loader inside the training loop
+    errors = [line for line in lines if "error: " in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), lines
+    assert not any("Traceback" in line for line in lines)
+    assert (not (tmp_path / "out/general/checkpoints").exists()
+            or not any((tmp_path / "out/general/checkpoints").iterdir()))
+
+
+@pytest.mark.slow
+def test_a_bad_corpus_file_is_named_on_real_ranks(tmp_path, tokenizer_dir, vocab_size):
+    """On two ranks under the deepspeed runner the rank that read the file names it and its peer's line
+    says it lost that rank (one kind of damage: what the other kinds say is checked above)."""
+    name, content, message = CORPUS_FAULTS["binary file"]
     folder = corpus_with(tmp_path, name, content)
     recipe = _bad_recipe(tmp_path, tokenizer_dir, vocab_size, lambda v: v["data"].update(corpus=str(folder)))
     proc = run_ranks(["distill", "--config", str(recipe), "--stage", "general"], check=False, timeout=300,
