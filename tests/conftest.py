@@ -110,3 +110,21 @@ def in_process(monkeypatch, capsys):
 def pytest_configure(config):
     import process_count
     config.pluginmanager.register(process_count, "process_count")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Whole files, the ones with slow tests first, each group with its largest files first.
+
+    tests/run.sh hands files to its two workers in this order (--dist loadfile --no-loadscope-reorder).
+    xdist's own order, largest files first, left the files of one slow test (the Slurm job, the shared
+    folder) for last, where one worker ran them while the other had nothing left: the files with only
+    quick tests are what should fill that end. Sorting whole files keeps each file's own order."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def key(name: str) -> tuple[bool, int]:
+        tests = files[name]
+        return not any(item.get_closest_marker("slow") for item in tests), -len(tests)
+
+    items[:] = [item for name in sorted(files, key=key) for item in files[name]]
