@@ -113,18 +113,22 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Whole files, the ones with slow tests first, each group with its largest files first.
+    """Whole files, in the order tests/run.sh's two workers take them (--dist loadfile
+    --no-loadscope-reorder): first the files with slow tests, those with the fewest tests first, then
+    the files of quick tests only, the largest first.
 
-    tests/run.sh hands files to its two workers in this order (--dist loadfile --no-loadscope-reorder).
-    xdist's own order, largest files first, left the files of one slow test (the Slurm job, the shared
-    folder) for last, where one worker ran them while the other had nothing left: the files with only
-    quick tests are what should fill that end. Sorting whole files keeps each file's own order."""
+    A slow file of one or two tests is one long end-to-end run (the Slurm job, the shared folder, two
+    nodes): started early, the other worker's many short tests fill around it. xdist's own order, the
+    largest files first, left those runs for last, where one worker ran them while the other had
+    nothing left (the Slurm job ran alone for 60-80 s). Sorting whole files keeps each file's order."""
     files: dict[str, list] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
 
     def key(name: str) -> tuple[bool, int]:
         tests = files[name]
-        return not any(item.get_closest_marker("slow") for item in tests), -len(tests)
+        if any(item.get_closest_marker("slow") for item in tests):
+            return False, len(tests)
+        return True, -len(tests)
 
     items[:] = [item for name in sorted(files, key=key) for item in files[name]]
