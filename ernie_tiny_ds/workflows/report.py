@@ -86,8 +86,9 @@ def build_report(recipe: Recipe, out: Path, skipped: tuple[str, ...] = ()) -> di
     from .speed import compare_inference
     finetuned = resolve_hub(recipe.teacher.finetuned_path, "teacher.finetuned_path", recipe.teacher.finetuned_revision)
     models = {"teacher": finetuned, "student": recipe.student.path}
-    speed = compare_inference(models["teacher"], models["student"], seq_len=seq_len)  # same threads, one process
     loaded = {who: load_classifier(path, task) for who, path in models.items()}  # (model, tokenizer), once each
+    # timed as loaded for scoring (the classifiers both folders hold), same threads, one process
+    speed = compare_inference(loaded["teacher"][0], loaded["student"][0], seq_len=seq_len)
     teacher, student = ({"path": str(path), "metrics": dev_metrics(*loaded[who], task), **speed[who]}
                         for who, path in models.items())
     main = task.main_metric
